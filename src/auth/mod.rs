@@ -1,0 +1,31 @@
+//! Authentication: verifying clients (SCRAM-SHA-256) against `[[users]]`.
+//! Logging in to servers lives in `server_conn`, which uses postgres-protocol's
+//! SCRAM client.
+
+pub mod scram;
+
+pub use scram::{ScramError, ScramExchange, ScramSecret};
+
+/// A configured user, with its password prepared once for client verification.
+#[derive(Debug)]
+pub struct User {
+    /// Name clients log in as, and the role used on the servers.
+    pub name: String,
+    /// What client proofs are checked against.
+    pub secret: ScramSecret,
+    /// Password the proxy uses to log in to the servers as this user.
+    pub server_password: String,
+}
+
+impl User {
+    /// Prepares a user from its configured password: a plaintext password or a
+    /// `SCRAM-SHA-256$...` verifier (then `server_password` must be given).
+    pub fn new(name: &str, password: &str, server_password: Option<&str>) -> Self {
+        let secret = ScramSecret::parse_verifier(password).unwrap_or_else(|| ScramSecret::from_password(password));
+        User {
+            name: name.to_owned(),
+            secret,
+            server_password: server_password.unwrap_or(password).to_owned(),
+        }
+    }
+}

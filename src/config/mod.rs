@@ -1,0 +1,407 @@
+//! The configuration file (TOML): sections, defaults, and validation that
+//! reports every problem with the key that has it. See the README's
+//! configuration reference for each key.
+
+mod types;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+pub use types::{Balance, PoolMode, ServerAddr, format_duration};
+
+/// Name of the admin console's virtual database.
+pub const ADMIN_DATABASE: &str = "dbproxy";
+
+/// `[proxy]`: the client-facing listener and global limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub admin_users: Vec<String>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub max_client_conn: usize,
+    /// A client that has not finished startup and authentication by then is dropped.
+    #[serde(deserialize_with = "types::duration")]
+    pub client_login_timeout: Duration,
+    /// Largest protocol message accepted from a client or server, in bytes.
+    pub max_message_size: usize,
+    /// Longest a graceful shutdown waits for transactions in flight.
+    #[serde(deserialize_with = "types::duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            admin_users: Vec::new(),
+            metrics_listen: None,
+            max_client_conn: 10_000,
+            client_login_timeout: Duration::from_secs(10),
+            max_message_size: 256 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[tls]`: the certificate clients see when they ask for TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[pool]`: server connection pools, one per (database, user, server).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Hard bound on connections to one server as one user.
+    pub size: usize,
+    #[serde(deserialize_with = "types::duration")]
+    pub checkout_timeout: Duration,
+    /// Longest a new server connection may take to connect and log in.
+    #[serde(deserialize_with = "types::duration")]
+    pub server_connect_timeout: Duration,
+    /// Idle server connections older than this are closed.
+    #[serde(deserialize_with = "types::duration")]
+    pub server_idle_timeout: Duration,
+    /// Run on a server connection a session-mode client gave back.
+    pub server_reset_query: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            checkout_timeout: Duration::from_secs(5),
+            server_connect_timeout: Duration::from_secs(5),
+            server_idle_timeout: Duration::from_secs(600),
+            server_reset_query: "DISCARD ALL".to_owned(),
+        }
+    }
+}
+
+/// `[routing]`: read/write split.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub read_write_split: bool,
+    pub balance: Balance,
+    pub read_your_writes: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            read_write_split: true,
+            balance: Balance::RoundRobin,
+            read_your_writes: true,
+        }
+    }
+}
+
+/// One `[[databases]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The name clients put in their connection string.
+    pub name: String,
+    pub primary: ServerAddr,
+    #[serde(default)]
+    pub replicas: Vec<ServerAddr>,
+    /// Database name on the servers, when it differs from `name`.
+    #[serde(default)]
+    pub dbname: Option<String>,
+}
+
+impl DatabaseConfig {
+    /// The database name to use on the servers.
+    pub fn server_dbname(&self) -> &str {
+        self.dbname.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// One `[[users]]` entry. `Debug` never prints the password.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: String,
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig").field("name", &self.name).field("password", &"<redacted>").finish()
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub tls: Option<TlsConfig>,
+    pub pool: PoolConfig,
+    pub routing: RoutingConfig,
+    pub databases: Vec<DatabaseConfig>,
+    pub users: Vec<UserConfig>,
+}
+
+/// One thing wrong with a configuration, and the key that has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section, recording its error instead of stopping.
+    fn section<T: DeserializeOwned>(&mut self, key: &str, value: toml::Value) -> Option<T> {
+        match value.try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.add(key, e.to_string().trim().replace('\n', " "));
+                None
+            }
+        }
+    }
+
+    fn array<T: DeserializeOwned>(&mut self, key: &str, value: toml::Value) -> Vec<T> {
+        match value {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, v)| self.section(&format!("{key}[{i}]"), v))
+                .collect(),
+            _ => {
+                self.add(key, format!("must be an array of tables ([[{key}]])"));
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![Problem {
+                key: path.display().to_string(),
+                message: format!("cannot read the configuration file: {e}"),
+            }]
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates configuration text, returning every problem found.
+    pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        let mut problems = Problems(Vec::new());
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            vec![Problem {
+                key: "(syntax)".to_owned(),
+                message: e.to_string().trim().replace('\n', " "),
+            }]
+        })?;
+        let mut config = Config::default();
+        for (key, value) in table {
+            match key.as_str() {
+                "proxy" => config.proxy = problems.section(&key, value).unwrap_or_default(),
+                "tls" => config.tls = problems.section(&key, value),
+                "pool" => config.pool = problems.section(&key, value).unwrap_or_default(),
+                "routing" => config.routing = problems.section(&key, value).unwrap_or_default(),
+                "databases" => config.databases = problems.array(&key, value),
+                "users" => config.users = problems.array(&key, value),
+                _ => problems.add(&key, "unknown section"),
+            }
+        }
+        config.validate(&mut problems);
+        if problems.0.is_empty() { Ok(config) } else { Err(problems.0) }
+    }
+
+    fn validate(&self, p: &mut Problems) {
+        if self.proxy.max_client_conn == 0 {
+            p.add("proxy.max_client_conn", "must be at least 1");
+        }
+        if self.proxy.max_message_size < 1024 {
+            p.add("proxy.max_message_size", "must be at least 1024 bytes");
+        }
+        if self.proxy.client_login_timeout.is_zero() {
+            p.add("proxy.client_login_timeout", "must be greater than zero");
+        }
+        if self.pool.size == 0 {
+            p.add("pool.size", "must be at least 1");
+        }
+        for (key, d) in [
+            ("pool.checkout_timeout", self.pool.checkout_timeout),
+            ("pool.server_connect_timeout", self.pool.server_connect_timeout),
+        ] {
+            if d.is_zero() {
+                p.add(key, "must be greater than zero");
+            }
+        }
+        if self.databases.is_empty() {
+            p.add("databases", "no [[databases]] entry: clients would have nothing to connect to");
+        }
+        let mut names = HashSet::new();
+        for (i, db) in self.databases.iter().enumerate() {
+            let key = format!("databases[{i}].name");
+            if db.name.is_empty() {
+                p.add(key, "must not be empty");
+            } else if db.name == ADMIN_DATABASE {
+                p.add(key, format!("{ADMIN_DATABASE:?} is reserved for the admin console"));
+            } else if !names.insert(db.name.as_str()) {
+                p.add(key, format!("database {:?} is defined twice", db.name));
+            }
+        }
+        let mut users = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() {
+                p.add(format!("users[{i}].name"), "must not be empty");
+            } else if !users.insert(u.name.as_str()) {
+                p.add(format!("users[{i}].name"), format!("user {:?} is defined twice", u.name));
+            }
+            if u.password.is_empty() {
+                p.add(format!("users[{i}].password"), "must not be empty");
+            }
+        }
+        for (i, admin) in self.proxy.admin_users.iter().enumerate() {
+            if !users.contains(admin.as_str()) {
+                p.add(format!("proxy.admin_users[{i}]"), format!("{admin:?} is not defined in [[users]]"));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if let Err(e) = crate::tls::acceptor(tls) {
+                p.add("tls", e.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT_EXAMPLE: &str = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+admin_users = ["admin"]
+metrics_listen = "127.0.0.1:9930"
+max_client_conn = 10000
+
+[pool]
+mode = "transaction"
+size = 20
+checkout_timeout = "5s"
+
+[routing]
+read_write_split = true
+balance = "round_robin"
+read_your_writes = true
+
+[[databases]]
+name = "appdb"
+primary = "10.0.0.1:5432"
+replicas = ["10.0.0.2:5432", "10.0.0.3:5432"]
+
+[[users]]
+name = "app"
+password = "app-secret"
+
+[[users]]
+name = "admin"
+password = "admin-secret"
+"#;
+
+    #[test]
+    fn contract_example_parses() {
+        let c = Config::parse(CONTRACT_EXAMPLE).unwrap();
+        assert_eq!(c.pool.size, 20);
+        assert_eq!(c.pool.checkout_timeout, Duration::from_secs(5));
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.routing.balance, Balance::RoundRobin);
+        assert_eq!(c.databases[0].replicas.len(), 2);
+        assert_eq!(c.proxy.metrics_listen, Some("127.0.0.1:9930".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+[proxy]
+lisen = "x"
+[pool]
+size = 0
+checkout_timeout = "soon"
+[routing]
+balance = "random"
+[[databases]]
+name = "dbproxy"
+primary = "nohost"
+[[databases]]
+name = "a"
+primary = "h:1"
+[[users]]
+name = "u"
+password = ""
+[extra]
+"#;
+        let problems = Config::parse(text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in ["proxy", "pool", "routing", "databases[0]", "users[0].password", "extra"] {
+            assert!(keys.contains(&key), "{key} missing from {problems:?}");
+        }
+        let text = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(text.contains("lisen"), "{text}");
+        assert!(text.contains("soon"), "{text}");
+    }
+
+    #[test]
+    fn semantic_problems() {
+        let text = r#"
+[proxy]
+admin_users = ["root"]
+[pool]
+size = 0
+[[databases]]
+name = "dbproxy"
+primary = "h:1"
+[[users]]
+name = "u"
+password = "p"
+[[users]]
+name = "u"
+password = "p"
+"#;
+        let problems = Config::parse(text).unwrap_err();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["pool.size", "databases[0].name", "users[1].name", "proxy.admin_users[0]"]);
+    }
+
+    #[test]
+    fn passwords_stay_out_of_debug_output() {
+        let c = Config::parse(CONTRACT_EXAMPLE).unwrap();
+        assert!(!format!("{c:?}").contains("app-secret"));
+    }
+}

@@ -1,0 +1,189 @@
+//! Bounded pools of server connections, one per (database, user, server).
+//!
+//! The bound is a fair (FIFO) semaphore with `pool.size` permits: a checked-out
+//! connection holds a permit, and a new connection is only opened by a holder
+//! of a permit when no idle one is left, so a server never sees more than
+//! `size` connections from one pool. Idle connections are reused
+//! most-recent-first; dead ones are detected without a round trip and replaced.
+
+mod registry;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::server_conn::{LoginTarget, ServerConn, ServerError};
+
+pub use registry::{PoolKey, Pools, Role};
+
+/// Why no server connection could be handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("timeout: no server connection to {addr} became available within {waited:?} (pool.size = {size})")]
+    Timeout {
+        addr: String,
+        waited: Duration,
+        size: usize,
+    },
+    #[error(transparent)]
+    Connect(#[from] ServerError),
+}
+
+/// Pool settings, from `[pool]`.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Live counters, read by the admin console and metrics.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Connections handed out right now.
+    pub active: AtomicUsize,
+    /// Clients waiting for a connection right now.
+    pub waiting: AtomicUsize,
+    /// Connections being opened right now.
+    pub connecting: AtomicUsize,
+}
+
+/// One bounded pool.
+#[derive(Debug)]
+pub struct Pool {
+    pub key: PoolKey,
+    target: LoginTarget,
+    settings: PoolSettings,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+    /// ParameterStatus values of the newest connection, shown to clients at login.
+    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    pub stats: PoolStats,
+}
+
+impl Pool {
+    /// A pool with no connections yet.
+    pub fn new(key: PoolKey, target: LoginTarget, settings: PoolSettings) -> Pool {
+        Pool {
+            key,
+            target,
+            permits: Arc::new(Semaphore::new(settings.size)),
+            settings,
+            idle: Mutex::new(Vec::new()),
+            server_params: Mutex::new(None),
+            stats: PoolStats::default(),
+        }
+    }
+
+    /// What the servers of this pool last reported in ParameterStatus, if any
+    /// connection was ever made.
+    pub fn server_params(&self) -> Option<Arc<Vec<(String, String)>>> {
+        self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Number of idle connections.
+    pub fn idle_count(&self) -> usize {
+        self.idle_list().len()
+    }
+
+    fn idle_list(&self) -> std::sync::MutexGuard<'_, Vec<ServerConn>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands out a connection, waiting up to `wait` for a free slot (first come,
+    /// first served), then reusing an idle connection or opening a new one.
+    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout, CheckoutError> {
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            // The semaphore is never closed; treat it like a timeout if it were.
+            Ok(Err(_)) | Err(_) => {
+                return Err(CheckoutError::Timeout {
+                    addr: self.target.addr.to_string(),
+                    waited: wait,
+                    size: self.settings.size,
+                });
+            }
+        };
+        let conn = match self.pop_idle() {
+            Some(conn) => conn,
+            None => {
+                self.stats.connecting.fetch_add(1, Ordering::Relaxed);
+                let conn = ServerConn::connect(&self.target, self.settings.connect_timeout).await;
+                self.stats.connecting.fetch_sub(1, Ordering::Relaxed);
+                let conn = conn?;
+                *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
+                conn
+            }
+        };
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        Ok(Checkout {
+            conn,
+            slot: Slot {
+                pool: self.clone(),
+                _permit: permit,
+            },
+        })
+    }
+
+    fn pop_idle(&self) -> Option<ServerConn> {
+        let mut idle = self.idle_list();
+        while let Some(conn) = idle.pop() {
+            if conn.is_alive() && conn.last_used.elapsed() < self.settings.idle_timeout {
+                return Some(conn);
+            }
+            tracing::debug!(server = %conn.addr, pid = conn.process_id, "discarding dead or expired idle server connection");
+        }
+        None
+    }
+
+    /// Closes idle connections unused for longer than `server_idle_timeout`
+    /// or found dead.
+    pub fn prune_idle(&self) {
+        let timeout = self.settings.idle_timeout;
+        self.idle_list().retain(|c| c.is_alive() && c.last_used.elapsed() < timeout);
+    }
+}
+
+/// A checked-out server connection. Give it back with [`Checkout::checkin`];
+/// dropping it instead closes the connection (the server then rolls back
+/// anything left open) and frees the slot.
+#[derive(Debug)]
+pub struct Checkout {
+    pub conn: ServerConn,
+    slot: Slot,
+}
+
+/// The pool slot a checkout occupies; freed on drop.
+#[derive(Debug)]
+struct Slot {
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.pool.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Checkout {
+    /// The pool this connection belongs to.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.slot.pool
+    }
+
+    /// Returns a clean connection (idle, nothing in flight) for reuse.
+    pub fn checkin(self) {
+        let Checkout { mut conn, slot } = self;
+        conn.last_used = Instant::now();
+        // Push before the slot is freed so the next holder finds it.
+        slot.pool.idle_list().push(conn);
+        drop(slot);
+    }
+}

@@ -1,0 +1,151 @@
+//! A running proxy: the state every session shares, and the handle that starts
+//! and stops it. Several proxies can run in one process (tests do).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::User;
+use crate::config::{Config, DatabaseConfig, ServerAddr};
+use crate::listener::{self, ClientGauge};
+use crate::pool::{Pool, PoolKey, PoolSettings, Pools, Role};
+use crate::server_conn::LoginTarget;
+use crate::session::CancelRegistry;
+
+/// State shared by the listener and every session of one proxy.
+pub struct Shared {
+    pub config: Config,
+    pub users: HashMap<String, Arc<User>>,
+    pub databases: HashMap<String, Arc<DatabaseConfig>>,
+    pub pools: Pools,
+    pub cancels: CancelRegistry,
+    pub tls: Option<TlsAcceptor>,
+    /// Becomes `true` when a graceful shutdown starts.
+    pub shutdown: watch::Receiver<bool>,
+    pub clients: ClientGauge,
+    next_session_id: AtomicU64,
+}
+
+impl Shared {
+    /// The pool of server connections to `addr` for `db` as `user`.
+    pub fn pool(&self, db: &DatabaseConfig, user: &User, role: Role, addr: &ServerAddr) -> Arc<Pool> {
+        let key = PoolKey {
+            database: db.name.clone(),
+            user: user.name.clone(),
+            addr: addr.clone(),
+            role,
+        };
+        self.pools.get(key, || LoginTarget {
+            addr: addr.clone(),
+            dbname: db.server_dbname().to_owned(),
+            user: user.name.clone(),
+            password: user.server_password.clone(),
+        })
+    }
+
+    /// A new session number, for logs and the admin console.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("invalid [tls] configuration: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// A started proxy.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Binds the listener and starts serving on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        let listen = config.proxy.listen;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen { addr: listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            users: config
+                .users
+                .iter()
+                .map(|u| (u.name.clone(), Arc::new(User::new(&u.name, &u.password, None))))
+                .collect(),
+            databases: config.databases.iter().map(|d| (d.name.clone(), Arc::new(d.clone()))).collect(),
+            pools: Pools::new(PoolSettings {
+                size: config.pool.size,
+                connect_timeout: config.pool.server_connect_timeout,
+                idle_timeout: config.pool.server_idle_timeout,
+            }),
+            cancels: CancelRegistry::new(config.pool.server_connect_timeout),
+            tls,
+            shutdown: shutdown_rx,
+            clients: ClientGauge::default(),
+            next_session_id: AtomicU64::new(0),
+            config,
+        });
+        let accept = tokio::spawn(listener::accept_loop(listener, shared.clone()));
+        let maintenance = tokio::spawn(maintain(shared.clone()));
+        tracing::info!(%addr, "dbproxy listening");
+        Ok(Proxy {
+            addr,
+            shared,
+            shutdown,
+            tasks: vec![accept, maintenance],
+        })
+    }
+
+    /// The address clients connect to (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state, for inspection.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Graceful shutdown: stop accepting, let transactions in flight finish,
+    /// close idle clients with 57P01, and return once every client is gone or
+    /// `proxy.shutdown_timeout` has passed. Returns whether all clients left.
+    pub async fn shutdown(self) -> bool {
+        let _ = self.shutdown.send(true);
+        let timeout = self.shared.config.proxy.shutdown_timeout;
+        let drained = tokio::time::timeout(timeout, self.shared.clients.wait_zero()).await.is_ok();
+        if !drained {
+            tracing::warn!(remaining = self.shared.clients.count(), "shutdown timeout reached with clients still connected");
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        drained
+    }
+}
+
+/// Periodic housekeeping: closes expired idle server connections.
+async fn maintain(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        shared.pools.prune_idle();
+    }
+}

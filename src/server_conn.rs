@@ -1,0 +1,341 @@
+//! One connection to a PostgreSQL server: connect, log in as a configured user
+//! (SCRAM-SHA-256, md5 or trust), and remember what the server reported
+//! (ParameterStatus, its cancel key). After login the connection is a plain
+//! byte stream that sessions forward frames over.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::ServerAddr;
+use crate::protocol::{SqlState, TransactionStatus};
+
+/// What a server connection logs in as.
+#[derive(Debug, Clone)]
+pub struct LoginTarget {
+    pub addr: ServerAddr,
+    pub dbname: String,
+    pub user: String,
+    pub password: String,
+}
+
+/// Where and how to cancel the query running on one server connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelKey {
+    pub addr: ServerAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+/// Why a server connection could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: ServerAddr, source: io::Error },
+    #[error("server {addr} did not complete login within {timeout:?}")]
+    Timeout { addr: ServerAddr, timeout: Duration },
+    #[error("server {addr} refused login: {message}")]
+    Rejected { addr: ServerAddr, code: SqlState, message: String },
+    #[error("server {addr} asked for an authentication method dbproxy does not support ({method})")]
+    UnsupportedAuth { addr: ServerAddr, method: &'static str },
+    #[error("server {addr} broke the protocol: {reason}")]
+    Protocol { addr: ServerAddr, reason: String },
+    #[error("connection to server {addr} failed: {source}")]
+    Io { addr: ServerAddr, source: io::Error },
+}
+
+impl ServerError {
+    /// The SQLSTATE a client sees for this failure.
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            ServerError::Rejected { code, .. } => *code,
+            ServerError::Io { .. } => SqlState::CONNECTION_FAILURE,
+            _ => SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        }
+    }
+}
+
+/// An established, logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: TcpStream,
+    pub addr: ServerAddr,
+    /// ParameterStatus values reported at login, in order.
+    pub params: Arc<Vec<(String, String)>>,
+    pub process_id: i32,
+    secret_key: i32,
+    pub created: Instant,
+    pub last_used: Instant,
+}
+
+impl ServerConn {
+    /// Connects and logs in, bounded by `timeout` overall.
+    pub async fn connect(target: &LoginTarget, timeout: Duration) -> Result<ServerConn, ServerError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(target)).await {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::Timeout {
+                addr: target.addr.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn connect_inner(target: &LoginTarget) -> Result<ServerConn, ServerError> {
+        let addr = &target.addr;
+        let stream = TcpStream::connect((addr.host.as_str(), addr.port))
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut login = Login {
+            stream,
+            addr,
+            buf: BytesMut::with_capacity(1024),
+        };
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", target.user.as_str()),
+            ("database", target.dbname.as_str()),
+            ("application_name", "dbproxy"),
+        ];
+        frontend::startup_message(params, &mut out).map_err(|e| login.protocol(e.to_string()))?;
+        login.send(&mut out).await?;
+        login.authenticate(&target.user, &target.password).await?;
+        let mut params = Vec::new();
+        let mut key = (0, 0);
+        loop {
+            match login.recv().await? {
+                Message::ParameterStatus(body) => {
+                    let name = body.name().map_err(|e| login.protocol(e.to_string()))?;
+                    let value = body.value().map_err(|e| login.protocol(e.to_string()))?;
+                    params.push((name.to_owned(), value.to_owned()));
+                }
+                Message::BackendKeyData(body) => key = (body.process_id(), body.secret_key()),
+                Message::ReadyForQuery(_) => break,
+                Message::NoticeResponse(_) => {}
+                Message::ErrorResponse(body) => return Err(login.rejected(&body)),
+                _ => return Err(login.protocol("unexpected message during login".to_owned())),
+            }
+        }
+        if !login.buf.is_empty() {
+            return Err(login.protocol("data after ReadyForQuery during login".to_owned()));
+        }
+        let now = Instant::now();
+        Ok(ServerConn {
+            stream: login.stream,
+            addr: addr.clone(),
+            params: Arc::new(params),
+            process_id: key.0,
+            secret_key: key.1,
+            created: now,
+            last_used: now,
+        })
+    }
+
+    /// The key that cancels whatever this connection is running.
+    pub fn cancel_key(&self) -> CancelKey {
+        CancelKey {
+            addr: self.addr.clone(),
+            process_id: self.process_id,
+            secret_key: self.secret_key,
+        }
+    }
+
+    /// Whether an idle connection is still usable: nothing to read and no EOF.
+    /// One non-blocking syscall, no round trip. A server that was terminated
+    /// behind our back has sent an error and closed, which this detects.
+    pub fn is_alive(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs one simple query whose results nobody wants (a reset or a
+    /// rollback) and returns the transaction status that follows it. Errors
+    /// from the server make this fail: the connection is then not reusable.
+    pub async fn run_discarding(&mut self, sql: &str) -> io::Result<TransactionStatus> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut failed = false;
+        loop {
+            while let Some(msg) = Message::parse(&mut buf)? {
+                match msg {
+                    Message::ErrorResponse(_) => failed = true,
+                    Message::ReadyForQuery(body) if buf.is_empty() => {
+                        let status = TransactionStatus::from_byte(body.status());
+                        return match status {
+                            Some(s) if !failed => Ok(s),
+                            _ => Err(io::Error::other(format!("{sql:?} failed on the server"))),
+                        };
+                    }
+                    Message::ReadyForQuery(_) => return Err(io::Error::other("data after ReadyForQuery")),
+                    _ => {}
+                }
+            }
+            if self.stream.read_buf(&mut buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
+/// Sends a CancelRequest for `key` and waits until the server has acted on it
+/// (the postmaster closes the connection after signalling the backend).
+pub async fn send_cancel(key: &CancelKey, timeout: Duration) -> io::Result<()> {
+    let work = async {
+        let mut stream = TcpStream::connect((key.addr.host.as_str(), key.addr.port)).await?;
+        let mut out = BytesMut::new();
+        frontend::cancel_request(key.process_id, key.secret_key, &mut out);
+        stream.write_all(&out).await?;
+        let mut sink = [0u8; 64];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+/// The login conversation on a fresh connection.
+struct Login<'a> {
+    stream: TcpStream,
+    addr: &'a ServerAddr,
+    buf: BytesMut,
+}
+
+impl Login<'_> {
+    fn protocol(&self, reason: String) -> ServerError {
+        ServerError::Protocol {
+            addr: self.addr.clone(),
+            reason,
+        }
+    }
+
+    fn io(&self, source: io::Error) -> ServerError {
+        ServerError::Io {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn rejected(&self, body: &ErrorResponseBody) -> ServerError {
+        let (mut code, mut message) = (SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, String::new());
+        let mut fields = body.fields();
+        while let Ok(Some(f)) = fields.next() {
+            match f.type_() {
+                b'C' => {
+                    if let Some(c) = std::str::from_utf8(f.value_bytes()).ok().and_then(SqlState::from_code) {
+                        code = c;
+                    }
+                }
+                b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                _ => {}
+            }
+        }
+        ServerError::Rejected {
+            addr: self.addr.clone(),
+            code,
+            message,
+        }
+    }
+
+    async fn send(&mut self, out: &mut BytesMut) -> Result<(), ServerError> {
+        let r = self.stream.write_all(out).await;
+        out.clear();
+        r.map_err(|e| self.io(e))
+    }
+
+    async fn recv(&mut self) -> Result<Message, ServerError> {
+        loop {
+            match Message::parse(&mut self.buf) {
+                Ok(Some(msg)) => return Ok(msg),
+                Ok(None) => {}
+                Err(e) => return Err(self.protocol(e.to_string())),
+            }
+            if self.buf.len() > 1 << 20 {
+                return Err(self.protocol("oversized message during login".to_owned()));
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(self.io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) => return Err(self.io(e)),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        match self.recv().await? {
+            Message::AuthenticationOk => return Ok(()),
+            Message::AuthenticationCleartextPassword => {
+                frontend::password_message(password.as_bytes(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
+                self.send(&mut out).await?;
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
+                frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
+                self.send(&mut out).await?;
+            }
+            Message::AuthenticationSasl(body) => {
+                let mut mechanisms = body.mechanisms();
+                let mut offered = false;
+                while let Ok(Some(m)) = mechanisms.next() {
+                    offered |= m == SCRAM_SHA_256;
+                }
+                if !offered {
+                    return Err(ServerError::UnsupportedAuth {
+                        addr: self.addr.clone(),
+                        method: "SASL without SCRAM-SHA-256",
+                    });
+                }
+                self.scram(password).await?;
+            }
+            Message::ErrorResponse(body) => return Err(self.rejected(&body)),
+            _ => {
+                return Err(ServerError::UnsupportedAuth {
+                    addr: self.addr.clone(),
+                    method: "GSS/SSPI/Kerberos",
+                });
+            }
+        }
+        match self.recv().await? {
+            Message::AuthenticationOk => Ok(()),
+            Message::ErrorResponse(body) => Err(self.rejected(&body)),
+            _ => Err(self.protocol("expected AuthenticationOk".to_owned())),
+        }
+    }
+
+    async fn scram(&mut self, password: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
+        self.send(&mut out).await?;
+        let server_first = match self.recv().await? {
+            Message::AuthenticationSaslContinue(body) => body.data().to_vec(),
+            Message::ErrorResponse(body) => return Err(self.rejected(&body)),
+            _ => return Err(self.protocol("expected SASL continue".to_owned())),
+        };
+        scram.update(&server_first).map_err(|e| self.protocol(e.to_string()))?;
+        frontend::sasl_response(scram.message(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
+        self.send(&mut out).await?;
+        match self.recv().await? {
+            Message::AuthenticationSaslFinal(body) => {
+                scram.finish(body.data()).map_err(|e| self.protocol(format!("server signature invalid: {e}")))
+            }
+            Message::ErrorResponse(body) => Err(self.rejected(&body)),
+            _ => Err(self.protocol("expected SASL final".to_owned())),
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! One client connection: startup (TLS, StartupMessage, SCRAM), then the main
+//! loop that forwards frames between the client and the server connection it
+//! holds, checking one out per transaction (or per session).
+
+mod cancel;
+mod startup;
+mod stream;
+mod transfer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+pub use cancel::{CancelRegistry, CancelSlot};
+pub use stream::ClientStream;
+
+use crate::protocol::backend::{ErrorFields, error_response};
+use crate::proxy::Shared;
+
+/// Serves one client from accept to disconnect.
+pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let id = shared.next_session_id();
+    let span = tracing::info_span!("client", id, %peer);
+    async move {
+        let login_timeout = shared.config.proxy.client_login_timeout;
+        let opened = match tokio::time::timeout(login_timeout, startup::open(shared, tcp)).await {
+            Ok(Ok(Some(login))) => login,
+            Ok(Ok(None)) => return,
+            Ok(Err(failure)) => {
+                failure.report().await;
+                return;
+            }
+            Err(_) => {
+                tracing::info!(timeout = ?login_timeout, "client did not finish login in time");
+                return;
+            }
+        };
+        tracing::info!(user = %opened.user.name, database = %opened.db.name, tls = opened.stream.is_tls(), "client logged in");
+        let registration = shared.cancels.register();
+        transfer::run(shared, opened, &registration).await;
+        tracing::info!("client disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Writes a FATAL error to the client and hangs up.
+async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, err: &ErrorFields) {
+    let mut buf = BytesMut::new();
+    error_response(&mut buf, err);
+    let _ = stream.write_all(&buf).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
