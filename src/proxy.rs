@@ -81,7 +81,9 @@ impl Proxy {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Listen { addr: listen, source })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Listen { addr: listen, source })?;
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -90,7 +92,11 @@ impl Proxy {
                 .iter()
                 .map(|u| (u.name.clone(), Arc::new(User::new(&u.name, &u.password, None))))
                 .collect(),
-            databases: config.databases.iter().map(|d| (d.name.clone(), Arc::new(d.clone()))).collect(),
+            databases: config
+                .databases
+                .iter()
+                .map(|d| (d.name.clone(), Arc::new(d.clone())))
+                .collect(),
             pools: Pools::new(PoolSettings {
                 size: config.pool.size,
                 connect_timeout: config.pool.server_connect_timeout,
@@ -130,9 +136,14 @@ impl Proxy {
     pub async fn shutdown(self) -> bool {
         let _ = self.shutdown.send(true);
         let timeout = self.shared.config.proxy.shutdown_timeout;
-        let drained = tokio::time::timeout(timeout, self.shared.clients.wait_zero()).await.is_ok();
+        let drained = tokio::time::timeout(timeout, self.shared.clients.wait_zero())
+            .await
+            .is_ok();
         if !drained {
-            tracing::warn!(remaining = self.shared.clients.count(), "shutdown timeout reached with clients still connected");
+            tracing::warn!(
+                remaining = self.shared.clients.count(),
+                "shutdown timeout reached with clients still connected"
+            );
         }
         for task in &self.tasks {
             task.abort();

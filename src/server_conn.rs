@@ -19,6 +19,9 @@ use tokio::net::TcpStream;
 use crate::config::ServerAddr;
 use crate::protocol::{SqlState, TransactionStatus};
 
+/// ParameterStatus values a server reported at login, in order.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 /// What a server connection logs in as.
 #[derive(Debug, Clone)]
 pub struct LoginTarget {
@@ -44,7 +47,11 @@ pub enum ServerError {
     #[error("server {addr} did not complete login within {timeout:?}")]
     Timeout { addr: ServerAddr, timeout: Duration },
     #[error("server {addr} refused login: {message}")]
-    Rejected { addr: ServerAddr, code: SqlState, message: String },
+    Rejected {
+        addr: ServerAddr,
+        code: SqlState,
+        message: String,
+    },
     #[error("server {addr} asked for an authentication method dbproxy does not support ({method})")]
     UnsupportedAuth { addr: ServerAddr, method: &'static str },
     #[error("server {addr} broke the protocol: {reason}")]
@@ -70,7 +77,7 @@ pub struct ServerConn {
     pub stream: TcpStream,
     pub addr: ServerAddr,
     /// ParameterStatus values reported at login, in order.
-    pub params: Arc<Vec<(String, String)>>,
+    pub params: ServerParams,
     pub process_id: i32,
     secret_key: i32,
     pub created: Instant,
@@ -320,7 +327,8 @@ impl Login<'_> {
     async fn scram(&mut self, password: &str) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut out)
+            .map_err(|e| self.protocol(e.to_string()))?;
         self.send(&mut out).await?;
         let server_first = match self.recv().await? {
             Message::AuthenticationSaslContinue(body) => body.data().to_vec(),
@@ -331,9 +339,9 @@ impl Login<'_> {
         frontend::sasl_response(scram.message(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
         self.send(&mut out).await?;
         match self.recv().await? {
-            Message::AuthenticationSaslFinal(body) => {
-                scram.finish(body.data()).map_err(|e| self.protocol(format!("server signature invalid: {e}")))
-            }
+            Message::AuthenticationSaslFinal(body) => scram
+                .finish(body.data())
+                .map_err(|e| self.protocol(format!("server signature invalid: {e}"))),
             Message::ErrorResponse(body) => Err(self.rejected(&body)),
             _ => Err(self.protocol("expected SASL final".to_owned())),
         }

@@ -108,7 +108,7 @@ impl ScramSecret {
 }
 
 /// Splits `k=value` attributes of a SCRAM message.
-fn attr<'a>(part: Option<&'a str>, key: char) -> Result<&'a str, ScramError> {
+fn attr(part: Option<&str>, key: char) -> Result<&str, ScramError> {
     let part = part.ok_or(ScramError::Malformed("missing attribute"))?;
     let mut chars = part.chars();
     if chars.next() == Some(key) && chars.next() == Some('=') {
@@ -143,7 +143,9 @@ impl ScramExchange {
         if !authzid.is_empty() {
             return Err(ScramError::Malformed("authorization identity is not supported"));
         }
-        let bare = parts.next().ok_or(ScramError::Malformed("missing client-first-message-bare"))?;
+        let bare = parts
+            .next()
+            .ok_or(ScramError::Malformed("missing client-first-message-bare"))?;
         let mut fields = bare.split(',');
         let first = fields.next();
         if first.is_some_and(|f| f.starts_with("m=")) {
@@ -207,9 +209,13 @@ mod tests {
     fn login(secret: &ScramSecret, password: &str) -> Result<(), ScramError> {
         let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
         let (exchange, server_first) = ScramExchange::start(secret, client.message())?;
-        client.update(server_first.as_bytes()).expect("client accepts server-first");
+        client
+            .update(server_first.as_bytes())
+            .expect("client accepts server-first");
         let server_final = exchange.finish(client.message())?;
-        client.finish(server_final.as_bytes()).expect("client verifies the server");
+        client
+            .finish(server_final.as_bytes())
+            .expect("client verifies the server");
         Ok(())
     }
 
@@ -243,7 +249,16 @@ mod tests {
     #[test]
     fn malformed_messages_are_rejected() {
         let secret = ScramSecret::from_password("x");
-        for bad in [&b""[..], b"n", b"n,,", b"x,,n=,r=abc", b"n,a=bob,n=,r=abc", b"n,,n=,r=", b"n,,m=1,n=,r=a", b"\xff\xfe"] {
+        for bad in [
+            &b""[..],
+            b"n",
+            b"n,,",
+            b"x,,n=,r=abc",
+            b"n,a=bob,n=,r=abc",
+            b"n,,n=,r=",
+            b"n,,m=1,n=,r=a",
+            b"\xff\xfe",
+        ] {
             assert!(ScramExchange::start(&secret, bad).is_err(), "{bad:?}");
         }
         assert_eq!(

@@ -140,7 +140,10 @@ pub struct UserConfig {
 
 impl fmt::Debug for UserConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserConfig").field("name", &self.name).field("password", &"<redacted>").finish()
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -238,7 +241,11 @@ impl Config {
             }
         }
         config.validate(&mut problems);
-        if problems.0.is_empty() { Ok(config) } else { Err(problems.0) }
+        if problems.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems.0)
+        }
     }
 
     fn validate(&self, p: &mut Problems) {
@@ -263,7 +270,10 @@ impl Config {
             }
         }
         if self.databases.is_empty() {
-            p.add("databases", "no [[databases]] entry: clients would have nothing to connect to");
+            p.add(
+                "databases",
+                "no [[databases]] entry: clients would have nothing to connect to",
+            );
         }
         let mut names = HashSet::new();
         for (i, db) in self.databases.iter().enumerate() {
@@ -281,7 +291,10 @@ impl Config {
             if u.name.is_empty() {
                 p.add(format!("users[{i}].name"), "must not be empty");
             } else if !users.insert(u.name.as_str()) {
-                p.add(format!("users[{i}].name"), format!("user {:?} is defined twice", u.name));
+                p.add(
+                    format!("users[{i}].name"),
+                    format!("user {:?} is defined twice", u.name),
+                );
             }
             if u.password.is_empty() {
                 p.add(format!("users[{i}].password"), "must not be empty");
@@ -289,13 +302,16 @@ impl Config {
         }
         for (i, admin) in self.proxy.admin_users.iter().enumerate() {
             if !users.contains(admin.as_str()) {
-                p.add(format!("proxy.admin_users[{i}]"), format!("{admin:?} is not defined in [[users]]"));
+                p.add(
+                    format!("proxy.admin_users[{i}]"),
+                    format!("{admin:?} is not defined in [[users]]"),
+                );
             }
         }
-        if let Some(tls) = &self.tls {
-            if let Err(e) = crate::tls::acceptor(tls) {
-                p.add("tls", e.to_string());
-            }
+        if let Some(tls) = &self.tls
+            && let Err(e) = crate::tls::acceptor(tls)
+        {
+            p.add("tls", e.to_string());
         }
     }
 }
@@ -396,7 +412,15 @@ password = "p"
 "#;
         let problems = Config::parse(text).unwrap_err();
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["pool.size", "databases[0].name", "users[1].name", "proxy.admin_users[0]"]);
+        assert_eq!(
+            keys,
+            [
+                "pool.size",
+                "databases[0].name",
+                "users[1].name",
+                "proxy.admin_users[0]"
+            ]
+        );
     }
 
     #[test]

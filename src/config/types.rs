@@ -28,14 +28,16 @@ impl std::str::FromStr for ServerAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
         let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         if host.is_empty() {
             return Err(format!("{s:?} has an empty host"));
         }
-        let port = port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("{s:?} has an invalid port"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{s:?} has an invalid port"))?;
         Ok(ServerAddr {
             host: host.to_owned(),
             port,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::server_conn::{LoginTarget, ServerConn, ServerError};
+use crate::server_conn::{LoginTarget, ServerConn, ServerError, ServerParams};
 
 pub use registry::{PoolKey, Pools, Role};
 
@@ -59,7 +59,7 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     /// ParameterStatus values of the newest connection, shown to clients at login.
-    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    server_params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
 }
 
@@ -79,7 +79,7 @@ impl Pool {
 
     /// What the servers of this pool last reported in ParameterStatus, if any
     /// connection was ever made.
-    pub fn server_params(&self) -> Option<Arc<Vec<(String, String)>>> {
+    pub fn server_params(&self) -> Option<ServerParams> {
         self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -146,7 +146,8 @@ impl Pool {
     /// or found dead.
     pub fn prune_idle(&self) {
         let timeout = self.settings.idle_timeout;
-        self.idle_list().retain(|c| c.is_alive() && c.last_used.elapsed() < timeout);
+        self.idle_list()
+            .retain(|c| c.is_alive() && c.last_used.elapsed() < timeout);
     }
 }
 

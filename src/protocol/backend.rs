@@ -148,7 +148,11 @@ impl ErrorFields {
 /// ErrorResponse.
 pub fn error_response(buf: &mut BytesMut, e: &ErrorFields) {
     message(buf, b'E', |b| {
-        for (field, value) in [(b'S', e.severity.as_str()), (b'V', e.severity.as_str()), (b'C', e.code.code())] {
+        for (field, value) in [
+            (b'S', e.severity.as_str()),
+            (b'V', e.severity.as_str()),
+            (b'C', e.code.code()),
+        ] {
             b.put_u8(field);
             put_cstr(b, value);
         }

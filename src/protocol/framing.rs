@@ -61,10 +61,7 @@ pub struct Scanner {
 impl Scanner {
     /// A scanner that refuses messages longer than `max_len` bytes.
     pub fn new(max_len: usize) -> Self {
-        Scanner {
-            remaining: 0,
-            max_len,
-        }
+        Scanner { remaining: 0, max_len }
     }
 
     /// Whether the scanner is between messages (no streamed body pending).
@@ -168,7 +165,10 @@ mod tests {
         }
         assert_eq!(
             s.next(&m, |_| true).unwrap(),
-            Some(Item::Whole { tag: b'Q', len: m.len() })
+            Some(Item::Whole {
+                tag: b'Q',
+                len: m.len()
+            })
         );
     }
 
@@ -177,7 +177,13 @@ mod tests {
         let m = msg(b'D', &[7u8; 100]);
         let mut s = Scanner::new(1 << 20);
         let head = s.next(&m[..30], |_| false).unwrap().unwrap();
-        assert_eq!(head, Item::Head { tag: b'D', body_len: 100 });
+        assert_eq!(
+            head,
+            Item::Head {
+                tag: b'D',
+                body_len: 100
+            }
+        );
         assert!(!s.at_boundary());
         assert_eq!(s.next(&m[5..30], |_| false).unwrap(), Some(Item::Body(25)));
         assert_eq!(s.next(&m[30..], |_| false).unwrap(), Some(Item::Body(75)));

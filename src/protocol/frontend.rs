@@ -34,7 +34,10 @@ mod tests {
         body.extend_from_slice(b"abc");
         assert_eq!(
             parse_sasl_initial_response(&body),
-            Some(SaslInitialResponse { mechanism: "SCRAM-SHA-256", data: b"abc" })
+            Some(SaslInitialResponse {
+                mechanism: "SCRAM-SHA-256",
+                data: b"abc"
+            })
         );
         body.push(b'x');
         assert_eq!(parse_sasl_initial_response(&body), None);

@@ -68,10 +68,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
             if !rest.is_empty() {
                 return Err(StartupError::Malformed("long cancel request"));
             }
-            StartupPacket::Cancel {
-                process_id,
-                secret_key,
-            }
+            StartupPacket::Cancel { process_id, secret_key }
         }
         _ => {
             let major = (code >> 16) as u16;
@@ -91,14 +88,18 @@ pub fn parse(buf: &[u8]) -> Result<Option<(StartupPacket, usize)>, StartupError>
 fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
     let mut params = Vec::new();
     loop {
-        let (name, rest) = read_cstr(body).ok_or(StartupError::Malformed("parameter name is not a terminated UTF-8 string"))?;
+        let (name, rest) = read_cstr(body).ok_or(StartupError::Malformed(
+            "parameter name is not a terminated UTF-8 string",
+        ))?;
         if name.is_empty() {
             if !rest.is_empty() {
                 return Err(StartupError::Malformed("bytes after the parameter list"));
             }
             return Ok(params);
         }
-        let (value, rest) = read_cstr(rest).ok_or(StartupError::Malformed("parameter value is not a terminated UTF-8 string"))?;
+        let (value, rest) = read_cstr(rest).ok_or(StartupError::Malformed(
+            "parameter value is not a terminated UTF-8 string",
+        ))?;
         params.push((name.to_owned(), value.to_owned()));
         body = rest;
     }
@@ -132,20 +133,32 @@ mod tests {
 
     #[test]
     fn special_requests() {
-        assert_eq!(parse(&packet(SSL_REQUEST_CODE, b"")).unwrap().unwrap().0, StartupPacket::SslRequest);
-        assert_eq!(parse(&packet(GSSENC_REQUEST_CODE, b"")).unwrap().unwrap().0, StartupPacket::GssEncRequest);
+        assert_eq!(
+            parse(&packet(SSL_REQUEST_CODE, b"")).unwrap().unwrap().0,
+            StartupPacket::SslRequest
+        );
+        assert_eq!(
+            parse(&packet(GSSENC_REQUEST_CODE, b"")).unwrap().unwrap().0,
+            StartupPacket::GssEncRequest
+        );
         let mut body = 42i32.to_be_bytes().to_vec();
         body.extend_from_slice(&(-7i32).to_be_bytes());
         assert_eq!(
             parse(&packet(CANCEL_REQUEST_CODE, &body)).unwrap().unwrap().0,
-            StartupPacket::Cancel { process_id: 42, secret_key: -7 }
+            StartupPacket::Cancel {
+                process_id: 42,
+                secret_key: -7
+            }
         );
     }
 
     #[test]
     fn bad_packets_are_refused() {
         assert_eq!(parse(&[0, 0, 0, 4]), Err(StartupError::BadLength(4)));
-        assert_eq!(parse(&[0x7f, 0xff, 0xff, 0xff]), Err(StartupError::BadLength(0x7fff_ffff)));
+        assert_eq!(
+            parse(&[0x7f, 0xff, 0xff, 0xff]),
+            Err(StartupError::BadLength(0x7fff_ffff))
+        );
         assert!(matches!(
             parse(&packet(0x0002_0000, b"\0")),
             Err(StartupError::UnsupportedVersion { major: 2, minor: 0 })

@@ -13,7 +13,8 @@ use super::{ClientStream, send_fatal};
 use crate::auth::{ScramError, ScramExchange, User, scram};
 use crate::config::{ADMIN_DATABASE, DatabaseConfig};
 use crate::protocol::backend::{
-    ErrorFields, authentication_sasl, authentication_sasl_continue, authentication_sasl_final, negotiate_protocol_version,
+    ErrorFields, authentication_sasl, authentication_sasl_continue, authentication_sasl_final,
+    negotiate_protocol_version,
 };
 use crate::protocol::frontend::{PASSWORD_TAG, parse_sasl_initial_response};
 use crate::protocol::startup::{self, MAX_STARTUP_LEN, StartupPacket};
@@ -107,10 +108,7 @@ pub async fn open(shared: &Shared, tcp: TcpStream) -> Result<Option<Opened>, Fai
             StartupPacket::GssEncRequest => {
                 stream.write_all(b"N").await.map_err(|_| Failure::hang_up())?;
             }
-            StartupPacket::Cancel {
-                process_id,
-                secret_key,
-            } => {
+            StartupPacket::Cancel { process_id, secret_key } => {
                 shared.cancels.cancel(process_id, secret_key).await;
                 return Ok(None);
             }
@@ -129,7 +127,11 @@ pub async fn open(shared: &Shared, tcp: TcpStream) -> Result<Option<Opened>, Fai
 
 async fn negotiate_tls(shared: &Shared, stream: ClientStream) -> Result<ClientStream, Failure> {
     let ClientStream::Plain(mut tcp) = stream else {
-        return Err(Failure::fatal(stream, SqlState::PROTOCOL_VIOLATION, "SSL request inside an encrypted connection"));
+        return Err(Failure::fatal(
+            stream,
+            SqlState::PROTOCOL_VIOLATION,
+            "SSL request inside an encrypted connection",
+        ));
     };
     let Some(acceptor) = &shared.tls else {
         tcp.write_all(b"N").await.map_err(|_| Failure::hang_up())?;
@@ -145,8 +147,17 @@ async fn negotiate_tls(shared: &Shared, stream: ClientStream) -> Result<ClientSt
     }
 }
 
-async fn login(shared: &Shared, mut stream: ClientStream, minor: u16, mut params: Vec<(String, String)>) -> Result<Opened, Failure> {
-    let unsupported: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+async fn login(
+    shared: &Shared,
+    mut stream: ClientStream,
+    minor: u16,
+    mut params: Vec<(String, String)>,
+) -> Result<Opened, Failure> {
+    let unsupported: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.clone())
+        .collect();
     if minor > 0 || !unsupported.is_empty() {
         let mut out = BytesMut::new();
         let names: Vec<&str> = unsupported.iter().map(String::as_str).collect();
@@ -165,9 +176,18 @@ async fn login(shared: &Shared, mut stream: ClientStream, minor: u16, mut params
             "no PostgreSQL user name specified in startup packet",
         ));
     };
-    let db_name = take(&mut params, "database").filter(|d| !d.is_empty()).unwrap_or_else(|| user_name.clone());
-    if params.iter().any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off") {
-        return Err(Failure::fatal(stream, SqlState::FEATURE_NOT_SUPPORTED, "replication connections are not supported by dbproxy"));
+    let db_name = take(&mut params, "database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user_name.clone());
+    if params
+        .iter()
+        .any(|(k, v)| k == "replication" && v != "false" && v != "0" && v != "off")
+    {
+        return Err(Failure::fatal(
+            stream,
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported by dbproxy",
+        ));
     }
     let db = if db_name == ADMIN_DATABASE {
         None
@@ -198,9 +218,18 @@ async fn login(shared: &Shared, mut stream: ClientStream, minor: u16, mut params
     }
     let Some(db) = db else {
         // The admin console arrives with the operations work; refuse clearly meanwhile.
-        return Err(Failure::fatal(stream, SqlState::INVALID_CATALOG_NAME, "the admin console is not available yet"));
+        return Err(Failure::fatal(
+            stream,
+            SqlState::INVALID_CATALOG_NAME,
+            "the admin console is not available yet",
+        ));
     };
-    Ok(Opened { stream, db, user, params })
+    Ok(Opened {
+        stream,
+        db,
+        user,
+        params,
+    })
 }
 
 enum AuthFailure {
@@ -223,7 +252,8 @@ async fn authenticate(stream: &mut ClientStream, user: &User) -> Result<(), Auth
             "client selected an invalid SASL authentication mechanism".to_owned(),
         ));
     }
-    let (exchange, server_first) = ScramExchange::start(&user.secret, initial.data).map_err(|e| scram_failure(e, user))?;
+    let (exchange, server_first) =
+        ScramExchange::start(&user.secret, initial.data).map_err(|e| scram_failure(e, user))?;
     out.clear();
     authentication_sasl_continue(&mut out, server_first.as_bytes());
     stream.write_all(&out).await.map_err(|_| AuthFailure::Gone)?;
@@ -252,7 +282,11 @@ fn scram_failure(e: ScramError, user: &User) -> AuthFailure {
 }
 
 /// Reads one `p` message body, bounded by the startup size limit.
-async fn read_password_message(stream: &mut ClientStream, buf: &mut BytesMut, scanner: &mut Scanner) -> Result<BytesMut, AuthFailure> {
+async fn read_password_message(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    scanner: &mut Scanner,
+) -> Result<BytesMut, AuthFailure> {
     loop {
         match scanner.next(buf, |_| true) {
             Ok(Some(Item::Whole { tag: PASSWORD_TAG, len })) => {

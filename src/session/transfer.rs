@@ -31,6 +31,7 @@ use crate::protocol::backend::{
 };
 use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
+use crate::server_conn::{ServerParams, send_cancel};
 
 /// Above this many buffered bytes a direction stops reading until it drains.
 const HIGH_WATER: usize = 256 * 1024;
@@ -121,11 +122,19 @@ struct Conn<'a> {
 
 /// Greets a logged-in client and serves it until it leaves.
 pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Registration<'_>) {
-    let Opened { stream, db, user, params } = opened;
+    let Opened {
+        stream,
+        db,
+        user,
+        params,
+    } = opened;
     let pool = shared.pool(&db, &user, Role::Primary, &db.primary);
     let mut to_client = BytesMut::with_capacity(1024);
     authentication_ok(&mut to_client);
-    let app_name = params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.as_str());
+    let app_name = params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.as_str());
     for (name, value) in server_params(shared, &pool).await.iter() {
         let value = match name.as_str() {
             "application_name" => app_name.unwrap_or(""),
@@ -162,7 +171,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
 
 /// The ParameterStatus set shown at login: what the servers last reported,
 /// without needing a server at this moment once one was ever reached.
-async fn server_params(shared: &Shared, pool: &Arc<Pool>) -> Arc<Vec<(String, String)>> {
+async fn server_params(shared: &Shared, pool: &Arc<Pool>) -> ServerParams {
     if let Some(p) = pool.server_params() {
         return p;
     }
@@ -195,7 +204,24 @@ async fn server_params(shared: &Shared, pool: &Arc<Pool>) -> Arc<Vec<(String, St
 }
 
 fn shutdown_error() -> ErrorFields {
-    ErrorFields::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection because dbproxy is shutting down")
+    ErrorFields::fatal(
+        SqlState::ADMIN_SHUTDOWN,
+        "terminating connection because dbproxy is shutting down",
+    )
+}
+
+/// The message of an ErrorResponse body whose severity is FATAL or PANIC.
+fn fatal_message(body: &[u8]) -> Option<String> {
+    let mut fatal = false;
+    let mut message = None;
+    for field in body.split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'S' | b'V', sev)) => fatal |= sev == b"FATAL" || sev == b"PANIC",
+            Some((b'M', m)) => message = Some(String::from_utf8_lossy(m).into_owned()),
+            _ => {}
+        }
+    }
+    fatal.then(|| message.unwrap_or_else(|| "server reported a fatal error".to_owned()))
 }
 
 /// Resolves once a graceful shutdown has begun.
@@ -302,10 +328,13 @@ impl Conn<'_> {
             match self.sscan.next(&self.sbuf[pos..], whole_backend) {
                 Ok(None) => break,
                 Ok(Some(Item::Whole { tag: b'Z', len })) => {
-                    let status = match (len, self.sbuf.get(pos + 5).copied().and_then(TransactionStatus::from_byte)) {
+                    let status = match (
+                        len,
+                        self.sbuf.get(pos + 5).copied().and_then(TransactionStatus::from_byte),
+                    ) {
                         (6, Some(s)) => s,
                         _ => {
-                            broken = Some("invalid ReadyForQuery".to_owned());
+                            broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
                             break;
                         }
                     };
@@ -318,9 +347,17 @@ impl Conn<'_> {
                         break;
                     }
                 }
+                Ok(Some(Item::Whole { tag: b'E', len })) => {
+                    if let Some(message) = fatal_message(&self.sbuf[pos + 5..pos + len]) {
+                        // The server is about to hang up; the client's proxy connection is fine.
+                        broken = Some(message);
+                        break;
+                    }
+                    pos += len;
+                }
                 Ok(Some(item)) => pos += item.len(),
                 Err(e) => {
-                    broken = Some(e.to_string());
+                    broken = Some(format!("server broke the protocol: {e}"));
                     break;
                 }
             }
@@ -334,7 +371,7 @@ impl Conn<'_> {
             }
         }
         match broken {
-            Some(why) => self.server_lost(&format!("server broke the protocol: {why}")).await,
+            Some(why) => self.server_lost(&why).await,
             None => Ok(()),
         }
     }
@@ -345,7 +382,12 @@ impl Conn<'_> {
             let item = match self.cscan.next(&self.cbuf, whole_frontend) {
                 Ok(Some(item)) => item,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(Exit::Fatal(ErrorFields::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()))),
+                Err(e) => {
+                    return Err(Exit::Fatal(ErrorFields::fatal(
+                        SqlState::PROTOCOL_VIOLATION,
+                        e.to_string(),
+                    )));
+                }
             };
             match item {
                 Item::Whole { tag, len } => self.on_message(tag, len).await?,
@@ -474,7 +516,12 @@ impl Conn<'_> {
         if clean {
             self.retire(a);
         } else {
-            tracing::debug!(server = %a.conn.conn.addr, "closing a server connection left mid-request");
+            // Closing alone would leave the backend running until it next writes.
+            let key = a.conn.conn.cancel_key();
+            tracing::debug!(server = %key.addr, "cancelling and closing a server connection left mid-request");
+            drop(a);
+            let timeout = self.shared.config.pool.server_connect_timeout;
+            tokio::spawn(async move { send_cancel(&key, timeout).await });
         }
     }
 
@@ -501,7 +548,9 @@ impl Conn<'_> {
             };
             match tokio::time::timeout(RETIRE_TIMEOUT, work).await {
                 Ok(Ok(TransactionStatus::Idle)) => conn.checkin(),
-                outcome => tracing::info!(?outcome, server = %conn.conn.addr, "closing server connection that could not be reset"),
+                outcome => {
+                    tracing::info!(?outcome, server = %conn.conn.addr, "closing server connection that could not be reset")
+                }
             }
         });
     }
@@ -565,5 +614,20 @@ impl Conn<'_> {
         if matches!(self.phase, Phase::Attached(_)) {
             self.detach().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_errors_are_recognised() {
+        let body = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
+        assert_eq!(
+            fatal_message(body).as_deref(),
+            Some("terminating connection due to administrator command")
+        );
+        assert_eq!(fatal_message(b"SERROR\0VERROR\0C42601\0Msyntax error\0\0"), None);
     }
 }

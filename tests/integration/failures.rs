@@ -1,0 +1,263 @@
+//! Cancel, clients and servers that vanish, servers that are down, and
+//! bounded memory on large results.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio_postgres::NoTls;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_long_query_and_the_connection_stays_usable() {
+    let user = create_user("cancel").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(NoTls).await
+    });
+    let started = Instant::now();
+    let err = client.query_one("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sqlstate(&err), "57014", "{}", describe(&err));
+    canceller.await.unwrap().unwrap();
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_an_idle_client_hits_nobody_else() {
+    let user = create_user("cancel_idle").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let idle = connect(&proxy, &user).await.unwrap();
+    idle.query_one("SELECT 1", &[]).await.unwrap();
+    let busy = connect(&proxy, &user).await.unwrap();
+    let token = idle.cancel_token();
+    let query = tokio::spawn(async move { busy.query_one("SELECT pg_sleep(0.6)::text", &[]).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The idle client's key, on the only server connection, while another client runs.
+    token.cancel_query(NoTls).await.unwrap();
+    query.await.unwrap().expect("the busy client's query is not cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_idle_in_transaction_leaves_nothing_open() {
+    let user = create_user("kill_idle").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let setup = connect(&proxy, &user).await.unwrap();
+    setup.batch_execute("CREATE TABLE kill_idle_t (v int)").await.unwrap();
+    let (client, task) = connect_killable(&proxy, &user).await;
+    client
+        .batch_execute("BEGIN; INSERT INTO kill_idle_t VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(backends(&user.name, Some("idle in transaction")).await, 1);
+    task.abort(); // TCP drop, no Terminate
+    let name = user.name.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            backends(&name, Some("idle in transaction")).await == 0
+        })
+        .await,
+        "a backend stayed idle in transaction"
+    );
+    let n: i64 = setup
+        .query_one("SELECT count(*) FROM kill_idle_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the uncommitted row must not survive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_query_in_a_transaction_leaves_nothing_open() {
+    let user = create_user("kill_busy").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let setup = connect(&proxy, &user).await.unwrap();
+    setup.batch_execute("CREATE TABLE kill_busy_t (v int)").await.unwrap();
+    let (client, task) = connect_killable(&proxy, &user).await;
+    client
+        .batch_execute("BEGIN; INSERT INTO kill_busy_t VALUES (1)")
+        .await
+        .unwrap();
+    let query = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(30)").await });
+    let name = user.name.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            backends(&name, Some("active")).await == 1
+        })
+        .await
+    );
+    task.abort();
+    query.abort();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            backends(&name, Some("active")).await == 0 && backends(&name, Some("idle in transaction")).await == 0
+        })
+        .await,
+        "the abandoned backend kept running"
+    );
+    let n: i64 = setup
+        .query_one("SELECT count(*) FROM kill_busy_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_terminated_mid_query_gives_a_class_08_error_and_the_pool_recovers() {
+    let user = create_user("term").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let name = user.name.clone();
+    let killer = tokio::spawn(async move {
+        let su = superuser().await;
+        eventually(Duration::from_secs(5), || async {
+            let rows = su
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND state = 'active'",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            !rows.is_empty()
+        })
+        .await
+    });
+    let err = client.query_one("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    assert!(killer.await.unwrap());
+    assert!(
+        sqlstate(&err).starts_with("08"),
+        "expected class 08, got {}",
+        describe(&err)
+    );
+    assert!(describe(&err).contains("administrator command"), "{}", describe(&err));
+    // Same client, next statement: a fresh server connection.
+    assert_eq!(client.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_server_connections_killed_behind_our_back_are_replaced_unseen() {
+    let user = create_user("idle_kill").await;
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let before: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let su = superuser().await;
+    su.execute("SELECT pg_terminate_backend($1)", &[&before]).await.unwrap();
+    let name = user.name.clone();
+    assert!(eventually(Duration::from_secs(5), || async { backends(&name, None).await == 0 }).await);
+    let after: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("no error seen")
+        .get(0);
+    assert_ne!(before, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_down_login_still_works_and_queries_fail_clearly() {
+    let user = create_user("down").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut setup = Setup::new(&[&user]);
+    setup.primary = Some(format!("127.0.0.1:{port}"));
+    let proxy = setup.start().await;
+    let client = connect(&proxy, &user).await.expect("login does not need a server");
+    let started = Instant::now();
+    let err = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(sqlstate(&err).starts_with("08"), "{}", describe(&err));
+    assert!(
+        describe(&err).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        describe(&err)
+    );
+    // The client is still connected and gets the same clear answer again.
+    let err = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(sqlstate(&err).starts_with("08"), "{}", describe(&err));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Kills the proxy process when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mb_result_streams_through_with_bounded_memory() {
+    let user = create_user("big").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut setup = Setup::new(&[&user]);
+    setup.listen = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let proxy = Child(
+        Command::new(env!("CARGO_BIN_EXE_dbproxy"))
+            .arg("--config")
+            .arg(&path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("postgresql://{}:{}@127.0.0.1:{port}/appdb", user.name, user.password);
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await {
+            tokio::spawn(conn);
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = client.expect("the proxy binary accepts connections");
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    let before = rss_kib(proxy.0.id());
+    let params: [i32; 0] = [];
+    let rows = client
+        .query_raw("SELECT repeat('x', 1000000) FROM generate_series(1, 300)", params)
+        .await
+        .unwrap();
+    futures_util::pin_mut!(rows);
+    let (mut n, mut bytes, mut peak) = (0, 0usize, before);
+    while let Some(row) = rows.next().await {
+        bytes += row.unwrap().get::<_, &str>(0).len();
+        n += 1;
+        if n % 20 == 0 {
+            peak = peak.max(rss_kib(proxy.0.id()));
+        }
+    }
+    assert_eq!((n, bytes), (300, 300_000_000));
+    let growth_mib = (peak.saturating_sub(before)) / 1024;
+    assert!(
+        growth_mib < 50,
+        "proxy RSS grew by {growth_mib} MiB while streaming 300 MB"
+    );
+}
