@@ -29,7 +29,7 @@ use crate::pool::{Checkout, CheckoutError, Pool, Role};
 use crate::protocol::backend::{
     ErrorFields, authentication_ok, backend_key_data, error_response, parameter_status, ready_for_query,
 };
-use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
+use crate::protocol::{FrameError, Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
 use crate::server_conn::{ServerParams, send_cancel};
 
@@ -383,10 +383,12 @@ impl Conn<'_> {
                 Ok(Some(item)) => item,
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    return Err(Exit::Fatal(ErrorFields::fatal(
-                        SqlState::PROTOCOL_VIOLATION,
-                        e.to_string(),
-                    )));
+                    let code = match e {
+                        FrameError::TooLarge { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        FrameError::BadLength { .. } => SqlState::PROTOCOL_VIOLATION,
+                    };
+                    let hint = "raise proxy.max_message_size if messages this large are expected";
+                    return Err(Exit::Fatal(ErrorFields::fatal(code, e.to_string()).with_hint(hint)));
                 }
             };
             match item {

@@ -7,4 +7,5 @@ mod harness;
 mod login;
 mod pooling;
 mod protocol;
+mod raw;
 mod tls;
