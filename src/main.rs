@@ -93,9 +93,15 @@ async fn run(config: Config) -> ExitCode {
             _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not implemented yet; keeping the running configuration"),
         }
     }
-    tracing::info!("shutting down: draining clients");
-    if proxy.shutdown().await {
-        tracing::info!("all clients gone; bye");
+    tracing::info!("shutting down: draining clients (a second SIGTERM/SIGINT exits at once)");
+    tokio::select! {
+        drained = proxy.shutdown() => {
+            if drained {
+                tracing::info!("all clients gone; bye");
+            }
+        }
+        _ = term.recv() => tracing::warn!("second signal: exiting without waiting for clients"),
+        _ = int.recv() => tracing::warn!("second signal: exiting without waiting for clients"),
     }
     ExitCode::SUCCESS
 }

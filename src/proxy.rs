@@ -90,7 +90,10 @@ impl Proxy {
             users: config
                 .users
                 .iter()
-                .map(|u| (u.name.clone(), Arc::new(User::new(&u.name, &u.password, None))))
+                .map(|u| {
+                    let user = User::new(&u.name, &u.password, u.server_password.as_deref());
+                    (u.name.clone(), Arc::new(user))
+                })
                 .collect(),
             databases: config
                 .databases

@@ -22,13 +22,23 @@ use crate::protocol::{SqlState, TransactionStatus};
 /// ParameterStatus values a server reported at login, in order.
 pub type ServerParams = Arc<Vec<(String, String)>>;
 
-/// What a server connection logs in as.
-#[derive(Debug, Clone)]
+/// What a server connection logs in as. `Debug` never prints the password.
+#[derive(Clone)]
 pub struct LoginTarget {
     pub addr: ServerAddr,
     pub dbname: String,
     pub user: String,
     pub password: String,
+}
+
+impl std::fmt::Debug for LoginTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginTarget")
+            .field("addr", &self.addr)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where and how to cancel the query running on one server connection.

@@ -7,7 +7,7 @@ pub mod scram;
 pub use scram::{ScramError, ScramExchange, ScramSecret};
 
 /// A configured user, with its password prepared once for client verification.
-#[derive(Debug)]
+/// `Debug` never prints the password.
 pub struct User {
     /// Name clients log in as, and the role used on the servers.
     pub name: String,
@@ -15,6 +15,12 @@ pub struct User {
     pub secret: ScramSecret,
     /// Password the proxy uses to log in to the servers as this user.
     pub server_password: String,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl User {

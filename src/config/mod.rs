@@ -135,7 +135,13 @@ impl DatabaseConfig {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
+    /// What clients authenticate with: a plaintext password, or a SCRAM
+    /// verifier (`SCRAM-SHA-256$...`, as in `pg_authid`).
     pub password: String,
+    /// Password for logging in to the servers; defaults to `password`, and is
+    /// required when `password` is a SCRAM verifier.
+    #[serde(default)]
+    pub server_password: Option<String>,
 }
 
 impl fmt::Debug for UserConfig {
@@ -223,9 +229,11 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, Vec<Problem>> {
         let mut problems = Problems(Vec::new());
         let table: toml::Table = toml::from_str(text).map_err(|e| {
+            // Not e.to_string(): it quotes the offending line, which may hold a password.
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
             vec![Problem {
-                key: "(syntax)".to_owned(),
-                message: e.to_string().trim().replace('\n', " "),
+                key: line.map_or("(syntax)".to_owned(), |l| format!("(syntax, line {l})")),
+                message: e.message().trim().replace('\n', " "),
             }]
         })?;
         let mut config = Config::default();
@@ -264,6 +272,7 @@ impl Config {
         for (key, d) in [
             ("pool.checkout_timeout", self.pool.checkout_timeout),
             ("pool.server_connect_timeout", self.pool.server_connect_timeout),
+            ("pool.server_idle_timeout", self.pool.server_idle_timeout),
         ] {
             if d.is_zero() {
                 p.add(key, "must be greater than zero");
@@ -298,6 +307,20 @@ impl Config {
             }
             if u.password.is_empty() {
                 p.add(format!("users[{i}].password"), "must not be empty");
+            }
+            if u.password.starts_with("SCRAM-SHA-256$") {
+                if crate::auth::ScramSecret::parse_verifier(&u.password).is_none() {
+                    p.add(
+                        format!("users[{i}].password"),
+                        "looks like a SCRAM verifier but cannot be parsed",
+                    );
+                }
+                if u.server_password.is_none() {
+                    p.add(
+                        format!("users[{i}].server_password"),
+                        "required when password is a SCRAM verifier (the proxy needs a password to log in to the servers)",
+                    );
+                }
             }
         }
         for (i, admin) in self.proxy.admin_users.iter().enumerate() {
@@ -421,6 +444,14 @@ password = "p"
                 "proxy.admin_users[0]"
             ]
         );
+    }
+
+    #[test]
+    fn syntax_errors_do_not_quote_the_line() {
+        let problems = Config::parse("[[users]]\nname = \"u\"\npassword = \"hunter2\" oops\n").unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].key.contains("line 3"), "{problems:?}");
+        assert!(!format!("{problems:?}").contains("hunter2"), "{problems:?}");
     }
 
     #[test]

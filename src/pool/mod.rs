@@ -64,12 +64,19 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool with no connections yet.
+    /// A pool with no connections yet and a bound of its own.
     pub fn new(key: PoolKey, target: LoginTarget, settings: PoolSettings) -> Pool {
+        let permits = Arc::new(Semaphore::new(settings.size));
+        Pool::with_limit(key, target, settings, permits)
+    }
+
+    /// A pool whose bound (`permits`) may be shared with other pools: every
+    /// pool logging in to the same server as the same user shares one.
+    pub fn with_limit(key: PoolKey, target: LoginTarget, settings: PoolSettings, permits: Arc<Semaphore>) -> Pool {
         Pool {
             key,
             target,
-            permits: Arc::new(Semaphore::new(settings.size)),
+            permits,
             settings,
             idle: Mutex::new(Vec::new()),
             server_params: Mutex::new(None),
@@ -177,6 +184,25 @@ impl Checkout {
     /// The pool this connection belongs to.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.slot.pool
+    }
+
+    /// Closes a connection that was abandoned mid-request, keeping its slot
+    /// until the backend has really gone, so the server never sees more than
+    /// `size` backends: asks it to terminate, cancels what it runs, and waits
+    /// for it to hang up.
+    pub async fn abandon(self, cancel_timeout: Duration) {
+        let Checkout { mut conn, slot } = self;
+        let key = conn.cancel_key();
+        let work = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            conn.stream.write_all(b"X\0\0\0\x04").await?;
+            let _ = crate::server_conn::send_cancel(&key, cancel_timeout).await;
+            let mut sink = [0u8; 4096];
+            while conn.stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(cancel_timeout, work).await;
+        drop(slot);
     }
 
     /// Returns a clean connection (idle, nothing in flight) for reuse.

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Semaphore;
+
 use super::{Pool, PoolSettings};
 use crate::config::ServerAddr;
 use crate::server_conn::LoginTarget;
@@ -37,6 +39,9 @@ pub struct PoolKey {
 #[derive(Debug)]
 pub struct Pools {
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// One bound per (server, user), shared by the pools of every database
+    /// that logs in to that server as that user.
+    limits: Mutex<HashMap<(ServerAddr, String), Arc<Semaphore>>>,
     settings: PoolSettings,
 }
 
@@ -45,6 +50,7 @@ impl Pools {
     pub fn new(settings: PoolSettings) -> Pools {
         Pools {
             map: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
             settings,
         }
     }
@@ -56,9 +62,19 @@ impl Pools {
 
     /// The pool for `key`, created with `target` on first use.
     pub fn get(&self, key: PoolKey, target: impl FnOnce() -> LoginTarget) -> Arc<Pool> {
+        if let Some(pool) = self.map().get(&key) {
+            return pool.clone();
+        }
+        let permits = self
+            .limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((key.addr.clone(), key.user.clone()))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.settings.size)))
+            .clone();
         self.map()
             .entry(key)
-            .or_insert_with_key(|k| Arc::new(Pool::new(k.clone(), target(), self.settings.clone())))
+            .or_insert_with_key(|k| Arc::new(Pool::with_limit(k.clone(), target(), self.settings.clone(), permits)))
             .clone()
     }
 

@@ -31,7 +31,7 @@ use crate::protocol::backend::{
 };
 use crate::protocol::{FrameError, Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
-use crate::server_conn::{ServerParams, send_cancel};
+use crate::server_conn::ServerParams;
 
 /// Above this many buffered bytes a direction stops reading until it drains.
 const HIGH_WATER: usize = 256 * 1024;
@@ -519,11 +519,8 @@ impl Conn<'_> {
             self.retire(a);
         } else {
             // Closing alone would leave the backend running until it next writes.
-            let key = a.conn.conn.cancel_key();
-            tracing::debug!(server = %key.addr, "cancelling and closing a server connection left mid-request");
-            drop(a);
-            let timeout = self.shared.config.pool.server_connect_timeout;
-            tokio::spawn(async move { send_cancel(&key, timeout).await });
+            tracing::debug!(server = %a.conn.conn.addr, "cancelling and closing a server connection left mid-request");
+            tokio::spawn(a.conn.abandon(self.shared.config.pool.server_connect_timeout));
         }
     }
 
