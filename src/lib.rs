@@ -26,7 +26,9 @@ pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod server_conn;
+pub mod server_state;
 pub mod session;
+pub mod sql;
 pub mod tls;
 
 pub use config::Config;

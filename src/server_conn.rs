@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::config::ServerAddr;
 use crate::protocol::{SqlState, TransactionStatus};
+use crate::server_state::ServerState;
 
 /// ParameterStatus values a server reported at login, in order.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -92,6 +93,8 @@ pub struct ServerConn {
     secret_key: i32,
     pub created: Instant,
     pub last_used: Instant,
+    /// Prepared statements and settings held for clients.
+    pub state: ServerState,
 }
 
 impl ServerConn {
@@ -157,6 +160,7 @@ impl ServerConn {
             secret_key: key.1,
             created: now,
             last_used: now,
+            state: ServerState::default(),
         })
     }
 

@@ -75,6 +75,10 @@ pub struct PoolConfig {
     pub server_idle_timeout: Duration,
     /// Run on a server connection a session-mode client gave back.
     pub server_reset_query: String,
+    /// Named prepared statements kept per server connection (least recently
+    /// used are closed beyond it). 0 turns statement tracking off: names then
+    /// pass through unchanged, as with PgBouncer before 1.21.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -86,6 +90,7 @@ impl Default for PoolConfig {
             server_connect_timeout: Duration::from_secs(5),
             server_idle_timeout: Duration::from_secs(600),
             server_reset_query: "DISCARD ALL".to_owned(),
+            max_prepared_statements: 200,
         }
     }
 }

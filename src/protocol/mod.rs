@@ -3,6 +3,7 @@
 //! so every decoder here can be unit-tested and fuzzed on arbitrary input.
 
 pub mod backend;
+pub mod extended;
 pub mod framing;
 pub mod frontend;
 pub mod sqlstate;

@@ -39,6 +39,8 @@ impl SqlState {
     pub const INVALID_PASSWORD: SqlState = SqlState::new("28P01");
     /// 3D000: unknown database.
     pub const INVALID_CATALOG_NAME: SqlState = SqlState::new("3D000");
+    /// 26000: no prepared statement of that name.
+    pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState::new("26000");
     /// 53300: too many client connections.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState::new("53300");
     /// 54000: a message exceeded `proxy.max_message_size`.

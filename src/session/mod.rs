@@ -3,6 +3,9 @@
 //! holds, checking one out per transaction (or per session).
 
 mod cancel;
+mod expect;
+mod requests;
+mod settings;
 mod startup;
 mod stream;
 mod transfer;

@@ -8,40 +8,48 @@
 //! fields that drive pooling: message tags, and the status of ReadyForQuery.
 //!
 //! In transaction mode a server connection is checked out when a message that
-//! needs one arrives and checked back in once every Query/Sync sent has been
-//! answered by a ReadyForQuery whose status is idle; in session mode it is kept
-//! until the client leaves.
+//! needs one arrives and checked back in once everything sent has been
+//! answered (see `expect.rs`), the last ReadyForQuery says idle, and the client
+//! holds no session-only feature; in session mode it is kept until the client
+//! leaves. What the client sends is translated in `requests.rs`.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{ReadHalf as ServerRead, WriteHalf as ServerWrite};
 use tokio::sync::watch;
 
 use super::cancel::{CancelSlot, Registration};
+use super::expect::{Expectations, Synthetic, Verdict};
+use super::requests::Statement;
+use super::settings::Tracker;
 use super::startup::Opened;
 use super::{ClientStream, send_fatal};
 use crate::config::PoolMode;
-use crate::pool::{Checkout, CheckoutError, Pool, Role};
+use crate::pool::{Checkout, Pool, Role};
 use crate::protocol::backend::{
     ErrorFields, authentication_ok, backend_key_data, error_response, parameter_status, ready_for_query,
 };
-use crate::protocol::{FrameError, Item, Scanner, SqlState, TransactionStatus};
+use crate::protocol::extended::{close_complete, parse_complete};
+use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
 use crate::server_conn::ServerParams;
+use crate::server_state::Settings;
+use crate::sql::{Effects, Pins};
 
 /// Above this many buffered bytes a direction stops reading until it drains.
-const HIGH_WATER: usize = 256 * 1024;
+pub(super) const HIGH_WATER: usize = 256 * 1024;
 /// Spare capacity made available for each read.
 const READ_RESERVE: usize = 16 * 1024;
 /// Longest a rollback or reset of a returned connection may take.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Client messages returned whole; CopyData streams through.
-fn whole_frontend(tag: u8) -> bool {
+pub(super) fn whole_frontend(tag: u8) -> bool {
     tag != b'd'
 }
 
@@ -51,7 +59,7 @@ fn whole_backend(tag: u8) -> bool {
 }
 
 /// What the client is doing, as far as server connections are concerned.
-enum Phase {
+pub(super) enum Phase {
     /// No server connection held.
     Idle,
     /// Holding a server connection.
@@ -62,25 +70,16 @@ enum Phase {
     SkipToSync,
 }
 
-struct Attached {
-    conn: Checkout,
-    /// Queries, Syncs and FunctionCalls sent and not yet answered by ReadyForQuery.
-    pending: u32,
+pub(super) struct Attached {
+    pub(super) conn: Checkout,
     /// Extended-protocol messages sent since the last Sync.
-    unsynced: bool,
+    pub(super) unsynced: bool,
     /// Status of the last ReadyForQuery.
-    status: TransactionStatus,
-}
-
-impl Attached {
-    /// Nothing sent is awaiting an answer.
-    fn quiet(&self) -> bool {
-        self.pending == 0 && !self.unsynced
-    }
+    pub(super) status: TransactionStatus,
 }
 
 /// Why the main loop ended.
-enum Exit {
+pub(super) enum Exit {
     /// The client closed its connection.
     ClientLeft,
     /// The client sent Terminate.
@@ -99,25 +98,38 @@ enum Event {
     Shutdown,
 }
 
-struct Conn<'a> {
-    shared: &'a Shared,
-    mode: PoolMode,
-    pool: Arc<Pool>,
-    slot: &'a CancelSlot,
+pub(super) struct Conn<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) mode: PoolMode,
+    pub(super) pool: Arc<Pool>,
+    pub(super) slot: &'a CancelSlot,
     rd: ReadHalf<ClientStream>,
-    wr: WriteHalf<ClientStream>,
+    pub(super) wr: WriteHalf<ClientStream>,
     shutdown: watch::Receiver<bool>,
-    cbuf: BytesMut,
-    cscan: Scanner,
+    pub(super) cbuf: BytesMut,
+    pub(super) cscan: Scanner,
     /// Whether the streamed client message in progress goes to the server.
-    stream_to_server: bool,
+    pub(super) stream_to_server: bool,
     sbuf: BytesMut,
     sscan: Scanner,
-    to_client: BytesMut,
-    to_server: BytesMut,
-    phase: Phase,
+    pub(super) to_client: BytesMut,
+    pub(super) to_server: BytesMut,
+    pub(super) phase: Phase,
     release_due: bool,
-    draining: bool,
+    pub(super) draining: bool,
+    /// Answers owed by the server connection held.
+    pub(super) expect: Expectations,
+    /// The client's named prepared statements.
+    pub(super) statements: HashMap<String, Arc<Statement>>,
+    /// Session effects of the client's last unnamed Parse.
+    pub(super) unnamed: Effects,
+    /// The client's session settings, carried to each server connection.
+    pub(super) settings: Settings,
+    /// Its settings from the startup packet (what RESET returns to).
+    pub(super) startup: Settings,
+    pub(super) tracker: Tracker,
+    /// Session-only features that tie the client to its server connection.
+    pub(super) pins: Pins,
 }
 
 /// Greets a logged-in client and serves it until it leaves.
@@ -128,6 +140,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         user,
         params,
     } = opened;
+    let startup = startup_settings(&params);
     let pool = shared.pool(&db, &user, Role::Primary, &db.primary);
     let mut to_client = BytesMut::with_capacity(1024);
     authentication_ok(&mut to_client);
@@ -164,9 +177,65 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         phase: Phase::Idle,
         release_due: false,
         draining: false,
+        expect: Expectations::default(),
+        statements: HashMap::new(),
+        unnamed: Effects::default(),
+        settings: startup.clone(),
+        startup,
+        tracker: Tracker::default(),
+        pins: Pins::default(),
     };
     let exit = conn.serve().await;
     conn.finish(exit).await;
+}
+
+/// The settings a client's startup packet asks for: every parameter except
+/// the ones that name the connection, plus `-c name=value` items of `options`.
+fn startup_settings(params: &[(String, String)]) -> Settings {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for (name, value) in params {
+        match name.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => pairs.extend(parse_options(value)),
+            _ => pairs.push((name.clone(), value.clone())),
+        }
+    }
+    Settings::from_values(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+/// `-c name=value` and `--name=value` items of the `options` startup
+/// parameter (backslash escapes a space), as PostgreSQL reads them.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let item = if w == "-c" {
+            words.next()
+        } else {
+            w.strip_prefix("-c").or_else(|| w.strip_prefix("--")).map(str::to_owned)
+        };
+        if let Some((name, value)) = item.as_deref().and_then(|i| i.split_once('=')) {
+            out.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    out
 }
 
 /// The ParameterStatus set shown at login: what the servers last reported,
@@ -203,7 +272,7 @@ async fn server_params(shared: &Shared, pool: &Arc<Pool>) -> ServerParams {
     }
 }
 
-fn shutdown_error() -> ErrorFields {
+pub(super) fn shutdown_error() -> ErrorFields {
     ErrorFields::fatal(
         SqlState::ADMIN_SHUTDOWN,
         "terminating connection because dbproxy is shutting down",
@@ -265,6 +334,11 @@ impl Conn<'_> {
         }
     }
 
+    /// Nothing sent to the server is waiting for an answer.
+    fn quiet(&self, a: &Attached) -> bool {
+        self.expect.is_empty() && !a.unsynced
+    }
+
     /// Waits for the next I/O event and applies it to the buffers.
     async fn wait(&mut self) -> Result<(), Exit> {
         let want_client = self.cbuf.len() < HIGH_WATER || self.cscan.bytes_wanted(&self.cbuf) > 0;
@@ -309,66 +383,111 @@ impl Conn<'_> {
             Event::Shutdown => {
                 self.draining = true;
                 match &self.phase {
-                    Phase::Attached(a) if !(a.quiet() && a.status == TransactionStatus::Idle) => Ok(()),
+                    Phase::Attached(a) if !(self.quiet(a) && a.status == TransactionStatus::Idle) => Ok(()),
                     _ => Err(Exit::Fatal(shutdown_error())),
                 }
             }
         }
     }
 
-    /// Moves complete server output towards the client, tracking
-    /// ReadyForQuery to know when the server connection can be released.
+    /// Moves server output towards the client: forwards what answers the
+    /// client, drops what answers the proxy, adds the answers the proxy gives
+    /// itself, and follows ReadyForQuery to know when to release the server.
     async fn process_server(&mut self) -> Result<(), Exit> {
         let Phase::Attached(a) = &mut self.phase else {
             return Ok(());
         };
-        let mut pos = 0;
+        // sbuf[..start] is already handled; sbuf[start..pos] is to be forwarded.
+        let (mut start, mut pos) = (0, 0);
         let mut broken = None;
         loop {
-            match self.sscan.next(&self.sbuf[pos..], whole_backend) {
+            let item = match self.sscan.next(&self.sbuf[pos..], whole_backend) {
+                Ok(Some(item)) => item,
                 Ok(None) => break,
-                Ok(Some(Item::Whole { tag: b'Z', len })) => {
-                    let status = match (
-                        len,
-                        self.sbuf.get(pos + 5).copied().and_then(TransactionStatus::from_byte),
-                    ) {
-                        (6, Some(s)) => s,
-                        _ => {
-                            broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
-                            break;
-                        }
-                    };
-                    pos += len;
-                    a.status = status;
-                    a.pending = a.pending.saturating_sub(1);
-                    let idle = a.quiet() && status == TransactionStatus::Idle;
-                    if idle && (self.mode == PoolMode::Transaction || self.draining) {
-                        self.release_due = true;
-                        break;
-                    }
-                }
-                Ok(Some(Item::Whole { tag: b'E', len })) => {
-                    if let Some(message) = fatal_message(&self.sbuf[pos + 5..pos + len]) {
-                        // The server is about to hang up; the client's proxy connection is fine.
-                        broken = Some(message);
-                        break;
-                    }
-                    pos += len;
-                }
-                Ok(Some(item)) => pos += item.len(),
                 Err(e) => {
                     broken = Some(format!("server broke the protocol: {e}"));
                     break;
                 }
+            };
+            let Item::Whole { tag, len } = item else {
+                pos += item.len();
+                continue;
+            };
+            let body = &self.sbuf[pos + 5..pos + len];
+            if tag == b'E'
+                && let Some(message) = fatal_message(body)
+            {
+                // The server is about to hang up; the client's proxy connection is fine.
+                broken = Some(message);
+                break;
+            }
+            let verdict = self.expect.on_server_message(tag);
+            match verdict {
+                Verdict::Forward => match tag {
+                    b'Z' => {
+                        let Some(status) = body.first().copied().and_then(TransactionStatus::from_byte) else {
+                            broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
+                            break;
+                        };
+                        a.status = status;
+                        let settled = self.tracker.ready(status);
+                        for change in &settled.confirmed {
+                            self.settings.apply_for_client(change, &self.startup);
+                            a.conn.conn.state.settings.apply_for_server(change);
+                        }
+                        a.conn.conn.state.dirty |= settled.uncertain;
+                    }
+                    b'E' => self.tracker.error(),
+                    b'C' if self.tracker.waiting() => self.tracker.command_complete(body),
+                    _ => {}
+                },
+                Verdict::Swallow | Verdict::Demote => {
+                    self.to_client.extend_from_slice(&self.sbuf[start..pos]);
+                    if verdict == Verdict::Demote {
+                        // Our own SETs failed: tell the client as a notice, reset the connection later.
+                        tracing::warn!("carrying the client's settings to the server failed");
+                        self.to_client.put_u8(b'N');
+                        self.to_client.extend_from_slice(&self.sbuf[pos + 1..pos + len]);
+                        a.conn.conn.state.dirty = true;
+                    }
+                    start = pos + len;
+                }
+            }
+            pos += len;
+            if self.expect.has_ready() {
+                self.to_client.extend_from_slice(&self.sbuf[start..pos]);
+                start = pos;
+                for s in self.expect.take_ready() {
+                    match s {
+                        Synthetic::ParseComplete => parse_complete(&mut self.to_client),
+                        Synthetic::CloseComplete => close_complete(&mut self.to_client),
+                    }
+                }
+            }
+            for name in self.expect.take_failed() {
+                a.conn.conn.state.prepared.remove(&name);
+            }
+            let ignored = self.expect.take_ignored_syncs();
+            if ignored > 0 {
+                self.tracker.forget_requests(ignored);
+            }
+            let released = tag == b'Z'
+                && verdict == Verdict::Forward
+                && self.expect.is_empty()
+                && !a.unsynced
+                && a.status == TransactionStatus::Idle
+                && self.pins.is_empty()
+                && (self.mode == PoolMode::Transaction || self.draining);
+            if released {
+                self.release_due = true;
+                break;
             }
         }
-        if pos > 0 {
-            if self.to_client.is_empty() && pos == self.sbuf.len() {
-                std::mem::swap(&mut self.to_client, &mut self.sbuf);
-            } else {
-                self.to_client.extend_from_slice(&self.sbuf[..pos]);
-                self.sbuf.advance(pos);
-            }
+        if start == 0 && pos == self.sbuf.len() && self.to_client.is_empty() {
+            std::mem::swap(&mut self.to_client, &mut self.sbuf);
+        } else {
+            self.to_client.extend_from_slice(&self.sbuf[start..pos]);
+            self.sbuf.advance(pos);
         }
         match broken {
             Some(why) => self.server_lost(&why).await,
@@ -376,147 +495,21 @@ impl Conn<'_> {
         }
     }
 
-    /// Handles every complete client message that can be handled now.
-    async fn process_client(&mut self) -> Result<(), Exit> {
-        while self.to_server.len() < HIGH_WATER {
-            let item = match self.cscan.next(&self.cbuf, whole_frontend) {
-                Ok(Some(item)) => item,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    let code = match e {
-                        FrameError::TooLarge { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
-                        FrameError::BadLength { .. } => SqlState::PROTOCOL_VIOLATION,
-                    };
-                    let hint = "raise proxy.max_message_size if messages this large are expected";
-                    return Err(Exit::Fatal(ErrorFields::fatal(code, e.to_string()).with_hint(hint)));
-                }
-            };
-            match item {
-                Item::Whole { tag, len } => self.on_message(tag, len).await?,
-                Item::Head { .. } => {
-                    // CopyData: it belongs to the server only while one is held.
-                    self.stream_to_server = matches!(self.phase, Phase::Attached(_));
-                    self.forward_client_bytes(item.len());
-                }
-                Item::Body(n) => self.forward_client_bytes(n),
-            }
-        }
-        Ok(())
-    }
-
-    fn forward_client_bytes(&mut self, n: usize) {
-        if self.stream_to_server && matches!(self.phase, Phase::Attached(_)) {
-            self.to_server.extend_from_slice(&self.cbuf[..n]);
-        }
-        self.cbuf.advance(n);
-    }
-
-    /// Handles one whole client message of `len` bytes at the front of `cbuf`.
-    async fn on_message(&mut self, tag: u8, len: usize) -> Result<(), Exit> {
-        match tag {
-            b'X' => return Err(Exit::Terminated),
-            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'F' | b'c' | b'f' => {}
-            _ => {
-                return Err(Exit::Fatal(ErrorFields::fatal(
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!("invalid frontend message type {}", tag),
-                )));
-            }
-        }
-        match self.phase {
-            Phase::SkipToSync => {
-                if tag == b'S' {
-                    ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-                    self.phase = Phase::Idle;
-                }
-                self.cbuf.advance(len);
-                return Ok(());
-            }
-            Phase::Idle => {
-                match tag {
-                    // A Sync with nothing before it: answer for the idle server.
-                    b'S' => ready_for_query(&mut self.to_client, TransactionStatus::Idle),
-                    // Nothing to flush; COPY messages outside COPY are ignored, as PostgreSQL does.
-                    b'H' | b'c' | b'f' => {}
-                    _ if self.draining => return Err(Exit::Fatal(shutdown_error())),
-                    _ => {
-                        if let Err(e) = self.attach().await? {
-                            self.report_checkout_failure(tag, &e);
-                        }
-                    }
-                }
-                if !matches!(self.phase, Phase::Attached(_)) {
-                    self.cbuf.advance(len);
-                    return Ok(());
-                }
-            }
-            Phase::Attached(_) => {}
-        }
-        if let Phase::Attached(a) = &mut self.phase {
-            match tag {
-                b'Q' | b'F' => a.pending += 1,
-                b'S' => {
-                    a.pending += 1;
-                    a.unsynced = false;
-                }
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => a.unsynced = true,
-                _ => {}
-            }
-            self.to_server.extend_from_slice(&self.cbuf[..len]);
-        }
-        self.cbuf.advance(len);
-        Ok(())
-    }
-
-    /// Checks out a server connection for the client. The outer error means
-    /// the client left while we flushed its pending output.
-    async fn attach(&mut self) -> Result<Result<(), CheckoutError>, Exit> {
-        // Do not hold back output the client may be waiting for while we wait for a server.
-        if !self.to_client.is_empty() {
-            self.wr.write_all(&self.to_client).await.map_err(|_| Exit::ClientLeft)?;
-            self.wr.flush().await.map_err(|_| Exit::ClientLeft)?;
-            self.to_client.clear();
-        }
-        let conn = match self.pool.checkout(self.shared.config.pool.checkout_timeout).await {
-            Ok(conn) => conn,
-            Err(e) => return Ok(Err(e)),
-        };
-        self.slot.set(conn.conn.cancel_key()).await;
-        self.phase = Phase::Attached(Attached {
-            conn,
-            pending: 0,
-            unsynced: false,
-            status: TransactionStatus::Idle,
-        });
-        Ok(Ok(()))
-    }
-
-    /// The request that needed a server fails; the client stays connected.
-    fn report_checkout_failure(&mut self, tag: u8, e: &CheckoutError) {
-        tracing::warn!(error = %e, "no server connection for the client's request");
-        let code = match e {
-            CheckoutError::Timeout { .. } => SqlState::QUERY_CANCELED,
-            CheckoutError::Connect(se) => se.sqlstate(),
-        };
-        error_response(&mut self.to_client, &ErrorFields::error(code, e.to_string()));
-        match tag {
-            b'Q' | b'F' | b'S' => ready_for_query(&mut self.to_client, TransactionStatus::Idle),
-            _ => self.phase = Phase::SkipToSync,
-        }
-    }
-
     /// Gives the server connection back (or closes it if it is not clean).
-    async fn detach(&mut self) {
+    pub(super) async fn detach(&mut self) {
         let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
         };
         self.slot.clear().await;
-        let clean = a.quiet() && self.sbuf.is_empty() && self.to_server.is_empty() && self.sscan.at_boundary();
+        let clean = self.quiet(&a) && self.sbuf.is_empty() && self.to_server.is_empty() && self.sscan.at_boundary();
         self.sbuf.clear();
         self.to_server.clear();
+        self.expect.clear();
         self.sscan = Scanner::new(self.shared.config.proxy.max_message_size);
         if clean {
-            self.retire(a);
+            // A client leaving while pinned leaves session state behind.
+            let reset = self.mode == PoolMode::Session || !self.pins.is_empty() || a.conn.conn.state.dirty;
+            self.retire(a, reset);
         } else {
             // Closing alone would leave the backend running until it next writes.
             tracing::debug!(server = %a.conn.conn.addr, "cancelling and closing a server connection left mid-request");
@@ -525,11 +518,13 @@ impl Conn<'_> {
     }
 
     /// Returns a quiet connection to its pool, first rolling back an open
-    /// transaction and, in session mode, running the reset query.
-    fn retire(&self, a: Attached) {
+    /// transaction and, when asked, running the reset query.
+    fn retire(&self, a: Attached, reset: bool) {
         let rollback = a.status != TransactionStatus::Idle;
-        let reset = (self.mode == PoolMode::Session).then(|| self.shared.config.pool.server_reset_query.clone());
-        if !rollback && reset.as_deref().is_none_or(str::is_empty) {
+        let reset = reset
+            .then(|| self.shared.config.pool.server_reset_query.clone())
+            .filter(|q| !q.is_empty());
+        if !rollback && reset.is_none() {
             a.conn.checkin();
             return;
         }
@@ -540,13 +535,14 @@ impl Conn<'_> {
                 if rollback {
                     status = conn.conn.run_discarding("ROLLBACK").await?;
                 }
-                if let Some(q) = reset.filter(|q| !q.is_empty()) {
-                    status = conn.conn.run_discarding(&q).await?;
+                if let Some(q) = &reset {
+                    status = conn.conn.run_discarding(q).await?;
+                    conn.conn.state.reset();
                 }
                 Ok::<_, io::Error>(status)
             };
             match tokio::time::timeout(RETIRE_TIMEOUT, work).await {
-                Ok(Ok(TransactionStatus::Idle)) => conn.checkin(),
+                Ok(Ok(TransactionStatus::Idle)) if !conn.conn.state.dirty => conn.checkin(),
                 outcome => {
                     tracing::info!(?outcome, server = %conn.conn.addr, "closing server connection that could not be reset")
                 }
@@ -560,11 +556,9 @@ impl Conn<'_> {
         let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Ok(());
         };
+        let outstanding = self.expect.client_syncs();
         let Attached {
-            conn,
-            pending,
-            unsynced,
-            status,
+            conn, unsynced, status, ..
         } = a;
         let addr = conn.conn.addr.clone();
         tracing::warn!(server = %addr, reason = why, "server connection lost");
@@ -573,17 +567,20 @@ impl Conn<'_> {
         let mid_message = !self.sscan.at_boundary();
         self.sbuf.clear();
         self.to_server.clear();
+        self.expect.clear();
+        self.tracker = Tracker::default();
         self.sscan = Scanner::new(self.shared.config.proxy.max_message_size);
         if mid_message {
             return Err(Exit::Abort);
         }
         let message = format!("server connection to {addr} was lost: {why}");
-        if self.mode == PoolMode::Session || status != TransactionStatus::Idle || (pending == 0 && !unsynced) {
+        let session_lost = self.mode == PoolMode::Session || !self.pins.is_empty();
+        if session_lost || status != TransactionStatus::Idle || (outstanding == 0 && !unsynced) {
             // Session state or an open transaction is gone: the client must start over.
             return Err(Exit::Fatal(ErrorFields::fatal(SqlState::CONNECTION_FAILURE, message)));
         }
         let err = ErrorFields::error(SqlState::CONNECTION_FAILURE, message);
-        for _ in 0..pending {
+        for _ in 0..outstanding {
             error_response(&mut self.to_client, &err);
             ready_for_query(&mut self.to_client, TransactionStatus::Idle);
         }
@@ -597,7 +594,7 @@ impl Conn<'_> {
     /// Ends the session: settles the server connection, tells the client why
     /// if there is something to tell, and closes.
     async fn finish(mut self, exit: Exit) {
-        self.detach_on_exit().await;
+        self.detach().await;
         match exit {
             Exit::Fatal(err) => {
                 let _ = self.wr.write_all(&self.to_client).await;
@@ -608,17 +605,23 @@ impl Conn<'_> {
             }
         }
     }
-
-    async fn detach_on_exit(&mut self) {
-        if matches!(self.phase, Phase::Attached(_)) {
-            self.detach().await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startup_options_become_settings() {
+        let got = parse_options("-c statement_timeout=5s --search-path=a,b -cwork_mem=8MB -c x=a\\ b");
+        let want = [
+            ("statement_timeout", "5s"),
+            ("search_path", "a,b"),
+            ("work_mem", "8MB"),
+            ("x", "a b"),
+        ];
+        assert_eq!(got, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
+    }
 
     #[test]
     fn fatal_errors_are_recognised() {

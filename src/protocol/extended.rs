@@ -1,0 +1,158 @@
+//! Reading and rewriting the extended-protocol messages that name prepared
+//! statements (Parse, Bind, Describe, Close), so statements can be renamed on
+//! their way to whichever server connection a client is using.
+
+use bytes::{BufMut, BytesMut};
+
+use super::framing::{HEADER_LEN, read_cstr};
+
+/// A Parse message's fields.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parse<'a> {
+    pub name: &'a str,
+    pub query: &'a str,
+    /// The parameter-type section as sent: count, then one OID each.
+    pub param_types: &'a [u8],
+}
+
+/// Decodes a Parse body (after the header).
+pub fn parse_parse(body: &[u8]) -> Option<Parse<'_>> {
+    let (name, rest) = read_cstr(body)?;
+    let (query, rest) = read_cstr(rest)?;
+    let (count, oids) = rest.split_first_chunk::<2>()?;
+    if oids.len() != usize::from(u16::from_be_bytes(*count)) * 4 {
+        return None;
+    }
+    Some(Parse {
+        name,
+        query,
+        param_types: rest,
+    })
+}
+
+/// The portal and statement names at the start of a Bind body, and where the
+/// rest of the body starts.
+pub fn parse_bind_names(body: &[u8]) -> Option<(&str, &str, usize)> {
+    let (portal, rest) = read_cstr(body)?;
+    let (statement, rest) = read_cstr(rest)?;
+    Some((portal, statement, body.len() - rest.len()))
+}
+
+/// The target of a Describe or Close body: `b'S'` or `b'P'`, and the name.
+pub fn parse_target(body: &[u8]) -> Option<(u8, &str)> {
+    let (&kind, rest) = body.split_first()?;
+    let (name, rest) = read_cstr(rest)?;
+    (matches!(kind, b'S' | b'P') && rest.is_empty()).then_some((kind, name))
+}
+
+fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_u32(0);
+    body(buf);
+    let len = (buf.len() - at) as u32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.put_slice(s.as_bytes());
+    buf.put_u8(0);
+}
+
+/// Writes a Parse of `query` under `name`.
+pub fn write_parse(buf: &mut BytesMut, name: &str, query: &str, param_types: &[u8]) {
+    message(buf, b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, query);
+        b.put_slice(param_types);
+    });
+}
+
+/// Writes a Bind identical to `bind` (a whole message) but for `statement`.
+pub fn write_bind_renamed(buf: &mut BytesMut, bind: &[u8], portal: &str, statement: &str, rest_at: usize) {
+    message(buf, b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_slice(&bind[HEADER_LEN + rest_at..]);
+    });
+}
+
+/// Writes a Describe or Close (`tag`) of `kind` (`S`/`P`) named `name`.
+pub fn write_target(buf: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    message(buf, tag, |b| {
+        b.put_u8(kind);
+        put_cstr(b, name);
+    });
+}
+
+/// Writes a simple Query.
+pub fn write_query(buf: &mut BytesMut, sql: &str) {
+    message(buf, b'Q', |b| put_cstr(b, sql));
+}
+
+/// ParseComplete, for a Parse the proxy answers itself.
+pub fn parse_complete(buf: &mut BytesMut) {
+    message(buf, b'1', |_| {});
+}
+
+/// CloseComplete, for a Close the proxy answers itself.
+pub fn close_complete(buf: &mut BytesMut) {
+    message(buf, b'3', |_| {});
+}
+
+/// CommandComplete with `tag` (e.g. "DEALLOCATE ALL").
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| put_cstr(b, tag));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_round_trip() {
+        let mut buf = BytesMut::new();
+        write_parse(&mut buf, "s1", "SELECT $1", &[0, 1, 0, 0, 0, 23]);
+        let p = parse_parse(&buf[HEADER_LEN..]).unwrap();
+        assert_eq!(
+            p,
+            Parse {
+                name: "s1",
+                query: "SELECT $1",
+                param_types: &[0, 1, 0, 0, 0, 23]
+            }
+        );
+        assert!(
+            parse_parse(b"s1\0SELECT\0\0\x02\0\0\0\x17").is_none(),
+            "count says 2 OIDs, only 1 sent"
+        );
+        assert!(parse_parse(b"s1\0SELECT").is_none());
+    }
+
+    #[test]
+    fn bind_rename_keeps_the_rest() {
+        let mut original = BytesMut::new();
+        message(&mut original, b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "client_stmt");
+            b.put_slice(&[0, 0, 0, 1, 0, 0, 0, 2, b'4', b'2', 0, 0]);
+        });
+        let (portal, stmt, rest_at) = parse_bind_names(&original[HEADER_LEN..]).unwrap();
+        assert_eq!((portal, stmt), ("", "client_stmt"));
+        let mut renamed = BytesMut::new();
+        write_bind_renamed(&mut renamed, &original, portal, "dbp_x", rest_at);
+        let (_, stmt2, rest2) = parse_bind_names(&renamed[HEADER_LEN..]).unwrap();
+        assert_eq!(stmt2, "dbp_x");
+        assert_eq!(&renamed[HEADER_LEN + rest2..], &original[HEADER_LEN + rest_at..]);
+        let len = u32::from_be_bytes([renamed[1], renamed[2], renamed[3], renamed[4]]) as usize;
+        assert_eq!(len + 1, renamed.len());
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target(b"Sname\0"), Some((b'S', "name")));
+        assert_eq!(parse_target(b"P\0"), Some((b'P', "")));
+        assert_eq!(parse_target(b"Xname\0"), None);
+        assert_eq!(parse_target(b"Sname\0extra"), None);
+    }
+}

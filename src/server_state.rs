@@ -1,0 +1,214 @@
+//! What a server connection carries from one client to the next in
+//! transaction mode: the prepared statements it holds (LRU-bounded) and the
+//! session settings applied to it, so each client gets its own on attach.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::sql::SettingChange;
+
+/// Statements prepared on one server connection, by server-side name.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    last_used: HashMap<Arc<str>, u64>,
+    tick: u64,
+}
+
+impl Prepared {
+    /// Whether `name` is prepared here; counts as a use.
+    pub fn touch(&mut self, name: &str) -> bool {
+        self.tick += 1;
+        match self.last_used.get_mut(name) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `name` as prepared; returns the least recently used statement
+    /// to close if that takes the count above `limit`.
+    pub fn insert(&mut self, name: Arc<str>, limit: usize) -> Option<Arc<str>> {
+        self.tick += 1;
+        self.last_used.insert(name, self.tick);
+        if self.last_used.len() <= limit {
+            return None;
+        }
+        let oldest = self.last_used.iter().min_by_key(|(_, t)| **t).map(|(n, _)| n.clone())?;
+        self.last_used.remove(&oldest);
+        Some(oldest)
+    }
+
+    /// Forgets `name` (its Parse failed).
+    pub fn remove(&mut self, name: &str) {
+        self.last_used.remove(name);
+    }
+
+    /// Number of statements held.
+    pub fn len(&self) -> usize {
+        self.last_used.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.last_used.is_empty()
+    }
+}
+
+/// Session settings as `name -> SQL value`, with a fingerprint so two sets
+/// compare in O(1) on the hot path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    values: BTreeMap<String, String>,
+    fingerprint: u64,
+}
+
+impl Settings {
+    /// Settings from `(name, value)` pairs given as plain values (startup
+    /// parameters), quoted as literals.
+    pub fn from_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Settings {
+        let mut s = Settings::default();
+        for (name, value) in pairs {
+            s.values
+                .insert(name.to_ascii_lowercase(), crate::sql::quote_literal(value));
+        }
+        s.refresh();
+        s
+    }
+
+    fn refresh(&mut self) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.values.hash(&mut h);
+        self.fingerprint = h.finish();
+    }
+
+    /// Whether both hold the same values.
+    pub fn same_as(&self, other: &Settings) -> bool {
+        self.fingerprint == other.fingerprint && self.values == other.values
+    }
+
+    /// Applies a confirmed change as a client sees it: RESET returns to the
+    /// value the client's startup packet gave, if any.
+    pub fn apply_for_client(&mut self, change: &SettingChange, startup: &Settings) {
+        match change {
+            SettingChange::Set { name, value } => {
+                self.values.insert(name.clone(), value.clone());
+            }
+            SettingChange::Reset(name) => match startup.values.get(name) {
+                Some(v) => {
+                    self.values.insert(name.clone(), v.clone());
+                }
+                None => {
+                    self.values.remove(name);
+                }
+            },
+            SettingChange::ResetAll => self.values = startup.values.clone(),
+        }
+        self.refresh();
+    }
+
+    /// Applies a confirmed change as the server connection holds it: RESET
+    /// returns to the connection's own default.
+    pub fn apply_for_server(&mut self, change: &SettingChange) {
+        match change {
+            SettingChange::Set { name, value } => {
+                self.values.insert(name.clone(), value.clone());
+            }
+            SettingChange::Reset(name) => {
+                self.values.remove(name);
+            }
+            SettingChange::ResetAll => self.values.clear(),
+        }
+        self.refresh();
+    }
+
+    /// The SQL that turns `current` into `self`, updating `current` to match.
+    /// `None` when they already match.
+    pub fn carry_to(&self, current: &mut Settings) -> Option<String> {
+        if self.same_as(current) {
+            return None;
+        }
+        let mut sql = Vec::new();
+        for (name, value) in &self.values {
+            if current.values.get(name) != Some(value) {
+                sql.push(format!("SET {name} TO {value}"));
+            }
+        }
+        for name in current.values.keys() {
+            if !self.values.contains_key(name) {
+                sql.push(format!("RESET {name}"));
+            }
+        }
+        *current = self.clone();
+        Some(sql.join("; "))
+    }
+
+    /// Forgets everything (the connection was reset).
+    pub fn clear(&mut self) {
+        self.values.clear();
+        self.refresh();
+    }
+}
+
+/// The state a server connection carries between clients.
+#[derive(Debug, Default)]
+pub struct ServerState {
+    pub prepared: Prepared,
+    pub settings: Settings,
+    /// The proxy lost track of the session state: reset before reuse.
+    pub dirty: bool,
+}
+
+impl ServerState {
+    /// After `DISCARD ALL` ran on the connection.
+    pub fn reset(&mut self) {
+        self.prepared = Prepared::default();
+        self.settings.clear();
+        self.dirty = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_the_least_recently_used() {
+        let mut p = Prepared::default();
+        assert_eq!(p.insert("a".into(), 2), None);
+        assert_eq!(p.insert("b".into(), 2), None);
+        assert!(p.touch("a"));
+        assert_eq!(p.insert("c".into(), 2).as_deref(), Some("b"));
+        assert!(!p.touch("b"));
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn carrying_settings_sets_and_resets_the_difference() {
+        let startup = Settings::from_values([("application_name", "a")]);
+        let mut client = startup.clone();
+        client.apply_for_client(
+            &SettingChange::Set {
+                name: "statement_timeout".into(),
+                value: "'150ms'".into(),
+            },
+            &startup,
+        );
+        let mut server = Settings::default();
+        server.apply_for_server(&SettingChange::Set {
+            name: "search_path".into(),
+            value: "x".into(),
+        });
+        let sql = client.carry_to(&mut server).unwrap();
+        assert_eq!(
+            sql,
+            "SET application_name TO 'a'; SET statement_timeout TO '150ms'; RESET search_path"
+        );
+        assert!(server.same_as(&client));
+        assert_eq!(client.carry_to(&mut server), None);
+        client.apply_for_client(&SettingChange::ResetAll, &startup);
+        assert!(client.same_as(&startup));
+    }
+}

@@ -1,0 +1,374 @@
+//! What the server owes us: one entry per request sent, in order, saying
+//! which server message completes it and whether its answers go to the client.
+//!
+//! This lets the proxy add requests of its own to a client's batch (a Parse of
+//! a statement the server connection lacks, the SETs that carry the client's
+//! settings) and swallow their answers, and answer some client requests itself
+//! (ParseComplete for a statement already prepared, CloseComplete) at exactly
+//! the point of the stream where the server would have.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// A request sent to the server, by what completes its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Parse,
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Request {
+    /// Whether `tag` is the server message that ends this request's answer.
+    fn completed_by(self, tag: u8) -> bool {
+        match self {
+            Request::Parse => tag == b'1',
+            Request::Bind => tag == b'2',
+            Request::DescribeStatement | Request::DescribePortal => matches!(tag, b'T' | b'n'),
+            Request::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Request::Close => tag == b'3',
+            Request::Sync | Request::Query | Request::FunctionCall => tag == b'Z',
+        }
+    }
+
+    /// Extended-protocol requests are skipped by the server after an error
+    /// until the next Sync.
+    fn skipped_after_error(self) -> bool {
+        !matches!(self, Request::Sync | Request::Query | Request::FunctionCall)
+    }
+
+    /// Whether the answer ends with ReadyForQuery.
+    pub fn ends_with_ready(self) -> bool {
+        !self.skipped_after_error()
+    }
+}
+
+/// A response the proxy writes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Sent {
+        request: Request,
+        /// Injected by the proxy: the client never sees the answer.
+        injected: bool,
+        /// The server-side statement a Parse creates, to forget if it fails.
+        creates: Option<Arc<str>>,
+    },
+    Synthetic(Synthetic),
+    /// The client ended a COPY IN here (CopyDone or CopyFail); no answer.
+    CopyEnd,
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass it to the client.
+    Forward,
+    /// Drop it: it answers the proxy's own request.
+    Swallow,
+    /// An error from the proxy's own SETs: show it to the client as a notice.
+    Demote,
+}
+
+/// The queue of expected answers of one server connection.
+#[derive(Debug, Default)]
+pub struct Expectations {
+    queue: VecDeque<Entry>,
+    /// Synthetic answers due now, in order, for the caller to write.
+    ready: Vec<Synthetic>,
+    /// Statements whose Parse failed or was skipped.
+    failed: Vec<Arc<str>>,
+    /// In COPY IN started by Execute, before the client's CopyDone/CopyFail:
+    /// the server ignores Syncs sent now.
+    in_copy_in: bool,
+    /// Syncs the server ignored (sent during COPY IN), not yet reported.
+    ignored_syncs: usize,
+}
+
+impl Expectations {
+    /// Nothing is owed.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Client requests still waiting for their ReadyForQuery.
+    pub fn client_syncs(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|e| matches!(e, Entry::Sent { request, injected: false, .. } if request.ends_with_ready()))
+            .count()
+    }
+
+    /// Records a request sent to the server.
+    pub fn sent(&mut self, request: Request, injected: bool, creates: Option<Arc<str>>) {
+        if request == Request::Sync && self.in_copy_in {
+            // PostgreSQL ignores Sync and Flush in copy-in mode.
+            self.ignored_syncs += 1;
+            return;
+        }
+        self.queue.push_back(Entry::Sent {
+            request,
+            injected,
+            creates,
+        });
+    }
+
+    /// The client sent CopyDone or CopyFail.
+    pub fn copy_end(&mut self) {
+        if self.in_copy_in {
+            self.in_copy_in = false;
+        } else if !self.queue.is_empty() {
+            self.queue.push_back(Entry::CopyEnd);
+        }
+    }
+
+    /// Client Syncs the server ignored since last asked (they get no ReadyForQuery).
+    pub fn take_ignored_syncs(&mut self) -> usize {
+        std::mem::take(&mut self.ignored_syncs)
+    }
+
+    /// Records an answer the proxy gives itself once everything before it is answered.
+    pub fn synthetic(&mut self, s: Synthetic) {
+        if self.queue.is_empty() {
+            self.ready.push(s);
+        } else {
+            self.queue.push_back(Entry::Synthetic(s));
+        }
+    }
+
+    /// Whether synthetic answers are due.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Synthetic answers now due, to write after the current server message.
+    pub fn take_ready(&mut self) -> impl Iterator<Item = Synthetic> + '_ {
+        self.ready.drain(..)
+    }
+
+    /// Statements the server did not create after all.
+    pub fn take_failed(&mut self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.failed.drain(..)
+    }
+
+    /// Forgets everything (the connection is gone).
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.ready.clear();
+        self.failed.clear();
+        self.in_copy_in = false;
+        self.ignored_syncs = 0;
+    }
+
+    /// Accounts for one server message and says where it goes.
+    pub fn on_server_message(&mut self, tag: u8) -> Verdict {
+        let Some(Entry::Sent { request, injected, .. }) = self.queue.front() else {
+            // Unsolicited (NOTIFY, ParameterStatus, a notice) or nothing owed.
+            return Verdict::Forward;
+        };
+        let (request, injected) = (*request, *injected);
+        let verdict = match (injected, tag) {
+            (false, _) => Verdict::Forward,
+            (true, b'E') if request == Request::Query => Verdict::Demote,
+            // An injected Parse that fails: the client's own request needed it.
+            (true, b'E') => Verdict::Forward,
+            (true, _) => Verdict::Swallow,
+        };
+        if tag == b'G' && request == Request::Execute {
+            self.copy_in_started();
+        }
+        if tag == b'E' && request.skipped_after_error() {
+            self.fail_until_sync();
+        } else if request.completed_by(tag) {
+            self.queue.pop_front();
+            self.release_synthetic();
+        }
+        verdict
+    }
+
+    /// The front request failed: it and everything up to the next Sync get
+    /// no answer (the server skips them, and so does the client's view).
+    fn fail_until_sync(&mut self) {
+        while let Some(entry) = self.queue.front() {
+            if let Entry::Sent { request, .. } = entry
+                && !request.skipped_after_error()
+            {
+                break;
+            }
+            if let Some(Entry::Sent { creates: Some(s), .. }) = self.queue.pop_front() {
+                self.failed.push(s);
+            }
+        }
+    }
+
+    /// An Execute started COPY IN: Syncs the client sent after it and before
+    /// ending the copy are ignored by the server.
+    fn copy_in_started(&mut self) {
+        let mut i = 1;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Entry::CopyEnd => {
+                    self.queue.remove(i);
+                    return;
+                }
+                Entry::Sent {
+                    request: Request::Sync, ..
+                } => {
+                    self.queue.remove(i);
+                    self.ignored_syncs += 1;
+                }
+                _ => i += 1,
+            }
+        }
+        self.in_copy_in = true;
+    }
+
+    fn release_synthetic(&mut self) {
+        loop {
+            match self.queue.front() {
+                Some(Entry::Synthetic(s)) => self.ready.push(*s),
+                Some(Entry::CopyEnd) => {}
+                _ => return,
+            }
+            self.queue.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(e: &mut Expectations, tags: &[u8]) -> Vec<(u8, Verdict, Vec<Synthetic>)> {
+        tags.iter()
+            .map(|&t| {
+                let v = e.on_server_message(t);
+                (t, v, e.take_ready().collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn injected_parse_is_swallowed_and_client_answers_pass() {
+        let mut e = Expectations::default();
+        e.sent(Request::Parse, true, Some("dbp_1".into()));
+        e.sent(Request::Bind, false, None);
+        e.sent(Request::Execute, false, None);
+        e.sent(Request::Sync, false, None);
+        let out = feed(&mut e, b"12DDCZ");
+        let verdicts: Vec<Verdict> = out.iter().map(|o| o.1).collect();
+        use Verdict::*;
+        assert_eq!(verdicts, [Swallow, Forward, Forward, Forward, Forward, Forward]);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn synthetic_answers_come_in_order() {
+        let mut e = Expectations::default();
+        e.synthetic(Synthetic::ParseComplete); // nothing in flight: due at once
+        assert_eq!(e.take_ready().collect::<Vec<_>>(), [Synthetic::ParseComplete]);
+        e.sent(Request::Bind, false, None);
+        e.synthetic(Synthetic::CloseComplete);
+        e.sent(Request::Sync, false, None);
+        let out = feed(&mut e, b"2Z");
+        assert_eq!(
+            out[0].2,
+            [Synthetic::CloseComplete],
+            "after BindComplete, before ReadyForQuery"
+        );
+        assert!(out[1].2.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_forgets_statements_not_created() {
+        let mut e = Expectations::default();
+        e.sent(Request::Parse, false, Some("dbp_a".into()));
+        e.sent(Request::Parse, true, Some("dbp_b".into()));
+        e.synthetic(Synthetic::ParseComplete);
+        e.sent(Request::Bind, false, None);
+        e.sent(Request::Sync, false, None);
+        e.sent(Request::Query, false, None);
+        assert_eq!(e.client_syncs(), 2);
+        let out = feed(&mut e, b"EZ");
+        assert_eq!(out[0].1, Verdict::Forward);
+        assert!(out[0].2.is_empty(), "answers after the error are never sent");
+        assert_eq!(
+            e.take_failed().collect::<Vec<_>>(),
+            [Arc::from("dbp_a"), Arc::from("dbp_b")]
+        );
+        assert_eq!(e.client_syncs(), 1);
+        feed(&mut e, b"TDCZ");
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn injected_query_errors_become_notices() {
+        let mut e = Expectations::default();
+        e.sent(Request::Query, true, None);
+        e.sent(Request::Query, false, None);
+        let out = feed(&mut e, b"CSEZ");
+        let verdicts: Vec<Verdict> = out.iter().map(|o| o.1).collect();
+        assert_eq!(
+            verdicts,
+            [Verdict::Swallow, Verdict::Swallow, Verdict::Demote, Verdict::Swallow]
+        );
+        assert_eq!(e.on_server_message(b'E'), Verdict::Forward, "the client's own error");
+        assert_eq!(e.on_server_message(b'Z'), Verdict::Forward);
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn syncs_sent_during_copy_in_are_ignored_like_the_server_does() {
+        // tokio-postgres: Bind, Execute, Sync, then data, CopyDone, Sync.
+        let mut e = Expectations::default();
+        e.sent(Request::Bind, false, None);
+        e.sent(Request::Execute, false, None);
+        e.sent(Request::Sync, false, None);
+        feed(&mut e, b"2G");
+        assert_eq!(e.take_ignored_syncs(), 1);
+        e.copy_end();
+        e.sent(Request::Sync, false, None);
+        feed(&mut e, b"CZ");
+        assert!(e.is_empty());
+
+        // A client that sends everything before the server answers.
+        e.sent(Request::Bind, false, None);
+        e.sent(Request::Execute, false, None);
+        e.sent(Request::Sync, false, None);
+        e.copy_end();
+        e.sent(Request::Sync, false, None);
+        feed(&mut e, b"2GCZ");
+        assert!(e.is_empty());
+        assert_eq!(e.take_ignored_syncs(), 1);
+
+        // Simple-protocol COPY: nothing is ignored.
+        e.sent(Request::Query, false, None);
+        e.copy_end();
+        feed(&mut e, b"GCZ");
+        assert!(e.is_empty());
+        assert_eq!(e.take_ignored_syncs(), 0);
+    }
+
+    #[test]
+    fn describe_statement_completes_on_row_description_or_no_data() {
+        let mut e = Expectations::default();
+        e.sent(Request::DescribeStatement, false, None);
+        e.sent(Request::DescribeStatement, false, None);
+        e.sent(Request::Sync, false, None);
+        feed(&mut e, b"tTtn");
+        assert_eq!(e.client_syncs(), 1);
+        feed(&mut e, b"Z");
+        assert!(e.is_empty());
+    }
+}

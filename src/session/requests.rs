@@ -1,0 +1,445 @@
+//! What the client sends, translated for whichever server connection serves
+//! it: named prepared statements renamed to shared server-side names (and
+//! prepared on the spot where missing), session settings carried over on
+//! attach, session-only features pinning the client, and the few requests the
+//! proxy answers itself (Close of a statement, DEALLOCATE, DISCARD ALL).
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::expect::{Request, Synthetic};
+use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
+use crate::config::PoolMode;
+use crate::pool::CheckoutError;
+use crate::protocol::backend::{ErrorFields, error_response, ready_for_query};
+use crate::protocol::extended::{
+    close_complete, command_complete, parse_bind_names, parse_complete, parse_parse, parse_target, write_bind_renamed,
+    write_parse, write_query, write_target,
+};
+use crate::protocol::framing::{HEADER_LEN, read_cstr};
+use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
+use crate::sql::{Effects, LocalCommand, analyze};
+
+/// A client's named prepared statement.
+#[derive(Debug)]
+pub struct Statement {
+    /// The name used on servers: the same for the same text and types, so
+    /// clients share server-side statements.
+    pub server_name: Arc<str>,
+    pub query: Box<str>,
+    pub param_types: Box<[u8]>,
+    /// What running it does to the session.
+    pub effects: Effects,
+}
+
+/// The server-side name of a statement: a digest of its text and types.
+fn server_name(query: &str, param_types: &[u8]) -> Arc<str> {
+    let mut h = Sha256::new();
+    h.update(query.as_bytes());
+    h.update([0]);
+    h.update(param_types);
+    let digest = h.finalize();
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    Arc::from(format!("dbp_{hex}"))
+}
+
+impl Conn<'_> {
+    /// Statement renaming is on: transaction mode with a statement budget.
+    fn tracking(&self) -> bool {
+        self.mode == PoolMode::Transaction && self.shared.config.pool.max_prepared_statements > 0
+    }
+
+    /// Handles every complete client message that can be handled now.
+    pub(super) async fn process_client(&mut self) -> Result<(), Exit> {
+        while self.to_server.len() < HIGH_WATER {
+            let item = match self.cscan.next(&self.cbuf, whole_frontend) {
+                Ok(Some(item)) => item,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        FrameError::BadLength { .. } => SqlState::PROTOCOL_VIOLATION,
+                    };
+                    let hint = "raise proxy.max_message_size if messages this large are expected";
+                    return Err(Exit::Fatal(ErrorFields::fatal(code, e.to_string()).with_hint(hint)));
+                }
+            };
+            match item {
+                Item::Whole { tag, len } => {
+                    let msg = self.cbuf.split_to(len);
+                    self.on_message(tag, msg).await?;
+                    self.emit_ready();
+                }
+                Item::Head { .. } => {
+                    // CopyData: it belongs to the server only while one is held.
+                    self.stream_to_server = matches!(self.phase, Phase::Attached(_));
+                    self.forward_client_bytes(item.len());
+                }
+                Item::Body(n) => self.forward_client_bytes(n),
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_client_bytes(&mut self, n: usize) {
+        if self.stream_to_server && matches!(self.phase, Phase::Attached(_)) {
+            self.to_server.extend_from_slice(&self.cbuf[..n]);
+        }
+        self.cbuf.advance(n);
+    }
+
+    /// Writes the proxy's own answers that are due now.
+    fn emit_ready(&mut self) {
+        for s in self.expect.take_ready() {
+            match s {
+                Synthetic::ParseComplete => parse_complete(&mut self.to_client),
+                Synthetic::CloseComplete => close_complete(&mut self.to_client),
+            }
+        }
+    }
+
+    fn attached(&mut self) -> Option<&mut Attached> {
+        match &mut self.phase {
+            Phase::Attached(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Handles one whole client message.
+    async fn on_message(&mut self, tag: u8, msg: BytesMut) -> Result<(), Exit> {
+        match tag {
+            b'X' => return Err(Exit::Terminated),
+            b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'F' | b'c' | b'f' => {}
+            _ => {
+                return Err(Exit::Fatal(ErrorFields::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("invalid frontend message type {tag}"),
+                )));
+            }
+        }
+        if let Phase::SkipToSync = self.phase {
+            if tag == b'S' {
+                ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+                self.phase = Phase::Idle;
+            }
+            return Ok(());
+        }
+        let body = &msg[HEADER_LEN..];
+        match tag {
+            b'Q' => self.on_query(&msg).await,
+            b'P' => self.on_parse(&msg).await,
+            b'B' => self.on_bind(&msg).await,
+            b'D' => match parse_target(body) {
+                Some((b'S', name)) => self.on_statement_target(&msg, b'D', name.to_owned()).await,
+                _ => self.send(&msg, b'D', Some(Request::DescribePortal)).await,
+            },
+            b'C' => match parse_target(body) {
+                Some((b'S', name)) if self.tracking() && !name.is_empty() => {
+                    // Only the client's view: the server keeps it for others.
+                    self.statements.remove(name);
+                    self.expect.synthetic(Synthetic::CloseComplete);
+                    Ok(())
+                }
+                _ => self.send(&msg, b'C', Some(Request::Close)).await,
+            },
+            b'E' => self.send(&msg, b'E', Some(Request::Execute)).await,
+            b'S' => self.send(&msg, b'S', Some(Request::Sync)).await,
+            b'F' => self.send(&msg, b'F', Some(Request::FunctionCall)).await,
+            // Flush and COPY messages without a server: nothing to flush, and
+            // COPY messages outside COPY are ignored, as PostgreSQL does.
+            _ if matches!(self.phase, Phase::Idle) => Ok(()),
+            _ => self.send(&msg, tag, None).await,
+        }
+    }
+
+    /// Makes sure a server connection is held. `Ok(false)`: none could be had
+    /// and the client has been told.
+    async fn ensure_server(&mut self, tag: u8) -> Result<bool, Exit> {
+        if matches!(self.phase, Phase::Attached(_)) {
+            return Ok(true);
+        }
+        if self.draining {
+            return Err(Exit::Fatal(super::transfer::shutdown_error()));
+        }
+        match self.attach().await? {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.report_checkout_failure(tag, &e);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Forwards `msg` as is, expecting `request`'s answer.
+    async fn send(&mut self, msg: &[u8], tag: u8, request: Option<Request>) -> Result<(), Exit> {
+        if tag == b'S' && matches!(self.phase, Phase::Idle) {
+            // A Sync with nothing before it: answer for the idle server.
+            ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+            return Ok(());
+        }
+        if !self.ensure_server(tag).await? {
+            return Ok(());
+        }
+        self.to_server.extend_from_slice(msg);
+        self.sent(tag, request);
+        Ok(())
+    }
+
+    /// Accounts for a request written to the server on the client's behalf.
+    fn sent(&mut self, tag: u8, request: Option<Request>) {
+        if matches!(tag, b'c' | b'f') {
+            self.expect.copy_end();
+        }
+        if let Some(r) = request {
+            self.expect.sent(r, false, None);
+            if r.ends_with_ready() {
+                self.tracker.request_sent();
+            }
+        }
+        if let Some(a) = self.attached() {
+            match tag {
+                b'S' => a.unsynced = false,
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => a.unsynced = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// Session effects of a statement about to run: pins and setting changes.
+    fn apply_effects(&mut self, fx: &Effects) {
+        if self.mode != PoolMode::Transaction {
+            return;
+        }
+        if !fx.pins.is_empty() {
+            let before = self.pins;
+            self.pins.add(fx.pins);
+            if self.pins != before {
+                tracing::info!(features = ?fx.pins.names(), "client pinned to its server connection");
+            }
+        }
+        if !fx.unpins.is_empty() {
+            self.pins.remove(fx.unpins);
+        }
+        self.tracker.record(fx.changes.iter().cloned());
+    }
+
+    async fn on_query(&mut self, msg: &[u8]) -> Result<(), Exit> {
+        let fx = match read_cstr(&msg[HEADER_LEN..]) {
+            Some((sql, _)) if self.mode == PoolMode::Transaction => analyze(sql),
+            _ => Effects::default(),
+        };
+        if let (Some(cmd), Phase::Idle) = (&fx.local, &self.phase) {
+            self.answer_locally(cmd.clone());
+            return Ok(());
+        }
+        if !self.ensure_server(b'Q').await? {
+            return Ok(());
+        }
+        if fx.local.is_some() || fx.unpins == crate::sql::Pins::ALL {
+            // DEALLOCATE/DISCARD reaching a shared connection: its statements
+            // and settings are no longer what we think; reset it before reuse.
+            if let Some(a) = self.attached() {
+                a.conn.conn.state.dirty = true;
+            }
+        }
+        self.apply_effects(&fx);
+        self.to_server.extend_from_slice(msg);
+        self.sent(b'Q', Some(Request::Query));
+        Ok(())
+    }
+
+    /// DEALLOCATE and DISCARD ALL outside a transaction touch only the
+    /// client's own view, never a shared server connection.
+    fn answer_locally(&mut self, cmd: LocalCommand) {
+        match &cmd {
+            LocalCommand::DeallocateAll => self.statements.clear(),
+            LocalCommand::Deallocate(name) => {
+                if self.statements.remove(name).is_none() {
+                    let err = ErrorFields::error(
+                        SqlState::INVALID_SQL_STATEMENT_NAME,
+                        format!("prepared statement \"{name}\" does not exist"),
+                    );
+                    error_response(&mut self.to_client, &err);
+                    ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+                    return;
+                }
+            }
+            LocalCommand::DiscardAll => {
+                self.statements.clear();
+                self.unnamed = Effects::default();
+                self.settings = self.startup.clone();
+                self.pins = Default::default();
+            }
+        }
+        command_complete(&mut self.to_client, cmd.tag());
+        ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+    }
+
+    async fn on_parse(&mut self, msg: &[u8]) -> Result<(), Exit> {
+        let Some(p) = parse_parse(&msg[HEADER_LEN..]) else {
+            // Let the server judge a malformed Parse.
+            return self.send(msg, b'P', Some(Request::Parse)).await;
+        };
+        if p.name.is_empty() || !self.tracking() {
+            if p.name.is_empty() && self.mode == PoolMode::Transaction {
+                self.unnamed = analyze(p.query);
+            }
+            return self.send(msg, b'P', Some(Request::Parse)).await;
+        }
+        if !self.ensure_server(b'P').await? {
+            return Ok(());
+        }
+        let stmt = Arc::new(Statement {
+            server_name: server_name(p.query, p.param_types),
+            query: p.query.into(),
+            param_types: p.param_types.into(),
+            effects: analyze(p.query),
+        });
+        self.statements.insert(p.name.to_owned(), stmt.clone());
+        let held = self
+            .attached()
+            .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
+        if held {
+            self.expect.synthetic(Synthetic::ParseComplete);
+        } else {
+            self.prepare(&stmt, false);
+        }
+        if let Some(a) = self.attached() {
+            a.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Writes a Parse of `stmt` to the server connection held (closing the
+    /// least recently used statement if that exceeds the budget).
+    fn prepare(&mut self, stmt: &Statement, injected: bool) {
+        let limit = self.shared.config.pool.max_prepared_statements;
+        let Phase::Attached(a) = &mut self.phase else {
+            return;
+        };
+        if let Some(old) = a.conn.conn.state.prepared.insert(stmt.server_name.clone(), limit) {
+            write_target(&mut self.to_server, b'C', b'S', &old);
+            self.expect.sent(Request::Close, true, None);
+        }
+        write_parse(&mut self.to_server, &stmt.server_name, &stmt.query, &stmt.param_types);
+        self.expect
+            .sent(Request::Parse, injected, Some(stmt.server_name.clone()));
+    }
+
+    /// Prepares `stmt` on the held connection unless it is there already.
+    fn ensure_prepared(&mut self, stmt: &Statement) {
+        let held = self
+            .attached()
+            .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
+        if !held {
+            self.prepare(stmt, true);
+        }
+    }
+
+    async fn on_bind(&mut self, msg: &[u8]) -> Result<(), Exit> {
+        if !self.ensure_server(b'B').await? {
+            return Ok(());
+        }
+        let names = parse_bind_names(&msg[HEADER_LEN..]);
+        let known = match names {
+            Some((_, name, _)) if self.tracking() && !name.is_empty() => self.statements.get(name).cloned(),
+            _ => None,
+        };
+        match (names, known) {
+            (Some((portal, _, rest_at)), Some(stmt)) => {
+                self.ensure_prepared(&stmt);
+                self.apply_effects(&stmt.effects);
+                write_bind_renamed(&mut self.to_server, msg, portal, &stmt.server_name, rest_at);
+            }
+            (names, _) => {
+                if matches!(names, Some((_, "", _))) {
+                    let fx = std::mem::take(&mut self.unnamed);
+                    self.apply_effects(&fx);
+                    self.unnamed = fx;
+                }
+                self.to_server.extend_from_slice(msg);
+            }
+        }
+        self.sent(b'B', Some(Request::Bind));
+        Ok(())
+    }
+
+    /// Describe of a statement: renamed like Bind.
+    async fn on_statement_target(&mut self, msg: &[u8], tag: u8, name: String) -> Result<(), Exit> {
+        if !self.ensure_server(tag).await? {
+            return Ok(());
+        }
+        let known = if self.tracking() {
+            self.statements.get(&name).cloned()
+        } else {
+            None
+        };
+        match known {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt);
+                write_target(&mut self.to_server, tag, b'S', &stmt.server_name);
+            }
+            None => self.to_server.extend_from_slice(msg),
+        }
+        self.sent(tag, Some(Request::DescribeStatement));
+        Ok(())
+    }
+
+    /// Checks out a server connection for the client and carries its
+    /// settings over in the same write as its request. The outer error means
+    /// the client left while we flushed its pending output.
+    async fn attach(&mut self) -> Result<Result<(), CheckoutError>, Exit> {
+        // Do not hold back output the client may be waiting for while we wait for a server.
+        if !self.to_client.is_empty() {
+            self.wr.write_all(&self.to_client).await.map_err(|_| Exit::ClientLeft)?;
+            self.wr.flush().await.map_err(|_| Exit::ClientLeft)?;
+            self.to_client.clear();
+        }
+        let mut conn = match self.pool.checkout(self.shared.config.pool.checkout_timeout).await {
+            Ok(conn) => conn,
+            Err(e) => return Ok(Err(e)),
+        };
+        self.slot.set(conn.conn.cancel_key()).await;
+        if let Some(sql) = self.settings.carry_to(&mut conn.conn.state.settings) {
+            write_query(&mut self.to_server, &sql);
+            self.expect.sent(Request::Query, true, None);
+        }
+        self.phase = Phase::Attached(Attached {
+            conn,
+            unsynced: false,
+            status: TransactionStatus::Idle,
+        });
+        Ok(Ok(()))
+    }
+
+    /// The request that needed a server fails; the client stays connected.
+    fn report_checkout_failure(&mut self, tag: u8, e: &CheckoutError) {
+        tracing::warn!(error = %e, "no server connection for the client's request");
+        let code = match e {
+            CheckoutError::Timeout { .. } => SqlState::QUERY_CANCELED,
+            CheckoutError::Connect(se) => se.sqlstate(),
+        };
+        error_response(&mut self.to_client, &ErrorFields::error(code, e.to_string()));
+        match tag {
+            b'Q' | b'F' | b'S' => ready_for_query(&mut self.to_client, TransactionStatus::Idle),
+            _ => self.phase = Phase::SkipToSync,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_depend_on_text_and_types() {
+        let a = server_name("SELECT $1", &[0, 1, 0, 0, 0, 23]);
+        assert_eq!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23]));
+        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 25]));
+        assert_ne!(a, server_name("SELECT $2", &[0, 1, 0, 0, 0, 23]));
+        assert!(a.starts_with("dbp_") && a.len() == 28);
+    }
+}

@@ -1,0 +1,394 @@
+//! What a statement does to the session beyond its transaction: settings it
+//! changes (carried to whichever server connection serves the client next),
+//! session-only features that pin the client to its server connection, and
+//! commands about the client's own prepared statements that the proxy answers.
+
+use super::lexer::{Kind, Token, tokenize};
+
+/// Session-only features a client holds on its server connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins(u8);
+
+impl Pins {
+    pub const LISTEN: Pins = Pins(1);
+    pub const ADVISORY_LOCK: Pins = Pins(2);
+    pub const TEMP_TABLE: Pins = Pins(4);
+    pub const HOLD_CURSOR: Pins = Pins(8);
+    pub const SQL_PREPARE: Pins = Pins(16);
+    /// A session change the proxy cannot carry (e.g. SET SESSION CHARACTERISTICS).
+    pub const UNTRACKED: Pins = Pins(32);
+    /// Every feature (what DISCARD ALL releases).
+    pub const ALL: Pins = Pins(u8::MAX);
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn add(&mut self, other: Pins) {
+        self.0 |= other.0;
+    }
+
+    pub fn remove(&mut self, other: Pins) {
+        self.0 &= !other.0;
+    }
+
+    /// Names of the features held, for logs.
+    pub fn names(self) -> Vec<&'static str> {
+        [
+            (Self::LISTEN, "LISTEN"),
+            (Self::ADVISORY_LOCK, "advisory lock"),
+            (Self::TEMP_TABLE, "temporary table"),
+            (Self::HOLD_CURSOR, "WITH HOLD cursor"),
+            (Self::SQL_PREPARE, "SQL PREPARE"),
+            (Self::UNTRACKED, "untracked session setting"),
+        ]
+        .into_iter()
+        .filter(|(p, _)| self.0 & p.0 != 0)
+        .map(|(_, n)| n)
+        .collect()
+    }
+}
+
+/// A change to a session setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingChange {
+    /// `SET name TO value`; `value` is SQL, ready to be sent again.
+    Set {
+        name: String,
+        value: String,
+    },
+    Reset(String),
+    ResetAll,
+}
+
+/// Commands about the client's own prepared statements and session, which
+/// the proxy answers itself so they do not touch a shared server connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalCommand {
+    DeallocateAll,
+    Deallocate(String),
+    DiscardAll,
+}
+
+impl LocalCommand {
+    /// The CommandComplete tag PostgreSQL answers with.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            LocalCommand::DeallocateAll => "DEALLOCATE ALL",
+            LocalCommand::Deallocate(_) => "DEALLOCATE",
+            LocalCommand::DiscardAll => "DISCARD ALL",
+        }
+    }
+}
+
+/// Everything [`analyze`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    pub changes: Vec<SettingChange>,
+    pub pins: Pins,
+    pub unpins: Pins,
+    /// Set when the whole text is one command the proxy can answer.
+    pub local: Option<LocalCommand>,
+}
+
+impl Effects {
+    /// Nothing session-related.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.pins.is_empty() && self.unpins.is_empty() && self.local.is_none()
+    }
+}
+
+/// Quotes `s` as an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A setting name as a key: unquoted names fold to lower case.
+fn name_key(sql: &str, t: &Token) -> String {
+    match t.kind {
+        Kind::Quoted => t.text(sql).to_owned(),
+        _ => t.text(sql).to_ascii_lowercase(),
+    }
+}
+
+/// Content of a plain `'...'` literal, if the token is one.
+fn literal(sql: &str, t: &Token) -> Option<String> {
+    let text = t.text(sql);
+    let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
+    Some(inner.replace("''", "'"))
+}
+
+/// Analyses a query string (one or more statements).
+pub fn analyze(sql: &str) -> Effects {
+    let tokens = tokenize(sql);
+    let mut effects = Effects::default();
+    let statements: Vec<&[Token]> = tokens
+        .split(|t| t.is_punct(sql, b';'))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for stmt in &statements {
+        statement(sql, stmt, &mut effects, statements.len() == 1);
+    }
+    effects
+}
+
+fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
+    let word = |i: usize, kw: &str| t.get(i).is_some_and(|tok| tok.is_word(sql, kw));
+    if word(0, "set") {
+        set(sql, t, fx);
+    } else if word(0, "reset") {
+        let name = if word(1, "all") {
+            None
+        } else if word(1, "time") && word(2, "zone") {
+            Some("timezone".to_owned())
+        } else if word(1, "session") && word(2, "authorization") {
+            Some("session_authorization".to_owned())
+        } else {
+            t.get(1).map(|tok| name_key(sql, tok))
+        };
+        fx.changes
+            .push(name.map_or(SettingChange::ResetAll, SettingChange::Reset));
+    } else if word(0, "listen") {
+        fx.pins.add(Pins::LISTEN);
+    } else if word(0, "unlisten") && t.get(1).is_some_and(|tok| tok.is_punct(sql, b'*')) {
+        fx.unpins.add(Pins::LISTEN);
+    } else if word(0, "prepare") && !word(1, "transaction") {
+        fx.pins.add(Pins::SQL_PREPARE);
+    } else if word(0, "deallocate") {
+        let at = if word(1, "prepare") { 2 } else { 1 };
+        if word(at, "all") {
+            fx.unpins.add(Pins::SQL_PREPARE);
+            if alone {
+                fx.local = Some(LocalCommand::DeallocateAll);
+            }
+        } else if let (Some(name), true) = (t.get(at), alone && t.len() == at + 1) {
+            fx.local = Some(LocalCommand::Deallocate(name_key(sql, name)));
+        }
+    } else if word(0, "discard") {
+        if word(1, "all") {
+            fx.unpins = Pins::ALL;
+            if alone {
+                fx.local = Some(LocalCommand::DiscardAll);
+            }
+        } else if word(1, "temp") || word(1, "temporary") {
+            fx.unpins.add(Pins::TEMP_TABLE);
+        }
+    } else if word(0, "declare") {
+        if t.windows(2)
+            .any(|w| w[0].is_word(sql, "with") && w[1].is_word(sql, "hold"))
+        {
+            fx.pins.add(Pins::HOLD_CURSOR);
+        }
+    } else if word(0, "close") && word(1, "all") {
+        fx.unpins.add(Pins::HOLD_CURSOR);
+    } else if word(0, "create")
+        && (word(1, "temp")
+            || word(1, "temporary")
+            || ((word(1, "global") || word(1, "local")) && (word(2, "temp") || word(2, "temporary"))))
+    {
+        fx.pins.add(Pins::TEMP_TABLE);
+    }
+    if t.windows(2)
+        .any(|w| w[0].is_word(sql, "into") && (w[1].is_word(sql, "temp") || w[1].is_word(sql, "temporary")))
+    {
+        fx.pins.add(Pins::TEMP_TABLE);
+    }
+    functions(sql, t, fx);
+}
+
+/// SET in its many spellings; SET LOCAL and transaction-scoped forms change nothing lasting.
+fn set(sql: &str, t: &[Token], fx: &mut Effects) {
+    let word = |i: usize, kw: &str| t.get(i).is_some_and(|tok| tok.is_word(sql, kw));
+    let value_from = |i: usize| t.get(i).map(|tok| sql[tok.start..t[t.len() - 1].end].trim().to_owned());
+    let mut i = 1;
+    if word(1, "local") || word(1, "transaction") || word(1, "constraints") {
+        return;
+    }
+    if word(1, "session") {
+        if word(2, "characteristics") {
+            fx.pins.add(Pins::UNTRACKED);
+            return;
+        }
+        i = 2;
+    }
+    let (name, value_at) = if word(i, "time") && word(i + 1, "zone") {
+        ("timezone".to_owned(), i + 2)
+    } else if word(i, "names") {
+        ("client_encoding".to_owned(), i + 1)
+    } else if word(i, "schema") {
+        ("search_path".to_owned(), i + 1)
+    } else if word(i, "role") {
+        ("role".to_owned(), i + 1)
+    } else if word(i, "session") && word(i + 1, "authorization") {
+        ("session_authorization".to_owned(), i + 2)
+    } else {
+        // name [. name] {TO | =} value
+        let Some(first) = t.get(i) else { return };
+        if !matches!(first.kind, Kind::Word | Kind::Quoted) {
+            fx.pins.add(Pins::UNTRACKED);
+            return;
+        }
+        let mut name = name_key(sql, first);
+        let mut j = i + 1;
+        while t.get(j).is_some_and(|tok| tok.is_punct(sql, b'.')) {
+            match t.get(j + 1) {
+                Some(part) => name = format!("{name}.{}", name_key(sql, part)),
+                None => return,
+            }
+            j += 2;
+        }
+        if !(word(j, "to") || t.get(j).is_some_and(|tok| tok.is_punct(sql, b'='))) {
+            // e.g. SET x FROM CURRENT, or syntax the server will reject anyway.
+            return;
+        }
+        (name, j + 1)
+    };
+    let Some(value) = value_from(value_at) else { return };
+    let is_default = ["default", "local", "none"]
+        .iter()
+        .any(|kw| value.eq_ignore_ascii_case(kw));
+    if is_default && (name == "timezone" || name == "role" || value.eq_ignore_ascii_case("default")) {
+        fx.changes.push(SettingChange::Reset(name));
+    } else {
+        fx.changes.push(SettingChange::Set { name, value });
+    }
+}
+
+/// Function calls with session effects: advisory locks and set_config.
+fn functions(sql: &str, t: &[Token], fx: &mut Effects) {
+    for (i, tok) in t.iter().enumerate() {
+        if tok.kind != Kind::Word || !t.get(i + 1).is_some_and(|n| n.is_punct(sql, b'(')) {
+            continue;
+        }
+        let name = tok.text(sql).to_ascii_lowercase();
+        match name.as_str() {
+            "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" => {
+                fx.pins.add(Pins::ADVISORY_LOCK)
+            }
+            "pg_advisory_unlock_all" => fx.unpins.add(Pins::ADVISORY_LOCK),
+            "set_config" => set_config(sql, &t[i + 2..], fx),
+            _ => {}
+        }
+    }
+}
+
+/// `set_config('name', 'value', false)`: tracked when all three are literals.
+fn set_config(sql: &str, args: &[Token], fx: &mut Effects) {
+    let parsed = match args {
+        [name, c1, value, c2, local, close, ..]
+            if c1.is_punct(sql, b',') && c2.is_punct(sql, b',') && close.is_punct(sql, b')') =>
+        {
+            literal(sql, name).zip(literal(sql, value)).map(|(n, v)| (n, v, local))
+        }
+        _ => None,
+    };
+    match parsed {
+        Some((_, _, local)) if local.is_word(sql, "true") => {}
+        Some((name, value, local)) if local.is_word(sql, "false") => fx.changes.push(SettingChange::Set {
+            name: name.to_ascii_lowercase(),
+            value: quote_literal(&value),
+        }),
+        _ => fx.pins.add(Pins::UNTRACKED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(name: &str, value: &str) -> SettingChange {
+        SettingChange::Set {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn settings() {
+        let cases: &[(&str, Vec<SettingChange>)] = &[
+            (
+                "SET statement_timeout = '150ms'",
+                vec![set("statement_timeout", "'150ms'")],
+            ),
+            (
+                "set Search_Path to myschema, public",
+                vec![set("search_path", "myschema, public")],
+            ),
+            ("SET SESSION work_mem TO 8000", vec![set("work_mem", "8000")]),
+            ("SET TIME ZONE 'Europe/Paris'", vec![set("timezone", "'Europe/Paris'")]),
+            ("SET TIME ZONE LOCAL", vec![SettingChange::Reset("timezone".into())]),
+            ("SET NAMES 'LATIN1'", vec![set("client_encoding", "'LATIN1'")]),
+            ("SET SCHEMA 'app'", vec![set("search_path", "'app'")]),
+            ("SET myapp.user_id = 42", vec![set("myapp.user_id", "42")]),
+            ("SET \"MixedCase\" TO 1", vec![set("\"MixedCase\"", "1")]),
+            ("SET work_mem TO DEFAULT", vec![SettingChange::Reset("work_mem".into())]),
+            (
+                "RESET work_mem; RESET ALL",
+                vec![SettingChange::Reset("work_mem".into()), SettingChange::ResetAll],
+            ),
+            ("SET LOCAL work_mem = '1MB'", vec![]),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", vec![]),
+            (
+                "SELECT set_config('app.tenant', 'acme', false)",
+                vec![set("app.tenant", "'acme'")],
+            ),
+            ("SELECT set_config('app.tenant', 'acme', true)", vec![]),
+            ("SELECT 'SET x = 1', offset_col FROM t OFFSET 5", vec![]),
+            ("/* SET x = 1 */ SELECT 1", vec![]),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(&analyze(sql).changes, want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn pins_and_unpins() {
+        assert_eq!(analyze("LISTEN chan").pins, Pins::LISTEN);
+        assert_eq!(analyze("UNLISTEN *").unpins, Pins::LISTEN);
+        assert_eq!(analyze("select pg_advisory_lock(1)").pins, Pins::ADVISORY_LOCK);
+        assert!(analyze("select pg_advisory_xact_lock(1)").pins.is_empty());
+        assert_eq!(analyze("CREATE TEMP TABLE t (x int)").pins, Pins::TEMP_TABLE);
+        assert_eq!(
+            analyze("create global temporary table t (x int)").pins,
+            Pins::TEMP_TABLE
+        );
+        assert_eq!(analyze("SELECT * INTO TEMP t FROM u").pins, Pins::TEMP_TABLE);
+        assert_eq!(
+            analyze("DECLARE c CURSOR WITH HOLD FOR SELECT 1").pins,
+            Pins::HOLD_CURSOR
+        );
+        assert!(analyze("DECLARE c CURSOR FOR SELECT 1").pins.is_empty());
+        assert_eq!(analyze("PREPARE q AS SELECT 1").pins, Pins::SQL_PREPARE);
+        assert!(analyze("PREPARE TRANSACTION 'x'").pins.is_empty());
+        assert_eq!(
+            analyze("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").pins,
+            Pins::UNTRACKED
+        );
+        assert_eq!(
+            analyze("SELECT set_config(name, 'v', false) FROM t").pins,
+            Pins::UNTRACKED
+        );
+        assert!(analyze("SELECT 'LISTEN x', $$pg_advisory_lock(1)$$").is_empty());
+    }
+
+    #[test]
+    fn local_commands_only_when_alone() {
+        assert_eq!(analyze("DEALLOCATE ALL").local, Some(LocalCommand::DeallocateAll));
+        assert_eq!(
+            analyze("deallocate prepare all;").local,
+            Some(LocalCommand::DeallocateAll)
+        );
+        assert_eq!(
+            analyze("DEALLOCATE stmt1").local,
+            Some(LocalCommand::Deallocate("stmt1".into()))
+        );
+        assert_eq!(analyze("DISCARD ALL").local, Some(LocalCommand::DiscardAll));
+        assert_eq!(analyze("DISCARD ALL; SELECT 1").local, None);
+        assert_eq!(analyze("discard temp").unpins, Pins::TEMP_TABLE);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}
