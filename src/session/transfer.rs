@@ -59,6 +59,9 @@ fn whole_backend(tag: u8) -> bool {
 }
 
 /// What the client is doing, as far as server connections are concerned.
+// One per session and never moved in bulk; boxing `Attached` would cost an
+// allocation per transaction.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Phase {
     /// No server connection held.
     Idle,
