@@ -8,6 +8,7 @@
 
 mod registry;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,6 +59,9 @@ pub struct Pool {
     settings: PoolSettings,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
+    /// Server-side statement names some server of this pool accepted a Parse
+    /// for: a client's Parse of one of these can be answered without a server.
+    known_statements: Mutex<HashSet<Arc<str>>>,
     /// ParameterStatus values of the newest connection, shown to clients at login.
     server_params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
@@ -79,6 +83,7 @@ impl Pool {
             permits,
             settings,
             idle: Mutex::new(Vec::new()),
+            known_statements: Mutex::new(HashSet::new()),
             server_params: Mutex::new(None),
             stats: PoolStats::default(),
         }
@@ -88,6 +93,27 @@ impl Pool {
     /// connection was ever made.
     pub fn server_params(&self) -> Option<ServerParams> {
         self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether a server of this pool accepted this statement before.
+    pub fn knows_statement(&self, name: &str) -> bool {
+        self.known_statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// Records statements a server accepted. Bounded: a client that invents
+    /// statements without end only resets the record.
+    pub fn learn_statements(&self, names: impl IntoIterator<Item = Arc<str>>) {
+        const MAX_KNOWN: usize = 10_000;
+        let mut known = self.known_statements.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            if known.len() >= MAX_KNOWN {
+                known.clear();
+            }
+            known.insert(name);
+        }
     }
 
     /// Number of idle connections.

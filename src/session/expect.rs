@@ -89,6 +89,8 @@ pub struct Expectations {
     ready: Vec<Synthetic>,
     /// Statements whose Parse failed or was skipped.
     failed: Vec<Arc<str>>,
+    /// Statements whose Parse the server acknowledged.
+    created: Vec<Arc<str>>,
     /// In COPY IN started by Execute, before the client's CopyDone/CopyFail:
     /// the server ignores Syncs sent now.
     in_copy_in: bool,
@@ -157,6 +159,16 @@ impl Expectations {
         self.ready.drain(..)
     }
 
+    /// Whether the server acknowledged statements not yet collected.
+    pub fn has_created(&self) -> bool {
+        !self.created.is_empty()
+    }
+
+    /// Statements the server acknowledged since last asked.
+    pub fn take_created(&mut self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.created.drain(..)
+    }
+
     /// Statements the server did not create after all.
     pub fn take_failed(&mut self) -> impl Iterator<Item = Arc<str>> + '_ {
         self.failed.drain(..)
@@ -167,6 +179,7 @@ impl Expectations {
         self.queue.clear();
         self.ready.clear();
         self.failed.clear();
+        self.created.clear();
         self.in_copy_in = false;
         self.ignored_syncs = 0;
     }
@@ -191,7 +204,12 @@ impl Expectations {
         if tag == b'E' && request.skipped_after_error() {
             self.fail_until_sync();
         } else if request.completed_by(tag) {
-            self.queue.pop_front();
+            if let Some(Entry::Sent {
+                creates: Some(name), ..
+            }) = self.queue.pop_front()
+            {
+                self.created.push(name);
+            }
             self.release_synthetic();
         }
         verdict

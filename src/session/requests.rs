@@ -289,15 +289,23 @@ impl Conn<'_> {
             }
             return self.send(msg, b'P', Some(Request::Parse)).await;
         }
-        if !self.ensure_server(b'P').await? {
-            return Ok(());
-        }
         let stmt = Arc::new(Statement {
             server_name: server_name(p.query, p.param_types),
             query: p.query.into(),
             param_types: p.param_types.into(),
             effects: analyze(p.query),
         });
+        if matches!(self.phase, Phase::Idle) && self.pool.knows_statement(&stmt.server_name) {
+            // A server accepted this very statement before: no need to hold
+            // one just to hear so again (clients that prepare synchronously
+            // outside transactions would otherwise queue behind busy ones).
+            self.statements.insert(p.name.to_owned(), stmt);
+            self.expect.synthetic(Synthetic::ParseComplete);
+            return Ok(());
+        }
+        if !self.ensure_server(b'P').await? {
+            return Ok(());
+        }
         self.statements.insert(p.name.to_owned(), stmt.clone());
         let held = self
             .attached()

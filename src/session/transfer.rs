@@ -195,12 +195,16 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
 /// The settings a client's startup packet asks for: every parameter except
 /// the ones that name the connection, plus `-c name=value` items of `options`.
 fn startup_settings(params: &[(String, String)]) -> Settings {
-    let mut pairs: Vec<(String, String)> = Vec::new();
+    // Servers log in without one; a client that sent none sees an empty one, as on a direct connection.
+    let mut pairs: Vec<(String, String)> = vec![("application_name".to_owned(), String::new())];
     for (name, value) in params {
         match name.as_str() {
             "user" | "database" | "replication" => {}
             "options" => pairs.extend(parse_options(value)),
-            _ => pairs.push((name.clone(), value.clone())),
+            _ => {
+                pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+                pairs.push((name.clone(), value.clone()));
+            }
         }
     }
     Settings::from_values(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -469,6 +473,9 @@ impl Conn<'_> {
             }
             for name in self.expect.take_failed() {
                 a.conn.conn.state.prepared.remove(&name);
+            }
+            if self.expect.has_created() {
+                self.pool.learn_statements(self.expect.take_created());
             }
             let ignored = self.expect.take_ignored_syncs();
             if ignored > 0 {

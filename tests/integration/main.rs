@@ -9,3 +9,4 @@ mod pooling;
 mod protocol;
 mod raw;
 mod tls;
+mod transparency;

@@ -189,3 +189,33 @@ async fn pgbench_runs_clean_through_the_proxy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_with_50_clients_over_a_pool_of_10() {
+    let user = create_user("benchprep").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 10\ncheckout_timeout = \"30s\"")
+        .start()
+        .await;
+    let url = url(&proxy, &user);
+    let init = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", &url])
+        .output()
+        .expect("pgbench runs");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let run = Command::new("pgbench")
+        .args(["-c", "50", "-j", "2", "-t", "20", "-M", "prepared", &url])
+        .output()
+        .expect("pgbench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(
+        stdout.contains("number of transactions actually processed: 1000/1000"),
+        "{stdout}"
+    );
+}

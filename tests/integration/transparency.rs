@@ -1,0 +1,266 @@
+//! Transaction pooling the client cannot notice: named prepared statements,
+//! session settings and session-only features, with clients interleaved on
+//! small pools so each lands on different server connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_work_whatever_server_connection_serves_the_client() {
+    let user = create_user("named").await;
+    let proxy = Arc::new(
+        Setup::new(&[&user])
+            .pool("size = 3\ncheckout_timeout = \"30s\"")
+            .start()
+            .await,
+    );
+    let tasks = (0..50).map(|i: i32| {
+        let (proxy, user) = (proxy.clone(), user.clone());
+        tokio::spawn(async move {
+            let client = connect(&proxy, &user).await?;
+            let stmt = client.prepare("SELECT $1::int4 * 2, pg_backend_pid()").await?;
+            for j in 0..20 {
+                let row = client.query_one(&stmt, &[&(i + j)]).await?;
+                assert_eq!(row.get::<_, i32>(0), (i + j) * 2);
+            }
+            // Ad hoc statements: prepared, executed and closed each time.
+            for j in 0..5 {
+                let row = client
+                    .query_one("SELECT $1::text || '-' || $2::int4", &[&"k", &j])
+                    .await?;
+                assert_eq!(row.get::<_, String>(0), format!("k-{j}"));
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        })
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    let failures: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(describe(&e)),
+            Err(e) => Some(e.to_string()),
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} clients failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_statement_timeout_never_touches_another_client() {
+    let user = create_user("stmt_to").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 1\ncheckout_timeout = \"30s\"")
+        .start()
+        .await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("SET statement_timeout = '150ms'").await.unwrap();
+    let a_task = tokio::spawn(async move {
+        let mut codes = Vec::new();
+        for _ in 0..4 {
+            let err = a
+                .batch_execute("SELECT pg_sleep(0.6)")
+                .await
+                .expect_err("A's timeout applies");
+            codes.push(sqlstate(&err));
+        }
+        codes
+    });
+    let b_task = tokio::spawn(async move {
+        for _ in 0..3 {
+            b.batch_execute("SELECT pg_sleep(0.3)")
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        Ok::<_, String>(())
+    });
+    assert_eq!(a_task.await.unwrap(), ["57014"; 4]);
+    b_task
+        .await
+        .unwrap()
+        .expect("B is never cancelled by A's statement_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_path_follows_its_client_into_every_transaction() {
+    let user = create_user("spath").await;
+    let su = superuser().await;
+    su.batch_execute(&format!(
+        "CREATE SCHEMA sp_{0} AUTHORIZATION {0}; CREATE TABLE sp_{0}.only_here (v int); \
+         INSERT INTO sp_{0}.only_here VALUES (7); ALTER TABLE sp_{0}.only_here OWNER TO {0}",
+        user.name
+    ))
+    .await
+    .unwrap();
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    a.batch_execute(&format!("SET search_path TO sp_{}, public", user.name))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let v: i32 = a.query_one("SELECT v FROM only_here", &[]).await.unwrap().get(0);
+        assert_eq!(v, 7);
+        let path: String = b.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+        assert_eq!(path, "\"$user\", public", "B never sees A's search_path");
+        b.batch_execute("SET search_path TO public").await.unwrap();
+        b.batch_execute("RESET search_path").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_name_from_the_connection_string_is_what_the_server_shows() {
+    let user = create_user("appname").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let connect_as = |app: &str| {
+        let url = format!("{}?application_name={app}", url(&proxy, &user));
+        async move {
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        }
+    };
+    let reporting = connect_as("reporting").await;
+    let billing = connect_as("billing").await;
+    let plain = connect(&proxy, &user).await.unwrap();
+    let sql = "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+    for _ in 0..3 {
+        assert_eq!(
+            reporting.query_one(sql, &[]).await.unwrap().get::<_, String>(0),
+            "reporting"
+        );
+        assert_eq!(
+            billing.query_one(sql, &[]).await.unwrap().get::<_, String>(0),
+            "billing"
+        );
+        assert_eq!(plain.query_one(sql, &[]).await.unwrap().get::<_, String>(0), "");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_committed_session_level_sets_are_remembered() {
+    let user = create_user("setlocal").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let other = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("BEGIN; SET LOCAL work_mem = '5MB'; COMMIT")
+        .await
+        .unwrap();
+    other.batch_execute("SET work_mem = '9MB'").await.unwrap();
+    assert_eq!(work_mem(&a).await, "4MB", "SET LOCAL is not remembered");
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET work_mem = '6MB'").await.unwrap();
+    a.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "4MB", "a rolled-back SET is not remembered");
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "7MB", "a committed SET is remembered");
+    a.batch_execute("SELECT set_config('work_mem', '3MB', false)")
+        .await
+        .unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "3MB");
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "4MB");
+}
+
+async fn work_mem(c: &tokio_postgres::Client) -> String {
+    c.query_one("SHOW work_mem", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_and_discard_touch_only_the_clients_own_view() {
+    let user = create_user("discard").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    let stmt = a.prepare("SELECT $1::int4 + 1").await.unwrap();
+    assert_eq!(a.query_one(&stmt, &[&1i32]).await.unwrap().get::<_, i32>(0), 2);
+    b.batch_execute("DISCARD ALL").await.unwrap();
+    b.batch_execute("DEALLOCATE ALL").await.unwrap();
+    assert_eq!(a.query_one(&stmt, &[&2i32]).await.unwrap().get::<_, i32>(0), 3);
+    let err = b.batch_execute("DEALLOCATE nope").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "26000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_works_in_transaction_mode_by_pinning_the_listener() {
+    let user = create_user("listen").await;
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let (listener, mut conn) = tokio_postgres::connect(&url(&proxy, &user), NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(msg)) = messages.next().await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN dbproxy_test").await.unwrap();
+    let notifier = connect(&proxy, &user).await.unwrap();
+    for i in 0..3 {
+        notifier
+            .batch_execute(&format!("NOTIFY dbproxy_test, 'hello {i}'"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("notification arrives");
+        assert_eq!(got.as_deref(), Some(format!("hello {i}").as_str()));
+    }
+    // Session-only features keep working across statements for pinned clients.
+    let locker = connect(&proxy, &user).await.unwrap();
+    drop(notifier);
+    locker.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
+    let unlocked: bool = locker
+        .query_one("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(unlocked, "the lock was taken on the same server connection");
+    listener.batch_execute("UNLISTEN *").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_tables_and_sql_prepare_pin_and_then_work() {
+    let user = create_user("pinned").await;
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("CREATE TEMP TABLE scratch (v int)").await.unwrap();
+    a.batch_execute("INSERT INTO scratch VALUES (1), (2)").await.unwrap();
+    b.batch_execute("SELECT 1").await.unwrap();
+    let n: i64 = a.query_one("SELECT count(*) FROM scratch", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    b.batch_execute("PREPARE two AS SELECT 2").await.unwrap();
+    a.batch_execute("SELECT 1").await.unwrap();
+    let msgs = b.simple_query("EXECUTE two").await.unwrap();
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+    );
+    drop(a);
+    drop(b);
+    // Pinned clients leave reset connections behind: nobody inherits their temp table.
+    let c = connect(&proxy, &user).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..4 {
+        let err = c.query_one("SELECT count(*) FROM scratch", &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "42P01", "{}", describe(&err));
+    }
+}
