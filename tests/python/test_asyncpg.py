@@ -1,9 +1,9 @@
 """asyncpg through the proxy.
 
 asyncpg always uses the extended protocol; with its default statement cache it creates named
-prepared statements, which the session-mode proxy must pass through untouched. Against the
-transaction-mode proxy the cache is off (statement_cache_size=0) until named statements across
-transactions are supported. Plain test functions call asyncio.run (no pytest-asyncio needed).
+prepared statements, which must keep working in session mode and in transaction mode, where
+each transaction may land on another server connection. Plain test functions call asyncio.run
+(no pytest-asyncio needed).
 """
 
 import asyncio
@@ -21,7 +21,7 @@ def run(coro, timeout=30):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def concurrent_clients(dsn, cluster, **connect_kwargs):
+async def concurrent_clients(dsn, cluster, clients=CLIENTS, queries=QUERIES_PER_CLIENT, **connect_kwargs):
     """CLIENTS connections at once, each running QUERIES_PER_CLIENT parameterised queries,
     while watching that the primary never sees more app connections than the pools allow."""
     peak = 0
@@ -39,8 +39,10 @@ async def concurrent_clients(dsn, cluster, **connect_kwargs):
     async def client(i):
         conn = await asyncpg.connect(dsn, **connect_kwargs)
         try:
-            for j in range(QUERIES_PER_CLIENT):
+            for j in range(queries):
                 assert await conn.fetchval("SELECT $1::int * 1000 + $2::int", i, j) == i * 1000 + j
+            stmt = await conn.prepare("SELECT $1::text || '-' || $2::int")
+            assert await stmt.fetchval("client", i) == f"client-{i}"
         finally:
             await conn.close()
 
@@ -48,7 +50,7 @@ async def concurrent_clients(dsn, cluster, **connect_kwargs):
     monitor = await asyncpg.connect(cluster.dsn())
     watcher = asyncio.create_task(watch(monitor))
     try:
-        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
     finally:
         done.set()
         await watcher
@@ -113,7 +115,7 @@ def test_session_concurrent_clients(session_dsn, cluster):
 
 def test_transaction_mode_fetchval(tx_dsn):
     async def main():
-        conn = await asyncpg.connect(tx_dsn, statement_cache_size=0)
+        conn = await asyncpg.connect(tx_dsn)
         try:
             assert await conn.fetchval("SELECT $1::text || $2::text", "db", "proxy") == "dbproxy"
             assert await conn.fetchval("SELECT $1::int8 * 2", 21) == 42
@@ -123,8 +125,13 @@ def test_transaction_mode_fetchval(tx_dsn):
     run(main())
 
 
-def test_transaction_mode_concurrent_clients(tx_dsn, cluster):
-    # 20 clients multiplexed over 5 server connections, one transaction at a time.
+def test_transaction_mode_concurrent_clients_default_settings(tx_dsn, cluster):
+    # 40 clients with asyncpg's default statement cache multiplexed over 5 server connections.
+    run(concurrent_clients(tx_dsn, cluster, clients=40, queries=20), timeout=60)
+
+
+def test_transaction_mode_without_statement_cache(tx_dsn, cluster):
+    # The unnamed-statement path (what PgBouncer users configure today).
     run(concurrent_clients(tx_dsn, cluster, statement_cache_size=0))
 
 

@@ -17,9 +17,9 @@ def proxy(request):
 
 def connect(proxy, dsn=None, **kwargs):
     if proxy.mode == "transaction":
-        # Named prepared statements across transactions are a later issue; until the proxy
-        # supports them, keep psycopg on unnamed statements in transaction mode.
-        kwargs.setdefault("prepare_threshold", None)
+        # Prepare every statement (named, server-side) from its first use: the hardest case
+        # for transaction pooling, where each transaction may land on another server.
+        kwargs.setdefault("prepare_threshold", 0)
     return psycopg.connect(dsn or proxy.dsn(), connect_timeout=10, **kwargs)
 
 
@@ -114,3 +114,25 @@ def test_error_in_explicit_transaction(proxy):
         conn.execute("ROLLBACK")
         assert conn.info.transaction_status == TransactionStatus.IDLE
         assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_settings_follow_the_connection_across_transactions(tx_proxy):
+    """psycopg sends SET through the extended protocol inside its implicit transaction;
+    once committed, the setting follows the connection to every later transaction and never
+    reaches another connection on the same pool."""
+    with connect(tx_proxy) as a, connect(tx_proxy) as b:
+        a.execute("SET application_name = 'psy-a'")
+        a.execute("SET statement_timeout = '100ms'")
+        a.commit()
+        for _ in range(3):
+            assert a.execute("SHOW application_name").fetchone() == ("psy-a",)
+            a.commit()
+            assert b.execute("SHOW statement_timeout").fetchone() == ("0",)
+            b.execute("SELECT pg_sleep(0.2)")
+            b.commit()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                a.execute("SELECT pg_sleep(0.3)")
+            a.rollback()
+        a.execute("SET application_name = 'never-committed'")
+        a.rollback()
+        assert a.execute("SHOW application_name").fetchone() == ("psy-a",)
