@@ -129,9 +129,16 @@ impl Pool {
     /// Hands out a connection, waiting up to `wait` for a free slot (first come,
     /// first served), then reusing an idle connection or opening a new one.
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout, CheckoutError> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        // A free slot needs no timer; only waiters pay for one.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Ok(Ok(p)),
+            Err(_) => {
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                permit
+            }
+        };
         let permit = match permit {
             Ok(Ok(p)) => p,
             // The semaphore is never closed; treat it like a timeout if it were.

@@ -118,8 +118,35 @@ fn literal(sql: &str, t: &Token) -> Option<String> {
     Some(inner.replace("''", "'"))
 }
 
+/// Words whose absence proves a statement has no session effect.
+const TRIGGERS: [&[u8]; 9] = [
+    b"set",
+    b"listen",
+    b"advisory",
+    b"temp",
+    b"hold",
+    b"prepare",
+    b"deallocate",
+    b"discard",
+    b"close",
+];
+
+/// Cheap pre-check: could `sql` contain any statement with session effects?
+fn may_have_effects(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    (0..b.len()).any(|i| {
+        let first = b[i] | 0x20;
+        TRIGGERS
+            .iter()
+            .any(|w| w[0] == first && b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w))
+    })
+}
+
 /// Analyses a query string (one or more statements).
 pub fn analyze(sql: &str) -> Effects {
+    if !may_have_effects(sql) {
+        return Effects::default();
+    }
     let tokens = tokenize(sql);
     let mut effects = Effects::default();
     let statements: Vec<&[Token]> = tokens
@@ -385,6 +412,22 @@ mod tests {
         assert_eq!(analyze("DISCARD ALL").local, Some(LocalCommand::DiscardAll));
         assert_eq!(analyze("DISCARD ALL; SELECT 1").local, None);
         assert_eq!(analyze("discard temp").unpins, Pins::TEMP_TABLE);
+    }
+
+    #[test]
+    fn the_pre_check_never_hides_an_effect() {
+        assert!(!may_have_effects(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+        ));
+        for sql in [
+            "SeT x = 1",
+            "select set_config('a','b',false)",
+            "LISTEN c",
+            "discard all",
+            "RESET x",
+        ] {
+            assert!(may_have_effects(sql), "{sql}");
+        }
     }
 
     #[test]
