@@ -25,6 +25,7 @@ pub mod listener;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod router;
 pub mod server_conn;
 pub mod server_state;
 pub mod session;

@@ -17,6 +17,7 @@ use crate::auth::User;
 use crate::config::{Config, DatabaseConfig, ServerAddr};
 use crate::listener::{self, ClientGauge};
 use crate::pool::{Pool, PoolKey, PoolSettings, Pools, Role};
+use crate::router::Router;
 use crate::server_conn::LoginTarget;
 use crate::session::CancelRegistry;
 
@@ -25,6 +26,8 @@ pub struct Shared {
     pub config: Config,
     pub users: HashMap<String, Arc<User>>,
     pub databases: HashMap<String, Arc<DatabaseConfig>>,
+    /// Routing state (server health, replay positions, function volatility) per database.
+    pub routers: HashMap<String, Arc<Router>>,
     pub pools: Pools,
     pub cancels: CancelRegistry,
     pub tls: Option<TlsAcceptor>,
@@ -100,6 +103,11 @@ impl Proxy {
                 .iter()
                 .map(|d| (d.name.clone(), Arc::new(d.clone())))
                 .collect(),
+            routers: config
+                .databases
+                .iter()
+                .map(|d| (d.name.clone(), Arc::new(Router::new(d.replicas.len()))))
+                .collect(),
             pools: Pools::new(PoolSettings {
                 size: config.pool.size,
                 connect_timeout: config.pool.server_connect_timeout,
@@ -113,13 +121,27 @@ impl Proxy {
             config,
         });
         let accept = tokio::spawn(listener::accept_loop(listener, shared.clone()));
-        let maintenance = tokio::spawn(maintain(shared.clone()));
+        let mut tasks = vec![accept, tokio::spawn(maintain(shared.clone()))];
+        // Health checks log in as the first configured user.
+        if let Some(user) = shared
+            .config
+            .users
+            .first()
+            .and_then(|u| shared.users.get(&u.name))
+            .cloned()
+        {
+            for (name, db) in &shared.databases {
+                let router = shared.routers[name].clone();
+                let monitor = crate::router::health::monitor(shared.clone(), db.clone(), user.clone(), router);
+                tasks.push(tokio::spawn(monitor));
+            }
+        }
         tracing::info!(%addr, "dbproxy listening");
         Ok(Proxy {
             addr,
             shared,
             shutdown,
-            tasks: vec![accept, maintenance],
+            tasks,
         })
     }
 

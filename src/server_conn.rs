@@ -185,19 +185,42 @@ impl ServerConn {
     /// rollback) and returns the transaction status that follows it. Errors
     /// from the server make this fail: the connection is then not reusable.
     pub async fn run_discarding(&mut self, sql: &str) -> io::Result<TransactionStatus> {
+        self.simple_query(sql, false).await.map(|(status, _)| status)
+    }
+
+    /// Runs one simple query of the proxy's own (health checks, catalog
+    /// lookups) and returns its rows as text.
+    pub async fn query_rows(&mut self, sql: &str) -> io::Result<Vec<Vec<Option<String>>>> {
+        self.simple_query(sql, true).await.map(|(_, rows)| rows)
+    }
+
+    async fn simple_query(
+        &mut self,
+        sql: &str,
+        keep_rows: bool,
+    ) -> io::Result<(TransactionStatus, Vec<Vec<Option<String>>>)> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
         let mut buf = BytesMut::with_capacity(256);
         let mut failed = false;
+        let mut rows = Vec::new();
         loop {
             while let Some(msg) = Message::parse(&mut buf)? {
                 match msg {
                     Message::ErrorResponse(_) => failed = true,
+                    Message::DataRow(body) if keep_rows => {
+                        let data = body.buffer();
+                        let mut row = Vec::new();
+                        let mut ranges = body.ranges();
+                        while let Some(range) = ranges.next()? {
+                            row.push(range.map(|r| String::from_utf8_lossy(&data[r]).into_owned()));
+                        }
+                        rows.push(row);
+                    }
                     Message::ReadyForQuery(body) if buf.is_empty() => {
-                        let status = TransactionStatus::from_byte(body.status());
-                        return match status {
-                            Some(s) if !failed => Ok(s),
+                        return match TransactionStatus::from_byte(body.status()) {
+                            Some(s) if !failed => Ok((s, rows)),
                             _ => Err(io::Error::other(format!("{sql:?} failed on the server"))),
                         };
                     }

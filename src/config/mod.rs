@@ -102,6 +102,15 @@ pub struct RoutingConfig {
     pub read_write_split: bool,
     pub balance: Balance,
     pub read_your_writes: bool,
+    /// A replica lagging more than this leaves the rotation.
+    #[serde(deserialize_with = "types::duration")]
+    pub max_replica_lag: Duration,
+    /// How often each server's health and replay position are checked.
+    #[serde(deserialize_with = "types::duration")]
+    pub health_check_interval: Duration,
+    /// A check taking longer than this counts as a failure.
+    #[serde(deserialize_with = "types::duration")]
+    pub health_check_timeout: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -110,6 +119,9 @@ impl Default for RoutingConfig {
             read_write_split: true,
             balance: Balance::RoundRobin,
             read_your_writes: true,
+            max_replica_lag: Duration::from_secs(30),
+            health_check_interval: Duration::from_millis(200),
+            health_check_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -278,6 +290,8 @@ impl Config {
             ("pool.checkout_timeout", self.pool.checkout_timeout),
             ("pool.server_connect_timeout", self.pool.server_connect_timeout),
             ("pool.server_idle_timeout", self.pool.server_idle_timeout),
+            ("routing.health_check_interval", self.routing.health_check_interval),
+            ("routing.health_check_timeout", self.routing.health_check_timeout),
         ] {
             if d.is_zero() {
                 p.add(key, "must be greater than zero");

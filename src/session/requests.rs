@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use super::expect::{Request, Synthetic};
 use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
 use crate::config::PoolMode;
-use crate::pool::CheckoutError;
+use crate::pool::{CheckoutError, Role};
 use crate::protocol::backend::{ErrorFields, error_response, ready_for_query};
 use crate::protocol::extended::{
     close_complete, command_complete, parse_bind_names, parse_complete, parse_parse, parse_target, write_bind_renamed,
@@ -21,6 +21,7 @@ use crate::protocol::extended::{
 };
 use crate::protocol::framing::{HEADER_LEN, read_cstr};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
+use crate::router::{Class, WriteReason};
 use crate::sql::{Effects, LocalCommand, analyze};
 
 /// A client's named prepared statement.
@@ -33,6 +34,8 @@ pub struct Statement {
     pub param_types: Box<[u8]>,
     /// What running it does to the session.
     pub effects: Effects,
+    /// Where it may run.
+    pub class: Class,
 }
 
 /// The server-side name of a statement: a digest of its text and types.
@@ -67,6 +70,11 @@ impl Conn<'_> {
                     return Err(Exit::Fatal(ErrorFields::fatal(code, e.to_string()).with_hint(hint)));
                 }
             };
+            if self.waiting_for_replica() {
+                // A new request must not be pipelined onto a replica it may not
+                // belong on: let the replica answer, release it, then route.
+                return Ok(());
+            }
             match item {
                 Item::Whole { tag, len } => {
                     let msg = self.cbuf.split_to(len);
@@ -82,6 +90,16 @@ impl Conn<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Attached to a replica in autocommit, with answers still owed.
+    fn waiting_for_replica(&self) -> bool {
+        match &self.phase {
+            Phase::Attached(a) => {
+                a.role == Role::Replica && a.status == TransactionStatus::Idle && !a.unsynced && !self.expect.is_empty()
+            }
+            _ => false,
+        }
     }
 
     fn forward_client_bytes(&mut self, n: usize) {
@@ -127,6 +145,78 @@ impl Conn<'_> {
             }
             return Ok(());
         }
+        if self.split && matches!(self.phase, Phase::Idle) {
+            if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
+                // Which server a batch needs is known once it is complete.
+                self.staged.push((tag, msg));
+                return Ok(());
+            }
+            if !self.staged.is_empty() {
+                self.flush_staged().await?;
+            }
+        }
+        self.dispatch(tag, msg).await
+    }
+
+    /// Routes the staged batch by everything in it, then handles its messages.
+    async fn flush_staged(&mut self) -> Result<(), Exit> {
+        let staged = std::mem::take(&mut self.staged);
+        let mut class = Class::Neutral;
+        let mut needs_server = false;
+        for (tag, msg) in &staged {
+            let (c, needs) = self.staged_class(*tag, msg);
+            class = class.combine(c);
+            needs_server |= needs;
+        }
+        if needs_server && !self.ensure_server(staged[0].0, class).await? {
+            // The client has been told; the rest of the batch is skipped.
+            return Ok(());
+        }
+        for (tag, msg) in staged {
+            if matches!(self.phase, Phase::SkipToSync) {
+                break;
+            }
+            self.dispatch(tag, msg).await?;
+            self.emit_ready();
+        }
+        Ok(())
+    }
+
+    /// Where a staged message may run, and whether it needs a server at all.
+    fn staged_class(&mut self, tag: u8, msg: &[u8]) -> (Class, bool) {
+        let body = &msg[HEADER_LEN..];
+        match tag {
+            b'P' => match parse_parse(body) {
+                Some(p) => {
+                    let class = self.router.classify(p.query);
+                    if p.name.is_empty() {
+                        self.unnamed_class = class;
+                        (class, true)
+                    } else {
+                        let known = self.tracking() && self.pool.knows_statement(&server_name(p.query, p.param_types));
+                        (class, !known)
+                    }
+                }
+                None => (Class::Primary(WriteReason::ParseFallback), true),
+            },
+            b'B' => match parse_bind_names(body) {
+                Some((_, "", _)) => (self.unnamed_class, true),
+                Some((_, name, _)) => match self.statements.get(name) {
+                    Some(stmt) => (stmt.class, true),
+                    None => (Class::Primary(WriteReason::ParseFallback), true),
+                },
+                None => (Class::Primary(WriteReason::ParseFallback), true),
+            },
+            b'C' => match parse_target(body) {
+                Some((b'S', name)) if self.tracking() && !name.is_empty() => (Class::Neutral, false),
+                _ => (Class::Neutral, true),
+            },
+            _ => (Class::Neutral, true),
+        }
+    }
+
+    /// Handles one client message, routed or not.
+    async fn dispatch(&mut self, tag: u8, msg: BytesMut) -> Result<(), Exit> {
         let body = &msg[HEADER_LEN..];
         match tag {
             b'Q' => self.on_query(&msg).await,
@@ -134,7 +224,10 @@ impl Conn<'_> {
             b'B' => self.on_bind(&msg).await,
             b'D' => match parse_target(body) {
                 Some((b'S', name)) => self.on_statement_target(&msg, b'D', name.to_owned()).await,
-                _ => self.send(&msg, b'D', Some(Request::DescribePortal)).await,
+                _ => {
+                    self.send(&msg, b'D', Some(Request::DescribePortal), Class::Neutral)
+                        .await
+                }
             },
             b'C' => match parse_target(body) {
                 Some((b'S', name)) if self.tracking() && !name.is_empty() => {
@@ -143,28 +236,34 @@ impl Conn<'_> {
                     self.expect.synthetic(Synthetic::CloseComplete);
                     Ok(())
                 }
-                _ => self.send(&msg, b'C', Some(Request::Close)).await,
+                _ => self.send(&msg, b'C', Some(Request::Close), Class::Neutral).await,
             },
-            b'E' => self.send(&msg, b'E', Some(Request::Execute)).await,
-            b'S' => self.send(&msg, b'S', Some(Request::Sync)).await,
-            b'F' => self.send(&msg, b'F', Some(Request::FunctionCall)).await,
+            b'E' => self.send(&msg, b'E', Some(Request::Execute), Class::Neutral).await,
+            b'S' => self.send(&msg, b'S', Some(Request::Sync), Class::Neutral).await,
+            b'F' => {
+                let class = Class::Primary(WriteReason::VolatileFunction);
+                self.send(&msg, b'F', Some(Request::FunctionCall), class).await
+            }
             // Flush and COPY messages without a server: nothing to flush, and
             // COPY messages outside COPY are ignored, as PostgreSQL does.
             _ if matches!(self.phase, Phase::Idle) => Ok(()),
-            _ => self.send(&msg, tag, None).await,
+            _ => self.send(&msg, tag, None, Class::Neutral).await,
         }
     }
 
     /// Makes sure a server connection is held. `Ok(false)`: none could be had
     /// and the client has been told.
-    async fn ensure_server(&mut self, tag: u8) -> Result<bool, Exit> {
-        if matches!(self.phase, Phase::Attached(_)) {
+    async fn ensure_server(&mut self, tag: u8, class: Class) -> Result<bool, Exit> {
+        if let Phase::Attached(a) = &mut self.phase {
+            if a.role == Role::Primary && matches!(class, Class::Primary(_)) {
+                a.wrote = true;
+            }
             return Ok(true);
         }
         if self.draining {
             return Err(Exit::Fatal(super::transfer::shutdown_error()));
         }
-        match self.attach().await? {
+        match self.attach(class).await? {
             Ok(()) => Ok(true),
             Err(e) => {
                 self.report_checkout_failure(tag, &e);
@@ -174,13 +273,13 @@ impl Conn<'_> {
     }
 
     /// Forwards `msg` as is, expecting `request`'s answer.
-    async fn send(&mut self, msg: &[u8], tag: u8, request: Option<Request>) -> Result<(), Exit> {
+    async fn send(&mut self, msg: &[u8], tag: u8, request: Option<Request>, class: Class) -> Result<(), Exit> {
         if tag == b'S' && matches!(self.phase, Phase::Idle) {
             // A Sync with nothing before it: answer for the idle server.
             ready_for_query(&mut self.to_client, TransactionStatus::Idle);
             return Ok(());
         }
-        if !self.ensure_server(tag).await? {
+        if !self.ensure_server(tag, class).await? {
             return Ok(());
         }
         self.to_server.extend_from_slice(msg);
@@ -227,28 +326,69 @@ impl Conn<'_> {
     }
 
     async fn on_query(&mut self, msg: &[u8]) -> Result<(), Exit> {
-        let fx = match read_cstr(&msg[HEADER_LEN..]) {
-            Some((sql, _)) if self.mode == PoolMode::Transaction => analyze(sql),
+        let sql = read_cstr(&msg[HEADER_LEN..]).map(|(sql, _)| sql);
+        let fx = match sql {
+            Some(sql) if self.mode == PoolMode::Transaction => analyze(sql),
             _ => Effects::default(),
         };
         if let (Some(cmd), Phase::Idle) = (&fx.local, &self.phase) {
             self.answer_locally(cmd.clone());
             return Ok(());
         }
-        if !self.ensure_server(b'Q').await? {
+        let class = match sql {
+            Some(sql) if self.split => self.router.classify(sql),
+            _ => Class::Neutral,
+        };
+        if sql.is_some_and(crate::router::classify::is_ddl) {
+            self.router.request_refresh();
+        }
+        if !self.ensure_server(b'Q', class).await? {
             return Ok(());
         }
-        if fx.local.is_some() || fx.unpins == crate::sql::Pins::ALL {
-            // DEALLOCATE/DISCARD reaching a shared connection: its statements
-            // and settings are no longer what we think; reset it before reuse.
-            if let Some(a) = self.attached() {
-                a.conn.conn.state.dirty = true;
+        if let Some(cmd) = &fx.local {
+            // Sent while a server is held (inside a transaction or pipelined).
+            if self.forward_local_command(cmd, msg) {
+                self.sent(b'Q', Some(Request::Query));
+                return Ok(());
             }
         }
         self.apply_effects(&fx);
         self.to_server.extend_from_slice(msg);
         self.sent(b'Q', Some(Request::Query));
         Ok(())
+    }
+
+    /// A DEALLOCATE or DISCARD ALL that reaches the held server connection:
+    /// names translated to the server's, records kept true. Returns whether
+    /// it wrote the query itself.
+    fn forward_local_command(&mut self, cmd: &LocalCommand, msg: &[u8]) -> bool {
+        let Phase::Attached(a) = &mut self.phase else {
+            return false;
+        };
+        match cmd {
+            LocalCommand::Deallocate(name) => match self.statements.remove(name) {
+                Some(stmt) => {
+                    a.conn.conn.state.prepared.remove(&stmt.server_name);
+                    write_query(&mut self.to_server, &format!("DEALLOCATE \"{}\"", stmt.server_name));
+                    return true;
+                }
+                None => {}
+            },
+            LocalCommand::DeallocateAll => {
+                self.statements.clear();
+                // Whether it succeeds or not, our record of this connection is uncertain.
+                a.conn.conn.state.dirty = true;
+            }
+            LocalCommand::DiscardAll => {
+                self.statements.clear();
+                self.unnamed = Effects::default();
+                self.settings = self.startup.clone();
+                self.pins = Default::default();
+                a.conn.conn.state.dirty = true;
+            }
+        }
+        self.to_server.extend_from_slice(msg);
+        true
     }
 
     /// DEALLOCATE and DISCARD ALL outside a transaction touch only the
@@ -281,19 +421,36 @@ impl Conn<'_> {
     async fn on_parse(&mut self, msg: &[u8]) -> Result<(), Exit> {
         let Some(p) = parse_parse(&msg[HEADER_LEN..]) else {
             // Let the server judge a malformed Parse.
-            return self.send(msg, b'P', Some(Request::Parse)).await;
+            return self
+                .send(
+                    msg,
+                    b'P',
+                    Some(Request::Parse),
+                    Class::Primary(WriteReason::ParseFallback),
+                )
+                .await;
         };
+        let class = if self.split {
+            self.router.classify(p.query)
+        } else {
+            Class::Neutral
+        };
+        if crate::router::classify::is_ddl(p.query) {
+            self.router.request_refresh();
+        }
         if p.name.is_empty() || !self.tracking() {
             if p.name.is_empty() && self.mode == PoolMode::Transaction {
                 self.unnamed = analyze(p.query);
+                self.unnamed_class = class;
             }
-            return self.send(msg, b'P', Some(Request::Parse)).await;
+            return self.send(msg, b'P', Some(Request::Parse), class).await;
         }
         let stmt = Arc::new(Statement {
             server_name: server_name(p.query, p.param_types),
             query: p.query.into(),
             param_types: p.param_types.into(),
             effects: analyze(p.query),
+            class,
         });
         if matches!(self.phase, Phase::Idle) && self.pool.knows_statement(&stmt.server_name) {
             // A server accepted this very statement before: no need to hold
@@ -303,7 +460,7 @@ impl Conn<'_> {
             self.expect.synthetic(Synthetic::ParseComplete);
             return Ok(());
         }
-        if !self.ensure_server(b'P').await? {
+        if !self.ensure_server(b'P', stmt.class).await? {
             return Ok(());
         }
         self.statements.insert(p.name.to_owned(), stmt.clone());
@@ -348,14 +505,19 @@ impl Conn<'_> {
     }
 
     async fn on_bind(&mut self, msg: &[u8]) -> Result<(), Exit> {
-        if !self.ensure_server(b'B').await? {
-            return Ok(());
-        }
         let names = parse_bind_names(&msg[HEADER_LEN..]);
         let known = match names {
             Some((_, name, _)) if self.tracking() && !name.is_empty() => self.statements.get(name).cloned(),
             _ => None,
         };
+        let class = match (&names, &known) {
+            (_, Some(stmt)) => stmt.class,
+            (Some((_, "", _)), _) => self.unnamed_class,
+            _ => Class::Primary(WriteReason::ParseFallback),
+        };
+        if !self.ensure_server(b'B', class).await? {
+            return Ok(());
+        }
         match (names, known) {
             (Some((portal, _, rest_at)), Some(stmt)) => {
                 self.ensure_prepared(&stmt);
@@ -377,7 +539,7 @@ impl Conn<'_> {
 
     /// Describe of a statement: renamed like Bind.
     async fn on_statement_target(&mut self, msg: &[u8], tag: u8, name: String) -> Result<(), Exit> {
-        if !self.ensure_server(tag).await? {
+        if !self.ensure_server(tag, Class::Neutral).await? {
             return Ok(());
         }
         let known = if self.tracking() {
@@ -396,20 +558,53 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Checks out a server connection for the client and carries its
-    /// settings over in the same write as its request. The outer error means
-    /// the client left while we flushed its pending output.
-    async fn attach(&mut self) -> Result<Result<(), CheckoutError>, Exit> {
+    /// Checks out a server connection for a request of `class`: a replica
+    /// when the class allows and one is fresh enough, else the primary. A
+    /// replica that cannot be reached is taken out of rotation and the next
+    /// choice tried (nothing was sent yet). Carries the client's settings over
+    /// in the same write as its request. The outer error means the client left
+    /// while we flushed its pending output.
+    async fn attach(&mut self, class: Class) -> Result<Result<(), CheckoutError>, Exit> {
         // Do not hold back output the client may be waiting for while we wait for a server.
         if !self.to_client.is_empty() {
             self.wr.write_all(&self.to_client).await.map_err(|_| Exit::ClientLeft)?;
             self.wr.flush().await.map_err(|_| Exit::ClientLeft)?;
             self.to_client.clear();
         }
-        let mut conn = match self.pool.checkout(self.shared.config.pool.checkout_timeout).await {
-            Ok(conn) => conn,
-            Err(e) => return Ok(Err(e)),
-        };
+        let wait = self.shared.config.pool.checkout_timeout;
+        for _ in 0..=self.replica_pools.len() {
+            let replica = self.choose_replica(class);
+            let (pool, role) = match replica {
+                Some(i) => (self.replica_pools[i].clone(), Role::Replica),
+                None => (self.pool.clone(), Role::Primary),
+            };
+            match pool.checkout(wait).await {
+                Ok(conn) => {
+                    self.hold(conn, role, class).await;
+                    return Ok(Ok(()));
+                }
+                Err(CheckoutError::Connect(e)) if replica.is_some() => {
+                    tracing::warn!(error = %e, "replica unreachable; trying elsewhere");
+                    if let Some(i) = replica {
+                        self.router.replicas[i].mark_down();
+                    }
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        // Every replica failed just now; the primary is the last resort.
+        match self.pool.checkout(wait).await {
+            Ok(conn) => {
+                self.hold(conn, Role::Primary, class).await;
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Takes `conn` for the client: registers it for cancel and carries the
+    /// client's settings over, in the same write as the request that follows.
+    async fn hold(&mut self, mut conn: crate::pool::Checkout, role: Role, class: Class) {
         self.slot.set(conn.conn.cancel_key()).await;
         if let Some(sql) = self.settings.carry_to(&mut conn.conn.state.settings) {
             write_query(&mut self.to_server, &sql);
@@ -417,10 +612,32 @@ impl Conn<'_> {
         }
         self.phase = Phase::Attached(Attached {
             conn,
+            role,
+            wrote: role == Role::Primary && matches!(class, Class::Primary(_)),
             unsynced: false,
             status: TransactionStatus::Idle,
         });
-        Ok(Ok(()))
+    }
+
+    /// The replica for a request of `class`, if it may and should use one.
+    fn choose_replica(&self, class: Class) -> Option<usize> {
+        if !self.split || !class.replica_eligible() || !self.pins.is_empty() {
+            if self.split {
+                tracing::debug!(?class, "routed to the primary");
+            }
+            return None;
+        }
+        let routing = &self.shared.config.routing;
+        let mark = routing.read_your_writes.then_some(&*self.mark);
+        let pools = &self.replica_pools;
+        let active = |i: usize| pools[i].stats.active.load(std::sync::atomic::Ordering::Relaxed);
+        match self.router.pick_replica(routing.balance, mark, active) {
+            Ok(i) => Some(i),
+            Err(reason) => {
+                tracing::debug!(reason = reason.as_str(), "read routed to the primary");
+                None
+            }
+        }
     }
 
     /// The request that needed a server fails; the client stays connected.

@@ -37,6 +37,8 @@ use crate::protocol::backend::{
 use crate::protocol::extended::{close_complete, parse_complete};
 use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
+use crate::router::health::parse_lsn;
+use crate::router::{Class, Router, WriteMark};
 use crate::server_conn::ServerParams;
 use crate::server_state::Settings;
 use crate::sql::{Effects, Pins};
@@ -75,6 +77,11 @@ pub(super) enum Phase {
 
 pub(super) struct Attached {
     pub(super) conn: Checkout,
+    /// What the server is to this client's database.
+    pub(super) role: Role,
+    /// Something that may write was sent (then read-your-writes records the
+    /// primary's WAL position when the transaction ends).
+    pub(super) wrote: bool,
     /// Extended-protocol messages sent since the last Sync.
     pub(super) unsynced: bool,
     /// Status of the last ReadyForQuery.
@@ -133,6 +140,17 @@ pub(super) struct Conn<'a> {
     pub(super) tracker: Tracker,
     /// Session-only features that tie the client to its server connection.
     pub(super) pins: Pins,
+    /// Read/write splitting is on for this client.
+    pub(super) split: bool,
+    pub(super) router: Arc<Router>,
+    /// Pools of the database's replicas, in configuration order.
+    pub(super) replica_pools: Vec<Arc<Pool>>,
+    /// Where the client's last write is, for read-your-writes.
+    pub(super) mark: Arc<WriteMark>,
+    /// Extended-protocol messages held until Sync or Flush decides the server.
+    pub(super) staged: Vec<(u8, BytesMut)>,
+    /// Class of the client's last unnamed Parse.
+    pub(super) unnamed_class: Class,
 }
 
 /// Greets a logged-in client and serves it until it leaves.
@@ -145,13 +163,27 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     } = opened;
     let startup = startup_settings(&params);
     let pool = shared.pool(&db, &user, Role::Primary, &db.primary);
+    let replica_pools: Vec<Arc<Pool>> = db
+        .replicas
+        .iter()
+        .map(|a| shared.pool(&db, &user, Role::Replica, a))
+        .collect();
+    let router = shared
+        .routers
+        .get(&db.name)
+        .cloned()
+        .unwrap_or_else(|| Arc::new(Router::new(0)));
+    let split = shared.config.routing.read_write_split
+        && shared.config.pool.mode == PoolMode::Transaction
+        && !replica_pools.is_empty();
     let mut to_client = BytesMut::with_capacity(1024);
     authentication_ok(&mut to_client);
     let app_name = params
         .iter()
         .find(|(k, _)| k == "application_name")
         .map(|(_, v)| v.as_str());
-    for (name, value) in server_params(shared, &pool).await.iter() {
+    let candidates: Vec<&Arc<Pool>> = std::iter::once(&pool).chain(replica_pools.iter()).collect();
+    for (name, value) in server_params(shared, &candidates).await.iter() {
         let value = match name.as_str() {
             "application_name" => app_name.unwrap_or(""),
             _ => value.as_str(),
@@ -187,6 +219,12 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         startup,
         tracker: Tracker::default(),
         pins: Pins::default(),
+        split,
+        router,
+        replica_pools,
+        mark: Arc::new(WriteMark::default()),
+        staged: Vec::new(),
+        unnamed_class: Class::Neutral,
     };
     let exit = conn.serve().await;
     conn.finish(exit).await;
@@ -247,36 +285,48 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
 
 /// The ParameterStatus set shown at login: what the servers last reported,
 /// without needing a server at this moment once one was ever reached.
-async fn server_params(shared: &Shared, pool: &Arc<Pool>) -> ServerParams {
-    if let Some(p) = pool.server_params() {
+async fn server_params(shared: &Shared, pools: &[&Arc<Pool>]) -> ServerParams {
+    if let Some(p) = pools.iter().find_map(|p| p.server_params()) {
         return p;
     }
-    match pool.checkout(shared.config.pool.checkout_timeout).await {
-        Ok(conn) => {
-            let params = conn.conn.params.clone();
-            conn.checkin();
-            params
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no server reachable at login; reporting default parameters");
-            Arc::new(
-                [
-                    ("server_version", "15.0"),
-                    ("server_encoding", "UTF8"),
-                    ("client_encoding", "UTF8"),
-                    ("DateStyle", "ISO, MDY"),
-                    ("IntervalStyle", "postgres"),
-                    ("TimeZone", "UTC"),
-                    ("integer_datetimes", "on"),
-                    ("standard_conforming_strings", "on"),
-                    ("application_name", ""),
-                ]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            )
+    let mut last_error = None;
+    for pool in pools {
+        match pool.checkout(shared.config.pool.checkout_timeout).await {
+            Ok(conn) => {
+                let params = conn.conn.params.clone();
+                conn.checkin();
+                return params;
+            }
+            Err(e) => last_error = Some(e),
         }
     }
+    match last_error {
+        None => default_params(),
+        Some(e) => {
+            tracing::warn!(error = %e, "no server reachable at login; reporting default parameters");
+            default_params()
+        }
+    }
+}
+
+/// What a client is told at login when no server was ever reachable.
+fn default_params() -> ServerParams {
+    Arc::new(
+        [
+            ("server_version", "15.0"),
+            ("server_encoding", "UTF8"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("IntervalStyle", "postgres"),
+            ("TimeZone", "UTC"),
+            ("integer_datetimes", "on"),
+            ("standard_conforming_strings", "on"),
+            ("application_name", ""),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    )
 }
 
 pub(super) fn shutdown_error() -> ErrorFields {
@@ -519,7 +569,9 @@ impl Conn<'_> {
         if clean {
             // A client leaving while pinned leaves session state behind.
             let reset = self.mode == PoolMode::Session || !self.pins.is_empty() || a.conn.conn.state.dirty;
-            self.retire(a, reset);
+            let committed_write = a.role == Role::Primary && a.wrote && a.status == TransactionStatus::Idle;
+            let mark = (committed_write && self.shared.config.routing.read_your_writes).then(|| self.mark.clone());
+            self.retire(a, reset, mark);
         } else {
             // Closing alone would leave the backend running until it next writes.
             tracing::debug!(server = %a.conn.conn.addr, "cancelling and closing a server connection left mid-request");
@@ -528,18 +580,43 @@ impl Conn<'_> {
     }
 
     /// Returns a quiet connection to its pool, first rolling back an open
-    /// transaction and, when asked, running the reset query.
-    fn retire(&self, a: Attached, reset: bool) {
+    /// transaction and, when asked, running the reset query. With `mark`, also
+    /// reads the primary's WAL position (after the client's commit, off the
+    /// client's path) for read-your-writes.
+    fn retire(&self, a: Attached, reset: bool, mark: Option<Arc<WriteMark>>) {
         let rollback = a.status != TransactionStatus::Idle;
-        let reset = reset
-            .then(|| self.shared.config.pool.server_reset_query.clone())
-            .filter(|q| !q.is_empty());
-        if !rollback && reset.is_none() {
+        let query = self.shared.config.pool.server_reset_query.clone();
+        if reset && query.trim().is_empty() {
+            // Session state we cannot clear: nobody else may inherit it.
+            tracing::debug!(server = %a.conn.conn.addr, "closing a server connection with session state and no reset query");
+            return;
+        }
+        let reset = reset.then_some(query);
+        if !rollback && reset.is_none() && mark.is_none() {
             a.conn.checkin();
             return;
         }
         let mut conn = a.conn;
+        if let Some(m) = &mark {
+            m.begin();
+        }
         tokio::spawn(async move {
+            if let Some(m) = mark {
+                let rows =
+                    tokio::time::timeout(RETIRE_TIMEOUT, conn.conn.query_rows("SELECT pg_current_wal_lsn()")).await;
+                let lsn = match rows {
+                    Ok(Ok(rows)) => rows
+                        .first()
+                        .and_then(|r| r.first())
+                        .and_then(|v| v.as_deref())
+                        .and_then(parse_lsn),
+                    _ => None,
+                };
+                m.finish(lsn);
+                if lsn.is_none() {
+                    return; // the connection did not answer: do not reuse it
+                }
+            }
             let work = async {
                 let mut status = TransactionStatus::Idle;
                 if rollback {
@@ -547,7 +624,9 @@ impl Conn<'_> {
                 }
                 if let Some(q) = &reset {
                     status = conn.conn.run_discarding(q).await?;
-                    conn.conn.state.reset();
+                    if q.trim().trim_end_matches(';').eq_ignore_ascii_case("DISCARD ALL") {
+                        conn.conn.state.reset();
+                    }
                 }
                 Ok::<_, io::Error>(status)
             };

@@ -151,8 +151,15 @@ async fn idle_server_connections_killed_behind_our_back_are_replaced_unseen() {
     let before: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
     let su = superuser().await;
     su.execute("SELECT pg_terminate_backend($1)", &[&before]).await.unwrap();
-    let name = user.name.clone();
-    assert!(eventually(Duration::from_secs(5), || async { backends(&name, None).await == 0 }).await);
+    let gone = || async {
+        let n: i64 = su
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&before])
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    };
+    assert!(eventually(Duration::from_secs(5), gone).await);
     let after: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await

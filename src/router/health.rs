@@ -1,0 +1,204 @@
+//! Health and replication position of each server, kept current by one
+//! monitor task per database, using connections from the pools (so they count
+//! towards `pool.size`). A replica that refuses connections, errors or lags
+//! more than `routing.max_replica_lag` leaves the rotation at the next check;
+//! it rejoins by itself once a check succeeds again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Router, Volatility};
+use crate::auth::User;
+use crate::config::DatabaseConfig;
+use crate::pool::{CheckoutError, Pool, Role};
+use crate::proxy::Shared;
+
+/// How often the function catalog is re-read without a reason to.
+const FUNCTION_REFRESH: Duration = Duration::from_secs(60);
+
+/// What the monitor last learnt about one server.
+#[derive(Debug, Default)]
+pub struct ServerHealth {
+    pub(super) healthy: AtomicBool,
+    /// WAL position: replayed (replica) or written (primary).
+    pub(super) lsn: AtomicU64,
+    /// Replication lag, in milliseconds (0 for the primary).
+    lag_ms: AtomicU64,
+}
+
+impl ServerHealth {
+    /// In rotation.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Last known WAL position.
+    pub fn lsn(&self) -> u64 {
+        self.lsn.load(Ordering::Acquire)
+    }
+
+    /// Last known lag.
+    pub fn lag(&self) -> Duration {
+        Duration::from_millis(self.lag_ms.load(Ordering::Relaxed))
+    }
+
+    /// Takes the server out of rotation (a connection to it just failed).
+    pub fn mark_down(&self) {
+        self.healthy.store(false, Ordering::Release);
+    }
+}
+
+/// Parses a `pg_lsn` ("16/B374D848").
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+const CHECK_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     COALESCE((EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0)";
+
+/// One check: `Some((lsn, ms since the last replayed transaction))`, or
+/// `None` if the server failed. `Err(())` when the pool is busy: no verdict.
+async fn check(pool: &Arc<Pool>, timeout: Duration) -> Result<Option<(u64, u64)>, ()> {
+    let work = async {
+        let mut conn = match pool.checkout(timeout).await {
+            Ok(c) => c,
+            Err(CheckoutError::Timeout { .. }) => return Err(()),
+            Err(CheckoutError::Connect(e)) => {
+                tracing::debug!(error = %e, "health check: cannot connect");
+                return Ok(None);
+            }
+        };
+        match conn.conn.query_rows(CHECK_SQL).await {
+            Ok(rows) => {
+                let row = rows.first();
+                let field = |i: usize| row.and_then(|r| r.get(i)).and_then(|v| v.as_deref());
+                let lsn = field(0).and_then(parse_lsn).unwrap_or(0);
+                let since = field(1).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0).max(0) as u64;
+                conn.checkin();
+                Ok(Some((lsn, since)))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "health check query failed");
+                Ok(None)
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work).await.unwrap_or(Ok(None))
+}
+
+/// Watches the servers of `db` for as long as the proxy runs.
+pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<User>, router: Arc<Router>) {
+    let routing = &shared.config.routing;
+    let (interval, timeout, max_lag) = (
+        routing.health_check_interval,
+        routing.health_check_timeout,
+        routing.max_replica_lag,
+    );
+    let primary = shared.pool(&db, &user, Role::Primary, &db.primary);
+    let replicas: Vec<Arc<Pool>> = db
+        .replicas
+        .iter()
+        .map(|a| shared.pool(&db, &user, Role::Replica, a))
+        .collect();
+    let mut functions_loaded: Option<Instant> = None;
+    loop {
+        let primary_lsn = match check(&primary, timeout).await {
+            Ok(Some((lsn, _))) => {
+                set(&router.primary, true, lsn, 0, &db.primary.to_string());
+                Some(lsn)
+            }
+            Ok(None) => {
+                set(&router.primary, false, router.primary.lsn(), 0, &db.primary.to_string());
+                None
+            }
+            Err(()) => None,
+        };
+        for (i, pool) in replicas.iter().enumerate() {
+            let health = &router.replicas[i];
+            let name = db.replicas[i].to_string();
+            match check(pool, timeout).await {
+                Ok(Some((lsn, since_ms))) => {
+                    // Caught up, or the primary is unknown: no lag to hold against it.
+                    let lag_ms = match primary_lsn {
+                        Some(p) if lsn < p => since_ms,
+                        _ => 0,
+                    };
+                    let ok = Duration::from_millis(lag_ms) <= max_lag;
+                    set(health, ok, lsn, lag_ms, &name);
+                }
+                Ok(None) => set(
+                    health,
+                    false,
+                    health.lsn(),
+                    health.lag_ms.load(Ordering::Relaxed),
+                    &name,
+                ),
+                Err(()) => {}
+            }
+        }
+        let due = functions_loaded.is_none_or(|t| t.elapsed() > FUNCTION_REFRESH) || router.take_refresh_request();
+        if due && load_functions(&router, std::iter::once(&primary).chain(replicas.iter()), timeout).await {
+            functions_loaded = Some(Instant::now());
+        }
+        router.wait_for_next_check(interval).await;
+    }
+}
+
+fn set(health: &ServerHealth, healthy: bool, lsn: u64, lag_ms: u64, name: &str) {
+    let was = health.healthy.swap(healthy, Ordering::AcqRel);
+    health.lsn.store(lsn, Ordering::Release);
+    health.lag_ms.store(lag_ms, Ordering::Relaxed);
+    if was != healthy {
+        if healthy {
+            tracing::info!(server = name, "server back in rotation");
+        } else {
+            tracing::warn!(server = name, lag_ms, "server out of rotation");
+        }
+    }
+}
+
+/// Reads function volatility from the first server that answers.
+async fn load_functions<'a>(router: &Router, pools: impl Iterator<Item = &'a Arc<Pool>>, timeout: Duration) -> bool {
+    const SQL: &str = "SELECT proname, max(provolatile::text) FROM pg_proc GROUP BY proname";
+    for pool in pools {
+        let Ok(Ok(mut conn)) = tokio::time::timeout(timeout, pool.checkout(timeout)).await else {
+            continue;
+        };
+        let Ok(Ok(rows)) = tokio::time::timeout(timeout, conn.conn.query_rows(SQL)).await else {
+            continue;
+        };
+        conn.checkin();
+        let map: HashMap<String, Volatility> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut r = r.into_iter();
+                let name = r.next()??;
+                let v = match r.next()??.as_str() {
+                    "i" => Volatility::Immutable,
+                    "s" => Volatility::Stable,
+                    _ => Volatility::Volatile,
+                };
+                Some((name, v))
+            })
+            .collect();
+        tracing::debug!(functions = map.len(), "function volatility loaded");
+        router.set_functions(map);
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_parsing() {
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
+        assert_eq!(parse_lsn("x"), None);
+    }
+}

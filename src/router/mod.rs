@@ -1,0 +1,222 @@
+//! Read/write splitting: classify each statement (`classify`), know which
+//! servers are healthy and how far replicas have replayed (`health`), and
+//! choose a server for a client's next transaction (`Router::choose`).
+
+pub mod classify;
+pub mod health;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+pub use classify::{Class, Volatility, WriteReason, classify};
+pub use health::ServerHealth;
+
+use crate::config::Balance;
+
+/// Why a statement went where it went (logged, and counted in metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A read on a replica.
+    Read,
+    /// A read-only transaction on a replica.
+    ReadOnlyTransaction,
+    /// The primary, because of the statement.
+    Statement(WriteReason),
+    /// A read on the primary: no replica has replayed the client's last write.
+    ReadYourWrites,
+    /// A read on the primary: no replica is in rotation.
+    NoHealthyReplica,
+    /// Splitting is off, or the client is pinned.
+    Primary,
+}
+
+impl Reason {
+    /// Label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Read => "read",
+            Reason::ReadOnlyTransaction => "read_only_transaction",
+            Reason::Statement(r) => r.as_str(),
+            Reason::ReadYourWrites => "read_your_writes",
+            Reason::NoHealthyReplica => "no_healthy_replica",
+            Reason::Primary => "primary",
+        }
+    }
+}
+
+/// Read-your-writes state of one client.
+#[derive(Debug, Default)]
+pub struct WriteMark {
+    /// Primary WAL position after the client's last committed write.
+    lsn: AtomicU64,
+    /// Writes whose position is still being read.
+    pending: AtomicUsize,
+}
+
+impl WriteMark {
+    /// A write committed; its position is being read.
+    pub fn begin(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The position of that write (or `None` if it could not be read).
+    pub fn finish(&self, lsn: Option<u64>) {
+        match lsn {
+            Some(lsn) => {
+                self.lsn.fetch_max(lsn, Ordering::AcqRel);
+            }
+            // Unknown position: be safe until the next write is measured.
+            None => {
+                self.lsn.store(u64::MAX, Ordering::Release);
+            }
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Routing state of one database.
+#[derive(Debug)]
+pub struct Router {
+    pub primary: Arc<ServerHealth>,
+    pub replicas: Vec<Arc<ServerHealth>>,
+    next: AtomicUsize,
+    functions: RwLock<HashMap<String, Volatility>>,
+    refresh: Notify,
+    refresh_requested: std::sync::atomic::AtomicBool,
+}
+
+impl Router {
+    /// A router for a primary and `replicas` replicas, none checked yet.
+    pub fn new(replicas: usize) -> Router {
+        Router {
+            primary: Arc::new(ServerHealth::default()),
+            replicas: (0..replicas).map(|_| Arc::new(ServerHealth::default())).collect(),
+            next: AtomicUsize::new(0),
+            functions: RwLock::new(HashMap::new()),
+            refresh: Notify::new(),
+            refresh_requested: Default::default(),
+        }
+    }
+
+    /// Classifies `sql` with what is known of function volatility.
+    pub fn classify(&self, sql: &str) -> Class {
+        let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
+        classify(sql, &|name| functions.get(name).copied())
+    }
+
+    fn set_functions(&self, map: HashMap<String, Volatility>) {
+        *self.functions.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// DDL went by: re-read function volatility soon.
+    pub fn request_refresh(&self) {
+        self.refresh_requested.store(true, Ordering::Release);
+        self.refresh.notify_one();
+    }
+
+    fn take_refresh_request(&self) -> bool {
+        self.refresh_requested.swap(false, Ordering::AcqRel)
+    }
+
+    async fn wait_for_next_check(&self, interval: Duration) {
+        let _ = tokio::time::timeout(interval, self.refresh.notified()).await;
+    }
+
+    /// Picks a replica for a read that must see `mark`, or says why not.
+    /// `active(i)` is the number of connections replica `i` serves now.
+    pub fn pick_replica(
+        &self,
+        balance: Balance,
+        mark: Option<&WriteMark>,
+        active: impl Fn(usize) -> usize,
+    ) -> Result<usize, Reason> {
+        let n = self.replicas.len();
+        if n == 0 {
+            return Err(Reason::NoHealthyReplica);
+        }
+        let min_lsn = match mark {
+            Some(m) if m.pending.load(Ordering::Acquire) > 0 => return Err(Reason::ReadYourWrites),
+            Some(m) => m.lsn.load(Ordering::Acquire),
+            None => 0,
+        };
+        let healthy: Vec<usize> = (0..n).filter(|&i| self.replicas[i].is_healthy()).collect();
+        if healthy.is_empty() {
+            return Err(Reason::NoHealthyReplica);
+        }
+        let fresh: Vec<usize> = healthy
+            .into_iter()
+            .filter(|&i| self.replicas[i].lsn() >= min_lsn)
+            .collect();
+        if fresh.is_empty() {
+            return Err(Reason::ReadYourWrites);
+        }
+        Ok(match balance {
+            Balance::RoundRobin => fresh[self.next.fetch_add(1, Ordering::Relaxed) % fresh.len()],
+            Balance::LeastConnections => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                // Ties rotate, so equal replicas share the load.
+                (0..fresh.len())
+                    .map(|k| fresh[(start + k) % fresh.len()])
+                    .min_by_key(|&i| active(i))
+                    .unwrap_or(fresh[0])
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(healthy: &[(bool, u64)]) -> Router {
+        let r = Router::new(healthy.len());
+        for (h, (ok, lsn)) in r.replicas.iter().zip(healthy) {
+            h.healthy.store(*ok, Ordering::Relaxed);
+            h.lsn.store(*lsn, Ordering::Relaxed);
+        }
+        r
+    }
+
+    #[test]
+    fn round_robin_rotates_over_healthy_replicas() {
+        let r = router(&[(true, 10), (false, 10), (true, 10)]);
+        let picks: Vec<usize> = (0..4)
+            .map(|_| r.pick_replica(Balance::RoundRobin, None, |_| 0).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn read_your_writes_needs_a_replica_that_replayed_the_write() {
+        let r = router(&[(true, 10), (true, 20)]);
+        let mark = WriteMark::default();
+        mark.begin();
+        assert_eq!(
+            r.pick_replica(Balance::RoundRobin, Some(&mark), |_| 0),
+            Err(Reason::ReadYourWrites)
+        );
+        mark.finish(Some(15));
+        assert_eq!(r.pick_replica(Balance::RoundRobin, Some(&mark), |_| 0), Ok(1));
+        mark.begin();
+        mark.finish(Some(30));
+        assert_eq!(
+            r.pick_replica(Balance::RoundRobin, Some(&mark), |_| 0),
+            Err(Reason::ReadYourWrites)
+        );
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idlest() {
+        let r = router(&[(true, 0), (true, 0), (true, 0)]);
+        let active = [5, 1, 3];
+        assert_eq!(r.pick_replica(Balance::LeastConnections, None, |i| active[i]), Ok(1));
+        assert_eq!(
+            router(&[(false, 0)]).pick_replica(Balance::RoundRobin, None, |_| 0),
+            Err(Reason::NoHealthyReplica)
+        );
+    }
+}
