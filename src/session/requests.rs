@@ -366,14 +366,13 @@ impl Conn<'_> {
             return false;
         };
         match cmd {
-            LocalCommand::Deallocate(name) => match self.statements.remove(name) {
-                Some(stmt) => {
+            LocalCommand::Deallocate(name) => {
+                if let Some(stmt) = self.statements.remove(name) {
                     a.conn.conn.state.prepared.remove(&stmt.server_name);
                     write_query(&mut self.to_server, &format!("DEALLOCATE \"{}\"", stmt.server_name));
                     return true;
                 }
-                None => {}
-            },
+            }
             LocalCommand::DeallocateAll => {
                 self.statements.clear();
                 // Whether it succeeds or not, our record of this connection is uncertain.
