@@ -161,6 +161,16 @@ pub fn is_ddl(sql: &str) -> bool {
         .any(|kw| start.len() >= kw.len() && start[..kw.len()].eq_ignore_ascii_case(kw))
 }
 
+/// Functions `pg_proc` calls stable that still cannot run on a standby.
+const PRIMARY_ONLY: &[&str] = &[
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_current_wal_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn",
+    "pg_export_snapshot",
+];
+
 /// Classifies a query string (one or more statements). `volatility` looks up
 /// a function by name; `None` means unknown, which counts as volatile.
 pub fn classify(sql: &str, volatility: &dyn Fn(&str) -> Option<Volatility>) -> Class {
@@ -272,6 +282,9 @@ fn query(sql: &str, t: &[Token], volatility: &dyn Fn(&str) -> Option<Volatility>
             if CONSTRUCTS.contains(&name.as_str()) {
                 continue;
             }
+            if PRIMARY_ONLY.contains(&name.as_str()) {
+                return Class::Primary(WriteReason::VolatileFunction);
+            }
             match volatility(&name) {
                 Some(Volatility::Immutable | Volatility::Stable) => {}
                 Some(Volatility::Volatile) | None => class = Class::Primary(WriteReason::VolatileFunction),
@@ -290,9 +303,10 @@ mod tests {
             "count" | "sum" | "lower" | "upper" | "length" | "abs" | "varchar" | "numeric" | "unnest" => {
                 Some(Volatility::Immutable)
             }
-            "now" | "current_setting" | "to_char" => Some(Volatility::Stable),
-            "nextval" | "setval" | "random" | "pg_advisory_lock" | "txid_current" | "pg_notify" | "pg_sleep"
-            | "insert_audit" => Some(Volatility::Volatile),
+            "now" | "current_setting" | "to_char" | "txid_current" => Some(Volatility::Stable),
+            "nextval" | "setval" | "random" | "pg_advisory_lock" | "pg_notify" | "pg_sleep" | "insert_audit" => {
+                Some(Volatility::Volatile)
+            }
             _ => None,
         }
     }

@@ -1,5 +1,7 @@
 //! Test harness: the shared cluster, per-test roles, and proxies built from
-//! TOML text exactly as a user would write it.
+//! TOML text exactly as a user would write it. Shared by the test binaries,
+//! which each use part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,8 +14,33 @@ use tokio_postgres::{Client, NoTls};
 
 /// The PostgreSQL primary and replicas shared by every test in this binary.
 pub struct Cluster {
+    pub dir: PathBuf,
     pub primary: u16,
     pub replicas: Vec<u16>,
+}
+
+impl Cluster {
+    /// Stops a node (`primary`, `replica1`, `replica2`) at once, like a crash.
+    pub fn stop_node(&self, node: &str) {
+        self.node("stop-node", node);
+    }
+
+    /// Starts a stopped node again.
+    pub fn start_node(&self, node: &str) {
+        self.node("start-node", node);
+    }
+
+    fn node(&self, action: &str, node: &str) {
+        let out = Command::new(repo_root().join("scripts/pg-cluster.sh"))
+            .args([action.as_ref(), self.dir.as_os_str(), node.as_ref()])
+            .output()
+            .expect("scripts/pg-cluster.sh runs");
+        assert!(
+            out.status.success(),
+            "{action} {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 pub fn repo_root() -> &'static Path {
@@ -46,6 +73,7 @@ pub fn cluster() -> &'static Cluster {
                 .to_owned()
         };
         Cluster {
+            dir,
             primary: get("PRIMARY_PORT").parse().expect("port"),
             replicas: get("REPLICA_PORTS")
                 .split(',')
@@ -130,6 +158,8 @@ pub struct Setup {
     /// `[tls]` certificate and key.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub listen: String,
+    /// Lines of the `[routing]` section.
+    pub routing: String,
 }
 
 impl Setup {
@@ -141,6 +171,7 @@ impl Setup {
             primary: None,
             tls: None,
             listen: "127.0.0.1:0".to_owned(),
+            routing: "read_write_split = false".to_owned(),
         }
     }
 
@@ -157,10 +188,11 @@ impl Setup {
             .unwrap_or_else(|| format!("127.0.0.1:{}", c.primary));
         let replicas: Vec<String> = c.replicas.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
         let mut text = format!(
-            "[proxy]\nlisten = \"{}\"\n{}\n\n[pool]\n{}\n\n[routing]\nread_write_split = false\n\n[[databases]]\nname = \"appdb\"\nprimary = \"{primary}\"\nreplicas = [{}]\n",
+            "[proxy]\nlisten = \"{}\"\n{}\n\n[pool]\n{}\n\n[routing]\n{}\n\n[[databases]]\nname = \"appdb\"\nprimary = \"{primary}\"\nreplicas = [{}]\n",
             self.listen,
             self.proxy,
             self.pool,
+            self.routing,
             replicas.join(", ")
         );
         if let Some((cert, key)) = &self.tls {

@@ -1,0 +1,350 @@
+//! Read/write splitting against a real primary and two streaming replicas of
+//! this binary's own, so servers can be stopped and delayed without
+//! disturbing other tests. Which server answered is read from `pg_settings`.
+
+#[path = "../integration/harness.rs"]
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use harness::*;
+use tokio::sync::RwLock;
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+
+/// Tests that stop or delay servers run alone.
+static DISRUPTION: RwLock<()> = RwLock::const_new(());
+
+const PORT_SQL: &str = "SELECT setting FROM pg_settings WHERE name = 'port'";
+
+fn split_setup(user: &TestUser) -> Setup {
+    let mut setup = Setup::new(&[user]);
+    setup.routing = "read_write_split = true\nhealth_check_interval = \"100ms\"".to_owned();
+    setup
+}
+
+async fn port_of(client: &Client, sql: &str) -> u16 {
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql} returned no port"))
+}
+
+/// Waits until the monitor has put both replicas in rotation.
+async fn replicas_ready(client: &Client) {
+    let want: BTreeSet<u16> = cluster().replicas.iter().copied().collect();
+    let mut seen = BTreeSet::new();
+    let start = Instant::now();
+    while seen != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "replicas never served reads (saw {seen:?})"
+        );
+        let p = port_of(client, PORT_SQL).await;
+        if want.contains(&p) {
+            seen.insert(p);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_parameterised_reads_alternate_between_the_replicas() {
+    let _shared = DISRUPTION.read().await;
+    let user = create_user("rr").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    replicas_ready(&client).await;
+    let replicas: BTreeSet<u16> = cluster().replicas.iter().copied().collect();
+    let mut simple = Vec::new();
+    for _ in 0..6 {
+        simple.push(port_of(&client, PORT_SQL).await);
+    }
+    assert!(simple.iter().all(|p| replicas.contains(p)), "{simple:?}");
+    assert!(
+        simple.windows(2).all(|w| w[0] != w[1]),
+        "round robin alternates: {simple:?}"
+    );
+    let stmt = client
+        .prepare("SELECT setting::int4 FROM pg_settings WHERE name = $1")
+        .await
+        .unwrap();
+    let mut extended = Vec::new();
+    for _ in 0..6 {
+        let row = client.query_one(&stmt, &[&"port"]).await.unwrap();
+        extended.push(row.get::<_, i32>(0) as u16);
+        let rows = client.query_typed(PORT_SQL, &[]).await.unwrap();
+        extended.push(rows[0].get::<_, String>(0).parse().unwrap());
+    }
+    assert!(extended.iter().all(|p| replicas.contains(p)), "{extended:?}");
+    assert_eq!(extended.iter().collect::<BTreeSet<_>>().len(), 2, "{extended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_write_reaches_the_primary() {
+    let _shared = DISRUPTION.read().await;
+    let user = create_user("writes").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE w (id serial primary key, v int); CREATE SEQUENCE s; \
+             CREATE FUNCTION audit_insert() RETURNS int VOLATILE LANGUAGE sql AS 'INSERT INTO w (v) VALUES (0) RETURNING 1';",
+        )
+        .await
+        .unwrap();
+    replicas_ready(&client).await;
+    let primary = cluster().primary;
+    let port = "(SELECT setting FROM pg_settings WHERE name = 'port')";
+    let cases = [
+        format!("INSERT INTO w (v) VALUES (1) RETURNING {port}"),
+        format!("UPDATE w SET v = v + 1 WHERE id = 1 RETURNING {port}"),
+        format!("DELETE FROM w WHERE v = -1 RETURNING {port}; SELECT {port}"),
+        format!("SELECT {port} FROM w LIMIT 1 FOR UPDATE"),
+        format!("select {port} from w limit 1 for   share"),
+        format!("WITH ins AS (INSERT INTO w (v) VALUES (2) RETURNING id) SELECT {port} FROM ins"),
+        format!("SELECT nextval('s'), {port}"),
+        format!("SELECT pg_advisory_xact_lock(7), {port}"),
+        format!("SELECT txid_current(), {port}"),
+        format!("SELECT audit_insert(), {port}"),
+        format!("SELECT random(), {port}"),
+    ];
+    for sql in &cases {
+        for _ in 0..3 {
+            let rows = client
+                .simple_query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+            let got: Vec<u16> = rows
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(r.len() - 1).and_then(|v| v.parse().ok()),
+                    _ => None,
+                })
+                .collect();
+            assert!(
+                !got.is_empty() && got.iter().all(|&p| p == primary),
+                "{sql} ran on {got:?}"
+            );
+        }
+    }
+    // Parameterised writes through the extended protocol.
+    for i in 0..3 {
+        let rows = client
+            .query_typed(
+                &format!("INSERT INTO w (v) VALUES ($1) RETURNING {port}"),
+                &[(&i, Type::INT4)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows[0].get::<_, String>(0).parse::<u16>().unwrap(), primary);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_stay_on_one_server() {
+    let _shared = DISRUPTION.read().await;
+    let user = create_user("tx").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    client.batch_execute("CREATE TABLE tx_t (v int)").await.unwrap();
+    replicas_ready(&client).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        port_of(&client, PORT_SQL).await,
+        cluster().primary,
+        "a read-write transaction starts on the primary"
+    );
+    client.batch_execute("INSERT INTO tx_t VALUES (1)").await.unwrap();
+    let n: i64 = client.query_one("SELECT count(*) FROM tx_t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1, "the transaction sees its own insert");
+    client.batch_execute("COMMIT").await.unwrap();
+
+    // A client that has not written (this one just did, so read-your-writes
+    // would rightly keep it on the primary until the replicas catch up).
+    let reader = connect(&proxy, &user).await.unwrap();
+    reader.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let a = port_of(&reader, PORT_SQL).await;
+    let b = port_of(&reader, PORT_SQL).await;
+    reader.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(a, b);
+    assert!(
+        cluster().replicas.contains(&a),
+        "a read-only transaction may run on a replica"
+    );
+
+    // A pipelined batch with a read and then a write runs where the write can.
+    let (p1, p2) = tokio::join!(
+        client.query_typed(PORT_SQL, &[]),
+        client.query_typed("INSERT INTO tx_t VALUES (2) RETURNING 1", &[])
+    );
+    p1.unwrap();
+    p2.expect("a write pipelined behind a read never lands on a replica");
+}
+
+/// Sets `recovery_min_apply_delay` on both replicas.
+async fn replica_delay(ms: u64) {
+    let c = cluster();
+    for (i, port) in c.replicas.iter().enumerate() {
+        let conf = c.dir.join(format!("replica{}", i + 1)).join("postgresql.auto.conf");
+        let text = std::fs::read_to_string(&conf).unwrap_or_default();
+        let mut lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("recovery_min_apply_delay"))
+            .collect();
+        let line = format!("recovery_min_apply_delay = '{ms}ms'");
+        lines.push(&line);
+        std::fs::write(&conf, lines.join("\n") + "\n").unwrap();
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=appdb"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_always_reads_its_own_writes_even_from_lagging_replicas() {
+    let _alone = DISRUPTION.write().await;
+    let user = create_user("ryw").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    client.batch_execute("CREATE TABLE ryw_t (id int)").await.unwrap();
+    replicas_ready(&client).await;
+    replica_delay(1500).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        client.execute("INSERT INTO ryw_t VALUES ($1)", &[&i]).await.unwrap();
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM ryw_t WHERE id = $1", &[&i])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "write {i} is visible to the same client's next read");
+    }
+    // Another client, which wrote nothing, may read from the (lagging) replicas meanwhile.
+    replica_delay(0).await;
+    let start = Instant::now();
+    loop {
+        let p = port_of(&client, PORT_SQL).await;
+        if cluster().replicas.contains(&p) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "reads never returned to the replicas"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "reads back on replicas {:?} after the replicas caught up",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replica_leaves_rotation_and_comes_back() {
+    let _alone = DISRUPTION.write().await;
+    let user = create_user("repl_down").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    replicas_ready(&client).await;
+    let c = cluster();
+    let (mut ok, mut failed) = (0, 0);
+    let start = Instant::now();
+    let mut stopped = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        if !stopped && start.elapsed() > Duration::from_millis(500) {
+            c.stop_node("replica1");
+            stopped = true;
+        }
+        match client.simple_query(PORT_SQL).await {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(
+        failed <= 1,
+        "{failed} reads failed while a replica stopped ({ok} succeeded)"
+    );
+    let survivors: BTreeSet<u16> = {
+        let mut s = BTreeSet::new();
+        for _ in 0..6 {
+            s.insert(port_of(&client, PORT_SQL).await);
+        }
+        s
+    };
+    assert!(!survivors.contains(&c.replicas[0]), "{survivors:?}");
+    c.start_node("replica1");
+    let back = Instant::now();
+    loop {
+        if port_of(&client, PORT_SQL).await == c.replicas[0] {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(15), "the replica never rejoined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "replica rejoined {:?} after restart; {failed} of {} reads failed",
+        back.elapsed(),
+        ok + failed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_down_reads_work_and_writes_fail_clearly_then_recover() {
+    let _alone = DISRUPTION.write().await;
+    let user = create_user("prim_down").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    client.batch_execute("CREATE TABLE pd (v int)").await.unwrap();
+    replicas_ready(&client).await;
+    let c = cluster();
+    c.stop_node("primary");
+    let result = async {
+        // Reads keep working on the replicas, for old and new clients.
+        for _ in 0..4 {
+            assert!(c.replicas.contains(&port_of(&client, PORT_SQL).await));
+        }
+        let fresh = connect(&proxy, &user).await.expect("login works with the primary down");
+        assert!(c.replicas.contains(&port_of(&fresh, PORT_SQL).await));
+        let started = Instant::now();
+        let err = client
+            .batch_execute("INSERT INTO pd VALUES (1)")
+            .await
+            .expect_err("no primary");
+        assert!(started.elapsed() < Duration::from_secs(3), "writes fail quickly");
+        assert!(sqlstate(&err).starts_with("08"), "{}", describe(&err));
+        assert!(describe(&err).contains(&c.primary.to_string()), "{}", describe(&err));
+    };
+    // Restart the primary whatever happened, then report.
+    let outcome = std::panic::AssertUnwindSafe(result).catch_unwind().await;
+    c.start_node("primary");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    let back = Instant::now();
+    loop {
+        match client.batch_execute("INSERT INTO pd VALUES (2)").await {
+            Ok(()) => break,
+            Err(e) => assert!(
+                back.elapsed() < Duration::from_secs(15),
+                "writes never recovered: {}",
+                describe(&e)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("writes recovered {:?} after the primary restarted", back.elapsed());
+}
