@@ -57,8 +57,8 @@ impl Prepared {
     }
 }
 
-/// Session settings as `name -> SQL value`, with a fingerprint so two sets
-/// compare in O(1) on the hot path.
+/// Session settings as `name -> statement that sets it`, with a fingerprint
+/// so two sets compare in O(1) on the hot path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     values: BTreeMap<String, String>,
@@ -67,12 +67,13 @@ pub struct Settings {
 
 impl Settings {
     /// Settings from `(name, value)` pairs given as plain values (startup
-    /// parameters), quoted as literals.
+    /// parameters), set through `set_config` so lists stay lists.
     pub fn from_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Settings {
         let mut s = Settings::default();
         for (name, value) in pairs {
-            s.values
-                .insert(name.to_ascii_lowercase(), crate::sql::quote_literal(value));
+            let name = name.to_ascii_lowercase();
+            let sql = crate::sql::set_config_sql(&name, value);
+            s.values.insert(name, sql);
         }
         s.refresh();
         s
@@ -93,8 +94,8 @@ impl Settings {
     /// value the client's startup packet gave, if any.
     pub fn apply_for_client(&mut self, change: &SettingChange, startup: &Settings) {
         match change {
-            SettingChange::Set { name, value } => {
-                self.values.insert(name.clone(), value.clone());
+            SettingChange::Set { name, sql } => {
+                self.values.insert(name.clone(), sql.clone());
             }
             SettingChange::Reset(name) => match startup.values.get(name) {
                 Some(v) => {
@@ -113,8 +114,8 @@ impl Settings {
     /// returns to the connection's own default.
     pub fn apply_for_server(&mut self, change: &SettingChange) {
         match change {
-            SettingChange::Set { name, value } => {
-                self.values.insert(name.clone(), value.clone());
+            SettingChange::Set { name, sql } => {
+                self.values.insert(name.clone(), sql.clone());
             }
             SettingChange::Reset(name) => {
                 self.values.remove(name);
@@ -131,9 +132,9 @@ impl Settings {
             return None;
         }
         let mut sql = Vec::new();
-        for (name, value) in &self.values {
-            if current.values.get(name) != Some(value) {
-                sql.push(format!("SET {name} TO {value}"));
+        for (name, statement) in &self.values {
+            if current.values.get(name) != Some(statement) {
+                sql.push(statement.clone());
             }
         }
         for name in current.values.keys() {
@@ -192,19 +193,19 @@ mod tests {
         client.apply_for_client(
             &SettingChange::Set {
                 name: "statement_timeout".into(),
-                value: "'150ms'".into(),
+                sql: "SET statement_timeout TO '150ms'".into(),
             },
             &startup,
         );
         let mut server = Settings::default();
         server.apply_for_server(&SettingChange::Set {
             name: "search_path".into(),
-            value: "x".into(),
+            sql: "SET search_path TO x".into(),
         });
         let sql = client.carry_to(&mut server).unwrap();
         assert_eq!(
             sql,
-            "SET application_name TO 'a'; SET statement_timeout TO '150ms'; RESET search_path"
+            "SELECT pg_catalog.set_config('application_name', 'a', false); SET statement_timeout TO '150ms'; RESET search_path"
         );
         assert!(server.same_as(&client));
         assert_eq!(client.carry_to(&mut server), None);

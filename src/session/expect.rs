@@ -91,6 +91,8 @@ pub struct Expectations {
     failed: Vec<Arc<str>>,
     /// Statements whose Parse the server acknowledged.
     created: Vec<Arc<str>>,
+    /// Statements whose Close was skipped after an error: still prepared.
+    kept: Vec<Arc<str>>,
     /// In COPY IN started by Execute, before the client's CopyDone/CopyFail:
     /// the server ignores Syncs sent now.
     in_copy_in: bool,
@@ -180,12 +182,22 @@ impl Expectations {
         self.ready.clear();
         self.failed.clear();
         self.created.clear();
+        self.kept.clear();
         self.in_copy_in = false;
         self.ignored_syncs = 0;
     }
 
+    /// Statements the proxy meant to close that the server still holds.
+    pub fn take_kept(&mut self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.kept.drain(..)
+    }
+
     /// Accounts for one server message and says where it goes.
     pub fn on_server_message(&mut self, tag: u8) -> Verdict {
+        if tag == b'A' {
+            // NOTIFY for a pinned listener: always the client's.
+            return Verdict::Forward;
+        }
         let Some(Entry::Sent { request, injected, .. }) = self.queue.front() else {
             // Unsolicited (NOTIFY, ParameterStatus, a notice) or nothing owed.
             return Verdict::Forward;
@@ -224,8 +236,14 @@ impl Expectations {
             {
                 break;
             }
-            if let Some(Entry::Sent { creates: Some(s), .. }) = self.queue.pop_front() {
-                self.failed.push(s);
+            match self.queue.pop_front() {
+                Some(Entry::Sent {
+                    request: Request::Close,
+                    creates: Some(s),
+                    ..
+                }) => self.kept.push(s),
+                Some(Entry::Sent { creates: Some(s), .. }) => self.failed.push(s),
+                _ => {}
             }
         }
     }

@@ -322,6 +322,9 @@ impl Conn<'_> {
         if !fx.unpins.is_empty() {
             self.pins.remove(fx.unpins);
         }
+        if fx.savepoint {
+            self.tracker.savepoint();
+        }
         self.tracker.record(fx.changes.iter().cloned());
     }
 
@@ -486,7 +489,7 @@ impl Conn<'_> {
         };
         if let Some(old) = a.conn.conn.state.prepared.insert(stmt.server_name.clone(), limit) {
             write_target(&mut self.to_server, b'C', b'S', &old);
-            self.expect.sent(Request::Close, true, None);
+            self.expect.sent(Request::Close, true, Some(old));
         }
         write_parse(&mut self.to_server, &stmt.server_name, &stmt.query, &stmt.param_types);
         self.expect

@@ -29,6 +29,8 @@ pub struct Tracker {
     in_transaction: Vec<SettingChange>,
     failed: bool,
     rolled_back: bool,
+    /// The open transaction uses savepoints: what it keeps cannot be followed.
+    savepoints: bool,
 }
 
 impl Tracker {
@@ -58,6 +60,11 @@ impl Tracker {
         }
     }
 
+    /// A savepoint command was sent.
+    pub fn savepoint(&mut self) {
+        self.savepoints = true;
+    }
+
     /// The server reported an error for a client request.
     pub fn error(&mut self) {
         if self.waiting() {
@@ -84,6 +91,15 @@ impl Tracker {
         }
         let failed = std::mem::take(&mut self.failed);
         let rolled_back = std::mem::take(&mut self.rolled_back);
+        if self.savepoints && status != TransactionStatus::InTransaction && status != TransactionStatus::Failed {
+            self.savepoints = false;
+            let touched = !changes.is_empty() || !self.in_transaction.is_empty();
+            self.in_transaction.clear();
+            return Settled {
+                confirmed: Vec::new(),
+                uncertain: touched,
+            };
+        }
         match status {
             TransactionStatus::Idle if failed || rolled_back => {
                 // A failed request rolls its implicit transaction back; a
@@ -126,7 +142,7 @@ mod tests {
     fn set(n: &str) -> SettingChange {
         SettingChange::Set {
             name: n.into(),
-            value: "1".into(),
+            sql: format!("SET {n} TO 1"),
         }
     }
 

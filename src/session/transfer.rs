@@ -122,6 +122,8 @@ pub(super) struct Conn<'a> {
     pub(super) stream_to_server: bool,
     sbuf: BytesMut,
     sscan: Scanner,
+    /// The streamed server message in progress answers the proxy: drop it.
+    swallow_stream: bool,
     pub(super) to_client: BytesMut,
     pub(super) to_server: BytesMut,
     pub(super) phase: Phase,
@@ -178,15 +180,18 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         && !replica_pools.is_empty();
     let mut to_client = BytesMut::with_capacity(1024);
     authentication_ok(&mut to_client);
-    let app_name = params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.as_str());
+    // What the servers report, except where the client's startup packet
+    // asked for its own value (applied on every server it uses).
     let candidates: Vec<&Arc<Pool>> = std::iter::once(&pool).chain(replica_pools.iter()).collect();
     for (name, value) in server_params(shared, &candidates).await.iter() {
-        let value = match name.as_str() {
-            "application_name" => app_name.unwrap_or(""),
-            _ => value.as_str(),
+        let own = params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str());
+        let value = match (name.as_str(), own) {
+            (_, Some(v)) => v,
+            ("application_name", None) => "",
+            (_, None) => value.as_str(),
         };
         parameter_status(&mut to_client, name, value);
     }
@@ -207,6 +212,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         stream_to_server: false,
         sbuf: BytesMut::new(),
         sscan: Scanner::new(max),
+        swallow_stream: false,
         to_client,
         to_server: BytesMut::new(),
         phase: Phase::Idle,
@@ -466,9 +472,26 @@ impl Conn<'_> {
                     break;
                 }
             };
-            let Item::Whole { tag, len } = item else {
-                pos += item.len();
-                continue;
+            let (tag, len) = match item {
+                Item::Whole { tag, len } => (tag, len),
+                Item::Head { tag, .. } => {
+                    // Rows answering the proxy's own queries are dropped whole.
+                    self.swallow_stream = self.expect.on_server_message(tag) == Verdict::Swallow;
+                    if self.swallow_stream {
+                        self.to_client.extend_from_slice(&self.sbuf[start..pos]);
+                        start = pos + item.len();
+                    }
+                    pos += item.len();
+                    continue;
+                }
+                Item::Body(n) => {
+                    if self.swallow_stream {
+                        self.to_client.extend_from_slice(&self.sbuf[start..pos]);
+                        start = pos + n;
+                    }
+                    pos += n;
+                    continue;
+                }
             };
             let body = &self.sbuf[pos + 5..pos + len];
             if tag == b'E'
@@ -482,7 +505,8 @@ impl Conn<'_> {
             match verdict {
                 Verdict::Forward => match tag {
                     b'Z' => {
-                        let Some(status) = body.first().copied().and_then(TransactionStatus::from_byte) else {
+                        let status = body.first().copied().and_then(TransactionStatus::from_byte);
+                        let Some(status) = status.filter(|_| len == 6) else {
                             broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
                             break;
                         };
@@ -527,6 +551,9 @@ impl Conn<'_> {
             if self.expect.has_created() {
                 self.pool.learn_statements(self.expect.take_created());
             }
+            for name in self.expect.take_kept() {
+                a.conn.conn.state.prepared.insert(name, usize::MAX);
+            }
             let ignored = self.expect.take_ignored_syncs();
             if ignored > 0 {
                 self.tracker.forget_requests(ignored);
@@ -536,8 +563,7 @@ impl Conn<'_> {
                 && self.expect.is_empty()
                 && !a.unsynced
                 && a.status == TransactionStatus::Idle
-                && self.pins.is_empty()
-                && (self.mode == PoolMode::Transaction || self.draining);
+                && ((self.mode == PoolMode::Transaction && self.pins.is_empty()) || self.draining);
             if released {
                 self.release_due = true;
                 break;

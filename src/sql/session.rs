@@ -52,10 +52,12 @@ impl Pins {
 /// A change to a session setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingChange {
-    /// `SET name TO value`; `value` is SQL, ready to be sent again.
+    /// A new value for `name`; `sql` is the statement that sets it again
+    /// (`SET name TO ...`, or `SELECT pg_catalog.set_config(...)` for plain
+    /// values, which PostgreSQL parses as a startup packet's would be).
     Set {
         name: String,
-        value: String,
+        sql: String,
     },
     Reset(String),
     ResetAll,
@@ -89,13 +91,28 @@ pub struct Effects {
     pub unpins: Pins,
     /// Set when the whole text is one command the proxy can answer.
     pub local: Option<LocalCommand>,
+    /// Uses savepoints: a SET's fate in this transaction cannot be followed.
+    pub savepoint: bool,
 }
 
 impl Effects {
     /// Nothing session-related.
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.pins.is_empty() && self.unpins.is_empty() && self.local.is_none()
+        self.changes.is_empty()
+            && self.pins.is_empty()
+            && self.unpins.is_empty()
+            && self.local.is_none()
+            && !self.savepoint
     }
+}
+
+/// The statement that gives setting `name` the plain value `value`.
+pub fn set_config_sql(name: &str, value: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config({}, {}, false)",
+        quote_literal(name),
+        quote_literal(value)
+    )
 }
 
 /// Quotes `s` as an SQL string literal.
@@ -119,7 +136,7 @@ fn literal(sql: &str, t: &Token) -> Option<String> {
 }
 
 /// Words whose absence proves a statement has no session effect.
-const TRIGGERS: [&[u8]; 9] = [
+const TRIGGERS: [&[u8]; 12] = [
     b"set",
     b"listen",
     b"advisory",
@@ -129,6 +146,9 @@ const TRIGGERS: [&[u8]; 9] = [
     b"deallocate",
     b"discard",
     b"close",
+    b"savepoint",
+    b"rollback",
+    b"release",
 ];
 
 /// Cheap pre-check: could `sql` contain any statement with session effects?
@@ -175,6 +195,8 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
         };
         fx.changes
             .push(name.map_or(SettingChange::ResetAll, SettingChange::Reset));
+    } else if word(0, "savepoint") || word(0, "release") || (word(0, "rollback") && (word(1, "to") || word(2, "to"))) {
+        fx.savepoint = true;
     } else if word(0, "listen") {
         fx.pins.add(Pins::LISTEN);
     } else if word(0, "unlisten") && t.get(1).is_some_and(|tok| tok.is_punct(sql, b'*')) {
@@ -277,7 +299,8 @@ fn set(sql: &str, t: &[Token], fx: &mut Effects) {
     if is_default && (name == "timezone" || name == "role" || value.eq_ignore_ascii_case("default")) {
         fx.changes.push(SettingChange::Reset(name));
     } else {
-        fx.changes.push(SettingChange::Set { name, value });
+        let sql = format!("SET {name} TO {value}");
+        fx.changes.push(SettingChange::Set { name, sql });
     }
 }
 
@@ -311,10 +334,11 @@ fn set_config(sql: &str, args: &[Token], fx: &mut Effects) {
     };
     match parsed {
         Some((_, _, local)) if local.is_word(sql, "true") => {}
-        Some((name, value, local)) if local.is_word(sql, "false") => fx.changes.push(SettingChange::Set {
-            name: name.to_ascii_lowercase(),
-            value: quote_literal(&value),
-        }),
+        Some((name, value, local)) if local.is_word(sql, "false") => {
+            let name = name.to_ascii_lowercase();
+            let sql = set_config_sql(&name, &value);
+            fx.changes.push(SettingChange::Set { name, sql })
+        }
         _ => fx.pins.add(Pins::UNTRACKED),
     }
 }
@@ -326,7 +350,7 @@ mod tests {
     fn set(name: &str, value: &str) -> SettingChange {
         SettingChange::Set {
             name: name.into(),
-            value: value.into(),
+            sql: format!("SET {name} TO {value}"),
         }
     }
 
@@ -357,7 +381,10 @@ mod tests {
             ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", vec![]),
             (
                 "SELECT set_config('app.tenant', 'acme', false)",
-                vec![set("app.tenant", "'acme'")],
+                vec![SettingChange::Set {
+                    name: "app.tenant".into(),
+                    sql: "SELECT pg_catalog.set_config('app.tenant', 'acme', false)".into(),
+                }],
             ),
             ("SELECT set_config('app.tenant', 'acme', true)", vec![]),
             ("SELECT 'SET x = 1', offset_col FROM t OFFSET 5", vec![]),
@@ -396,6 +423,14 @@ mod tests {
             Pins::UNTRACKED
         );
         assert!(analyze("SELECT 'LISTEN x', $$pg_advisory_lock(1)$$").is_empty());
+    }
+
+    #[test]
+    fn savepoints_are_noticed() {
+        for sql in ["SAVEPOINT a", "ROLLBACK TO a", "rollback to savepoint a", "RELEASE a"] {
+            assert!(analyze(sql).savepoint, "{sql}");
+        }
+        assert!(!analyze("ROLLBACK").savepoint);
     }
 
     #[test]

@@ -264,3 +264,34 @@ async fn temp_tables_and_sql_prepare_pin_and_then_work() {
         assert_eq!(sqlstate(&err), "42P01", "{}", describe(&err));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_valued_startup_options_are_carried_as_lists() {
+    let user = create_user("optlist").await;
+    let su = superuser().await;
+    su.batch_execute(&format!(
+        "CREATE SCHEMA ol_{0} AUTHORIZATION {0}; CREATE TABLE ol_{0}.in_first (v int); ALTER TABLE ol_{0}.in_first OWNER TO {0}; \
+         CREATE TABLE public.in_second_{0} (v int); ALTER TABLE public.in_second_{0} OWNER TO {0}",
+        user.name
+    ))
+    .await
+    .unwrap();
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let mut config: tokio_postgres::Config = url(&proxy, &user).parse().unwrap();
+    config.options(format!("-c search_path=ol_{},public", user.name));
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let other = connect(&proxy, &user).await.unwrap();
+    for _ in 0..3 {
+        client
+            .query("SELECT * FROM in_first", &[])
+            .await
+            .expect("first schema of the list");
+        client
+            .query(&format!("SELECT * FROM in_second_{}", user.name), &[])
+            .await
+            .expect("second schema of the list");
+        let path: String = other.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+        assert_eq!(path, "\"$user\", public");
+    }
+}
