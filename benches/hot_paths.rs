@@ -124,5 +124,42 @@ fn scram(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, framing, scram);
+/// Statement classification for read/write splitting: uncached (the
+/// classifier itself) and cached (the router's lookup by full text).
+fn routing(c: &mut Criterion) {
+    use dbproxy::router::{Router, Volatility, classify};
+    let catalog = |name: &str| match name {
+        "count" | "lower" | "coalesce" | "now" => Some(Volatility::Stable),
+        _ => None,
+    };
+    let statements = [
+        (
+            "pgbench_select",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+        ),
+        (
+            "oltp_join",
+            "SELECT o.id, o.total, lower(c.name), count(*) OVER () FROM orders o JOIN customers c ON c.id = o.customer_id \
+             WHERE o.created_at > now() - interval '1 day' AND o.status IN ('open', 'paid') ORDER BY o.id DESC LIMIT 50",
+        ),
+        (
+            "update",
+            "UPDATE pgbench_accounts SET abalance = abalance + -2139 WHERE aid = 48213;",
+        ),
+    ];
+    let mut g = c.benchmark_group("classify_uncached");
+    for (name, sql) in statements {
+        g.bench_function(name, |b| b.iter(|| classify(black_box(sql), &catalog)));
+    }
+    g.finish();
+    let router = Router::new(2);
+    let mut g = c.benchmark_group("classify_cached");
+    for (name, sql) in statements {
+        router.classify(sql);
+        g.bench_function(name, |b| b.iter(|| router.classify(black_box(sql))));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, framing, scram, routing);
 criterion_main!(benches);

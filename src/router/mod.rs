@@ -78,6 +78,13 @@ impl WriteMark {
     }
 }
 
+/// Shards of the classification cache (spreads lock contention).
+const CACHE_SHARDS: usize = 16;
+/// Entries per shard; a full shard starts over.
+const CACHE_PER_SHARD: usize = 256;
+/// Statements longer than this are classified every time, not cached.
+const CACHE_MAX_LEN: usize = 4096;
+
 /// Routing state of one database.
 #[derive(Debug)]
 pub struct Router {
@@ -85,6 +92,9 @@ pub struct Router {
     pub replicas: Vec<Arc<ServerHealth>>,
     next: AtomicUsize,
     functions: RwLock<HashMap<String, Volatility>>,
+    /// Classes by full statement text, valid for the current `functions`.
+    cache: Vec<std::sync::Mutex<HashMap<Box<str>, Class>>>,
+    hasher: std::collections::hash_map::RandomState,
     refresh: Notify,
     refresh_requested: std::sync::atomic::AtomicBool,
 }
@@ -97,19 +107,45 @@ impl Router {
             replicas: (0..replicas).map(|_| Arc::new(ServerHealth::default())).collect(),
             next: AtomicUsize::new(0),
             functions: RwLock::new(HashMap::new()),
+            cache: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+            hasher: Default::default(),
             refresh: Notify::new(),
             refresh_requested: Default::default(),
         }
     }
 
-    /// Classifies `sql` with what is known of function volatility.
+    /// Classifies `sql` with what is known of function volatility, from a
+    /// bounded cache keyed by the full text when it was seen before.
     pub fn classify(&self, sql: &str) -> Class {
+        use std::hash::BuildHasher;
+        if sql.len() > CACHE_MAX_LEN {
+            return self.classify_uncached(sql);
+        }
+        let shard = &self.cache[self.hasher.hash_one(sql) as usize % CACHE_SHARDS];
+        if let Some(class) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+            return *class;
+        }
+        let class = self.classify_uncached(sql);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if shard.len() >= CACHE_PER_SHARD {
+            shard.clear();
+        }
+        shard.insert(sql.into(), class);
+        class
+    }
+
+    fn classify_uncached(&self, sql: &str) -> Class {
         let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
         classify(sql, &|name| functions.get(name).copied())
     }
 
     fn set_functions(&self, map: HashMap<String, Volatility>) {
-        *self.functions.write().unwrap_or_else(|e| e.into_inner()) = map;
+        // Lock order: functions, then each shard, so no stale class is cached after this.
+        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
+        *functions = map;
+        for shard in &self.cache {
+            shard.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 
     /// DDL went by: re-read function volatility soon.
