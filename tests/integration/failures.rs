@@ -263,6 +263,7 @@ async fn a_300_mb_result_streams_through_with_bounded_memory() {
     }
     assert_eq!((n, bytes), (300, 300_000_000));
     let growth_mib = (peak.saturating_sub(before)) / 1024;
+    eprintln!("proxy RSS {before} KiB before, peak {peak} KiB while streaming 300 MB: +{growth_mib} MiB");
     assert!(
         growth_mib < 50,
         "proxy RSS grew by {growth_mib} MiB while streaming 300 MB"
