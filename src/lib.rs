@@ -2,20 +2,38 @@
 //!
 //! # Layout
 //!
-//! Data flows client -> session -> pool -> server connection:
+//! Data flows client -> session -> (router) -> pool -> server connection:
 //!
 //! - [`config`]: the TOML file: sections, defaults, validation reporting every problem.
 //! - [`protocol`]: wire format only (framing, startup packet, messages the proxy
-//!   writes, SQLSTATEs); no I/O, safe on any input.
+//!   writes, reading and rewriting Parse/Bind/Describe/Close, SQLSTATEs); no I/O,
+//!   safe on any input.
 //! - [`auth`]: SCRAM-SHA-256 verification of clients.
 //! - [`tls`]: the rustls acceptor for clients that ask for TLS.
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication
-//!   (`session/startup.rs`), the forwarding loop (`session/transfer.rs`),
-//!   cancel keys (`session/cancel.rs`).
-//! - [`pool`]: bounded, fair pools of server connections per (database, user, server).
+//!   (`session/startup.rs`), the forwarding loop, release and the read-your-writes
+//!   position after a write (`session/transfer.rs`), client messages: batch staging
+//!   and routing, statement renaming, settings carry, pinning, local answers
+//!   (`session/requests.rs`), the queue of answers owed by the server
+//!   (`session/expect.rs`), confirming setting changes (`session/settings.rs`),
+//!   cancel keys (`session/cancel.rs`), plain or TLS client stream
+//!   (`session/stream.rs`).
+//! - [`sql`]: a lexer that understands comments, quoting and dollar quoting
+//!   (`sql/lexer.rs`), and what a statement does to the session: settings, pins,
+//!   locally answered commands (`sql/session.rs`).
+//! - [`router`]: read/write splitting per database: replica choice, read-your-writes
+//!   marks and the classification cache (`router/mod.rs`), the conservative
+//!   statement classifier (`router/classify.rs`), and the health monitor that checks
+//!   servers, lag and replay positions and reads function volatility from `pg_proc`
+//!   (`router/health.rs`).
+//! - [`pool`]: bounded, fair pools of server connections per (database, user, server),
+//!   bound shared per (server, user); registry of statements the servers accepted.
 //! - [`server_conn`]: one server connection: connect, log in, cancel, liveness.
-//! - [`proxy`]: the shared state and the handle that starts and stops a proxy.
+//! - [`server_state`]: what a server connection holds for clients: prepared
+//!   statements (LRU) and applied settings.
+//! - [`proxy`]: the shared state (pools, a router per database) and the handle that
+//!   starts (listener, maintenance, one health monitor per database) and stops a proxy.
 
 #![forbid(unsafe_code)]
 

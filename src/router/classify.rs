@@ -206,7 +206,9 @@ fn statement(sql: &str, t: &[Token], volatility: &dyn Fn(&str) -> Option<Volatil
             let read_only = t
                 .windows(2)
                 .any(|w| w[0].is_word(sql, "read") && w[1].is_word(sql, "only"));
-            if read_only {
+            // Hot standbys refuse SERIALIZABLE.
+            let serializable = t.iter().any(|tok| tok.is_word(sql, "serializable"));
+            if read_only && !serializable {
                 Class::ReadOnlyTransaction
             } else {
                 Class::Primary(WriteReason::Transaction)
@@ -258,6 +260,15 @@ fn query(sql: &str, t: &[Token], volatility: &dyn Fn(&str) -> Option<Volatility>
     let word = |i: usize, kw: &str| t.get(i).is_some_and(|tok| tok.is_word(sql, kw));
     let mut class = Class::Read;
     for (i, tok) in t.iter().enumerate() {
+        if tok.kind == Kind::Quoted && t.get(i + 1).is_some_and(|n| n.is_punct(sql, b'(')) {
+            // "MixedCase"() or "nextval"(): a function call by its exact name.
+            let name = tok.text(sql).trim_matches('"').replace("\"\"", "\"");
+            match volatility(&name) {
+                Some(Volatility::Immutable | Volatility::Stable) if !PRIMARY_ONLY.contains(&name.as_str()) => {}
+                _ => class = Class::Primary(WriteReason::VolatileFunction),
+            }
+            continue;
+        }
         if tok.kind != Kind::Word {
             continue;
         }
@@ -379,6 +390,12 @@ mod tests {
             ("BEGIN", Transaction),
             ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", Transaction),
             ("BEGIN READ WRITE", Transaction),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", Transaction),
+            ("SELECT \"nextval\"('s')", VolatileFunction),
+            ("SELECT \"MyFunc\"()", VolatileFunction),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", Transaction),
+            ("SELECT \"nextval\"('s')", VolatileFunction),
+            ("SELECT \"MyFunc\"()", VolatileFunction),
             ("SELECT 1; INSERT INTO t VALUES (1)", Write),
             ("", ParseFallback),
         ];

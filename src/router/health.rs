@@ -62,8 +62,10 @@ const CHECK_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_r
 /// One check: `Some((lsn, ms since the last replayed transaction))`, or
 /// `None` if the server failed. `Err(())` when the pool is busy: no verdict.
 async fn check(pool: &Arc<Pool>, timeout: Duration) -> Result<Option<(u64, u64)>, ()> {
+    // A busy pool must give "no verdict" before the check itself times out.
+    let wait = timeout / 4;
     let work = async {
-        let mut conn = match pool.checkout(timeout).await {
+        let mut conn = match pool.checkout(wait).await {
             Ok(c) => c,
             Err(CheckoutError::Timeout { .. }) => return Err(()),
             Err(CheckoutError::Connect(e)) => {

@@ -66,13 +66,13 @@ impl WriteMark {
     /// The position of that write (or `None` if it could not be read).
     pub fn finish(&self, lsn: Option<u64>) {
         match lsn {
+            // After an unknown position, the next measured one replaces it.
+            Some(lsn) if self.lsn.load(Ordering::Acquire) == u64::MAX => self.lsn.store(lsn, Ordering::Release),
             Some(lsn) => {
                 self.lsn.fetch_max(lsn, Ordering::AcqRel);
             }
-            // Unknown position: be safe until the next write is measured.
-            None => {
-                self.lsn.store(u64::MAX, Ordering::Release);
-            }
+            // Unknown position: reads stay on the primary until the next write is measured.
+            None => self.lsn.store(u64::MAX, Ordering::Release),
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
     }
@@ -125,7 +125,10 @@ impl Router {
         if let Some(class) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
             return *class;
         }
-        let class = self.classify_uncached(sql);
+        // Hold the catalog while caching, so set_functions cannot clear the
+        // cache between computing a class and storing it.
+        let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
+        let class = classify(sql, &|name| functions.get(name).copied());
         let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         if shard.len() >= CACHE_PER_SHARD {
             shard.clear();

@@ -70,9 +70,10 @@ impl Conn<'_> {
                     return Err(Exit::Fatal(ErrorFields::fatal(code, e.to_string()).with_hint(hint)));
                 }
             };
-            if self.waiting_for_replica() {
+            if matches!(item, Item::Whole { .. }) && self.waiting_for_replica() {
                 // A new request must not be pipelined onto a replica it may not
                 // belong on: let the replica answer, release it, then route.
+                // (A whole message has not moved the scanner: it is read again.)
                 return Ok(());
             }
             match item {
@@ -152,16 +153,22 @@ impl Conn<'_> {
                 return Ok(());
             }
             if !self.staged.is_empty() {
-                self.flush_staged().await?;
+                // After a Flush the rest of the batch follows the server chosen
+                // now, unseen: only the primary is safe for whatever comes.
+                self.flush_staged(tag == b'H').await?;
             }
         }
         self.dispatch(tag, msg).await
     }
 
     /// Routes the staged batch by everything in it, then handles its messages.
-    async fn flush_staged(&mut self) -> Result<(), Exit> {
+    async fn flush_staged(&mut self, primary: bool) -> Result<(), Exit> {
         let staged = std::mem::take(&mut self.staged);
-        let mut class = Class::Neutral;
+        let mut class = if primary {
+            Class::Primary(WriteReason::Transaction)
+        } else {
+            Class::Neutral
+        };
         let mut needs_server = false;
         for (tag, msg) in &staged {
             let (c, needs) = self.staged_class(*tag, msg);
@@ -339,6 +346,8 @@ impl Conn<'_> {
             return Ok(());
         }
         let class = match sql {
+            // A client about to be pinned stays where it lands: the primary.
+            Some(_) if self.split && !fx.pins.is_empty() => Class::Primary(WriteReason::Write),
             Some(sql) if self.split => self.router.classify(sql),
             _ => Class::Neutral,
         };

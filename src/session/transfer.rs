@@ -596,7 +596,8 @@ impl Conn<'_> {
             // A client leaving while pinned leaves session state behind.
             let reset = self.mode == PoolMode::Session || !self.pins.is_empty() || a.conn.conn.state.dirty;
             let committed_write = a.role == Role::Primary && a.wrote && a.status == TransactionStatus::Idle;
-            let mark = (committed_write && self.shared.config.routing.read_your_writes).then(|| self.mark.clone());
+            let mark = (committed_write && self.split && self.shared.config.routing.read_your_writes)
+                .then(|| self.mark.clone());
             self.retire(a, reset, mark);
         } else {
             // Closing alone would leave the backend running until it next writes.
@@ -612,12 +613,13 @@ impl Conn<'_> {
     fn retire(&self, a: Attached, reset: bool, mark: Option<Arc<WriteMark>>) {
         let rollback = a.status != TransactionStatus::Idle;
         let query = self.shared.config.pool.server_reset_query.clone();
-        if reset && query.trim().is_empty() {
-            // Session state we cannot clear: nobody else may inherit it.
+        // Session state we cannot clear: nobody else may inherit the connection.
+        let close = reset && query.trim().is_empty();
+        let reset = (reset && !close).then_some(query);
+        if close && mark.is_none() {
             tracing::debug!(server = %a.conn.conn.addr, "closing a server connection with session state and no reset query");
             return;
         }
-        let reset = reset.then_some(query);
         if !rollback && reset.is_none() && mark.is_none() {
             a.conn.checkin();
             return;
@@ -628,8 +630,11 @@ impl Conn<'_> {
         }
         tokio::spawn(async move {
             if let Some(m) = mark {
-                let rows =
-                    tokio::time::timeout(RETIRE_TIMEOUT, conn.conn.query_rows("SELECT pg_current_wal_lsn()")).await;
+                let rows = tokio::time::timeout(
+                    RETIRE_TIMEOUT,
+                    conn.conn.query_rows("SELECT pg_current_wal_insert_lsn()"),
+                )
+                .await;
                 let lsn = match rows {
                     Ok(Ok(rows)) => rows
                         .first()
@@ -657,7 +662,7 @@ impl Conn<'_> {
                 Ok::<_, io::Error>(status)
             };
             match tokio::time::timeout(RETIRE_TIMEOUT, work).await {
-                Ok(Ok(TransactionStatus::Idle)) if !conn.conn.state.dirty => conn.checkin(),
+                Ok(Ok(TransactionStatus::Idle)) if !conn.conn.state.dirty && !close => conn.checkin(),
                 outcome => {
                     tracing::info!(?outcome, server = %conn.conn.addr, "closing server connection that could not be reset")
                 }

@@ -135,11 +135,14 @@ fn literal(sql: &str, t: &Token) -> Option<String> {
     Some(inner.replace("''", "'"))
 }
 
-/// Words whose absence proves a statement has no session effect.
-const TRIGGERS: [&[u8]; 12] = [
+/// Words whose absence (at the start of a word) proves a statement has no
+/// session effect. `advisory` also matches inside `pg_advisory_lock`.
+const TRIGGERS: [&[u8]; 14] = [
     b"set",
+    b"reset",
     b"listen",
-    b"advisory",
+    b"unlisten",
+    b"pg_advisory",
     b"temp",
     b"hold",
     b"prepare",
@@ -152,14 +155,26 @@ const TRIGGERS: [&[u8]; 12] = [
 ];
 
 /// Cheap pre-check: could `sql` contain any statement with session effects?
+/// Looks only at the starts of words, with one table lookup per byte.
 fn may_have_effects(sql: &str) -> bool {
     let b = sql.as_bytes();
-    (0..b.len()).any(|i| {
-        let first = b[i] | 0x20;
-        TRIGGERS
-            .iter()
-            .any(|w| w[0] == first && b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w))
-    })
+    let mut in_word = false;
+    for i in 0..b.len() {
+        let c = b[i];
+        let word_char = c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+        if word_char && !in_word {
+            let first = c | 0x20;
+            if matches!(first, b's' | b'l' | b'p' | b't' | b'h' | b'd' | b'c' | b'r' | b'u')
+                && TRIGGERS
+                    .iter()
+                    .any(|w| w[0] == first && b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w))
+            {
+                return true;
+            }
+        }
+        in_word = word_char;
+    }
+    false
 }
 
 /// Analyses a query string (one or more statements).
