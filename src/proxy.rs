@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::User;
-use crate::config::{Config, DatabaseConfig, ServerAddr};
+use crate::config::{Config, DatabaseConfig, PoolMode, ServerAddr};
 use crate::listener::{self, ClientGauge};
 use crate::pool::{Pool, PoolKey, PoolSettings, Pools, Role};
 use crate::router::Router;
@@ -122,15 +122,17 @@ impl Proxy {
         });
         let accept = tokio::spawn(listener::accept_loop(listener, shared.clone()));
         let mut tasks = vec![accept, tokio::spawn(maintain(shared.clone()))];
-        // Health checks log in as the first configured user.
-        if let Some(user) = shared
+        // Health checks log in as the first configured user; they serve routing,
+        // so they run where reads may go to replicas.
+        let monitored = shared.config.routing.read_write_split && shared.config.pool.mode == PoolMode::Transaction;
+        let user = shared
             .config
             .users
             .first()
             .and_then(|u| shared.users.get(&u.name))
-            .cloned()
-        {
-            for (name, db) in &shared.databases {
+            .cloned();
+        if let (true, Some(user)) = (monitored, user) {
+            for (name, db) in shared.databases.iter().filter(|(_, db)| !db.replicas.is_empty()) {
                 let router = shared.routers[name].clone();
                 let monitor = crate::router::health::monitor(shared.clone(), db.clone(), user.clone(), router);
                 tasks.push(tokio::spawn(monitor));

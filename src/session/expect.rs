@@ -62,7 +62,8 @@ enum Entry {
         request: Request,
         /// Injected by the proxy: the client never sees the answer.
         injected: bool,
-        /// The server-side statement a Parse creates, to forget if it fails.
+        /// The server-side statement a Parse creates (forgotten if it
+        /// fails), a Close closes, or a Bind uses.
         creates: Option<Arc<str>>,
     },
     Synthetic(Synthetic),
@@ -192,6 +193,15 @@ impl Expectations {
         self.kept.drain(..)
     }
 
+    /// The server-side statement the request at the front uses (a Parse's,
+    /// a Close's, or a Bind's), if recorded.
+    pub fn front_statement(&self) -> Option<Arc<str>> {
+        match self.queue.front() {
+            Some(Entry::Sent { creates, .. }) => creates.clone(),
+            _ => None,
+        }
+    }
+
     /// Accounts for one server message and says where it goes.
     pub fn on_server_message(&mut self, tag: u8) -> Verdict {
         if tag == b'A' {
@@ -242,7 +252,11 @@ impl Expectations {
                     creates: Some(s),
                     ..
                 }) => self.kept.push(s),
-                Some(Entry::Sent { creates: Some(s), .. }) => self.failed.push(s),
+                Some(Entry::Sent {
+                    request: Request::Parse,
+                    creates: Some(s),
+                    ..
+                }) => self.failed.push(s),
                 _ => {}
             }
         }

@@ -296,14 +296,19 @@ impl Conn<'_> {
 
     /// Accounts for a request written to the server on the client's behalf.
     fn sent(&mut self, tag: u8, request: Option<Request>) {
+        if let Some(r) = request {
+            self.expect.sent(r, false, None);
+        }
+        self.tracker_and_sync_state(tag);
+    }
+
+    /// The bookkeeping of [`Self::sent`] other than the expectation itself.
+    fn tracker_and_sync_state(&mut self, tag: u8) {
         if matches!(tag, b'c' | b'f') {
             self.expect.copy_end();
         }
-        if let Some(r) = request {
-            self.expect.sent(r, false, None);
-            if r.ends_with_ready() {
-                self.tracker.request_sent();
-            }
+        if matches!(tag, b'Q' | b'S' | b'F') {
+            self.tracker.request_sent();
         }
         if let Some(a) = self.attached() {
             match tag {
@@ -496,6 +501,10 @@ impl Conn<'_> {
         let Phase::Attached(a) = &mut self.phase else {
             return;
         };
+        for stale in a.conn.conn.state.stale.drain(..) {
+            write_target(&mut self.to_server, b'C', b'S', &stale);
+            self.expect.sent(Request::Close, true, None);
+        }
         if let Some(old) = a.conn.conn.state.prepared.insert(stmt.server_name.clone(), limit) {
             write_target(&mut self.to_server, b'C', b'S', &old);
             self.expect.sent(Request::Close, true, Some(old));
@@ -534,6 +543,9 @@ impl Conn<'_> {
                 self.ensure_prepared(&stmt);
                 self.apply_effects(&stmt.effects);
                 write_bind_renamed(&mut self.to_server, msg, portal, &stmt.server_name, rest_at);
+                self.expect.sent(Request::Bind, false, Some(stmt.server_name.clone()));
+                self.tracker_and_sync_state(b'B');
+                return Ok(());
             }
             (names, _) => {
                 if matches!(names, Some((_, "", _))) {

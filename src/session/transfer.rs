@@ -356,6 +356,16 @@ fn fatal_message(body: &[u8]) -> Option<String> {
     fatal.then(|| message.unwrap_or_else(|| "server reported a fatal error".to_owned()))
 }
 
+/// Whether an ErrorResponse body is "cached plan must not change result type".
+fn is_stale_plan(body: &[u8]) -> bool {
+    let field = |t: u8| {
+        body.split(|&b| b == 0)
+            .find_map(|f| f.split_first().filter(|(k, _)| **k == t).map(|(_, v)| v))
+    };
+    field(b'C') == Some(b"0A000")
+        && field(b'M').is_some_and(|m| m.starts_with(b"cached plan must not change result type"))
+}
+
 /// Resolves once a graceful shutdown has begun.
 async fn shutdown_started(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|&s| s).await;
@@ -500,6 +510,15 @@ impl Conn<'_> {
                 // The server is about to hang up; the client's proxy connection is fine.
                 broken = Some(message);
                 break;
+            }
+            if tag == b'E' && is_stale_plan(body) {
+                // The server's copy of this statement predates DDL: the client
+                // sees the error, as it would directly, and the statement is
+                // closed and prepared afresh before its next use.
+                if let Some(name) = self.expect.front_statement() {
+                    a.conn.conn.state.prepared.remove(&name);
+                    a.conn.conn.state.stale.push(name);
+                }
             }
             let verdict = self.expect.on_server_message(tag);
             match verdict {

@@ -295,3 +295,28 @@ async fn list_valued_startup_options_are_carried_as_lists() {
         assert_eq!(path, "\"$user\", public");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_gone_stale_after_ddl_can_be_prepared_again() {
+    let user = create_user("stale").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("CREATE TABLE stale_t (a int); INSERT INTO stale_t VALUES (1)")
+        .await
+        .unwrap();
+    let old = a.prepare("SELECT * FROM stale_t").await.unwrap();
+    assert_eq!(a.query(&old, &[]).await.unwrap()[0].len(), 1);
+    a.batch_execute("ALTER TABLE stale_t ADD COLUMN b int DEFAULT 2")
+        .await
+        .unwrap();
+    // As on a direct connection: the old statement's result type changed.
+    let err = a.query(&old, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    // Preparing the same text again gives the new shape, not the stale server copy.
+    for _ in 0..2 {
+        let fresh = a.prepare("SELECT * FROM stale_t").await.unwrap();
+        let rows = a.query(&fresh, &[]).await.expect("a fresh statement works");
+        assert_eq!(rows[0].len(), 2);
+        assert_eq!(rows[0].get::<_, i32>(1), 2);
+    }
+}
