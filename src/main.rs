@@ -90,6 +90,7 @@ async fn run(config: Config) -> ExitCode {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = proxy.shutdown_requested() => break,
             _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not implemented yet; keeping the running configuration"),
         }
     }

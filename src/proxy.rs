@@ -33,6 +33,8 @@ pub struct Shared {
     pub tls: Option<TlsAcceptor>,
     /// Becomes `true` when a graceful shutdown starts.
     pub shutdown: watch::Receiver<bool>,
+    /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
+    pub shutdown_tx: watch::Sender<bool>,
     pub clients: ClientGauge,
     next_session_id: AtomicU64,
 }
@@ -73,7 +75,6 @@ pub enum StartError {
 pub struct Proxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -88,7 +89,7 @@ impl Proxy {
             .local_addr()
             .map_err(|source| StartError::Listen { addr: listen, source })?;
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             users: config
                 .users
@@ -116,6 +117,7 @@ impl Proxy {
             cancels: CancelRegistry::new(config.pool.server_connect_timeout),
             tls,
             shutdown: shutdown_rx,
+            shutdown_tx,
             clients: ClientGauge::default(),
             next_session_id: AtomicU64::new(0),
             config,
@@ -139,12 +141,7 @@ impl Proxy {
             }
         }
         tracing::info!(%addr, "dbproxy listening");
-        Ok(Proxy {
-            addr,
-            shared,
-            shutdown,
-            tasks,
-        })
+        Ok(Proxy { addr, shared, tasks })
     }
 
     /// The address clients connect to (useful when listening on port 0).
@@ -157,11 +154,18 @@ impl Proxy {
         &self.shared
     }
 
+    /// Resolves when a graceful shutdown was requested from inside (the admin
+    /// console's SHUTDOWN).
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shared.shutdown.clone();
+        let _ = rx.wait_for(|&s| s).await;
+    }
+
     /// Graceful shutdown: stop accepting, let transactions in flight finish,
     /// close idle clients with 57P01, and return once every client is gone or
     /// `proxy.shutdown_timeout` has passed. Returns whether all clients left.
     pub async fn shutdown(self) -> bool {
-        let _ = self.shutdown.send(true);
+        let _ = self.shared.shutdown_tx.send(true);
         let timeout = self.shared.config.proxy.shutdown_timeout;
         let drained = tokio::time::timeout(timeout, self.shared.clients.wait_zero())
             .await

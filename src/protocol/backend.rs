@@ -84,6 +84,70 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unrecog
     });
 }
 
+/// A column of a result set the proxy produces itself (admin console).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    Text,
+    Int8,
+}
+
+/// RowDescription for text-format columns.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, ColumnType)]) {
+    message(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for (name, ty) in columns {
+            put_cstr(b, name);
+            b.put_i32(0); // table OID
+            b.put_i16(0); // column number
+            let (oid, len) = match ty {
+                ColumnType::Text => (25, -1),
+                ColumnType::Int8 => (20, 8),
+            };
+            b.put_i32(oid);
+            b.put_i16(len);
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values (`None` is NULL).
+pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
+    message(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.as_ref().len() as i32);
+                    b.put_slice(v.as_ref().as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+/// CommandComplete with `tag`.
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| put_cstr(b, tag));
+}
+
+/// EmptyQueryResponse.
+pub fn empty_query(buf: &mut BytesMut) {
+    message(buf, b'I', |_| {});
+}
+
+/// NoticeResponse with severity NOTICE.
+pub fn notice(buf: &mut BytesMut, text: &str) {
+    message(buf, b'N', |b| {
+        for (field, value) in [(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000"), (b'M', text)] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 /// Severity of an error or notice the proxy reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {

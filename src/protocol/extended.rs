@@ -100,10 +100,7 @@ pub fn close_complete(buf: &mut BytesMut) {
     message(buf, b'3', |_| {});
 }
 
-/// CommandComplete with `tag` (e.g. "DEALLOCATE ALL").
-pub fn command_complete(buf: &mut BytesMut, tag: &str) {
-    message(buf, b'C', |b| put_cstr(b, tag));
-}
+pub use super::backend::command_complete;
 
 #[cfg(test)]
 mod tests {

@@ -41,6 +41,8 @@ impl SqlState {
     pub const INVALID_CATALOG_NAME: SqlState = SqlState::new("3D000");
     /// 26000: no prepared statement of that name.
     pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState::new("26000");
+    /// 42601: an admin console command the proxy does not know.
+    pub const SYNTAX_ERROR: SqlState = SqlState::new("42601");
     /// 53300: too many client connections.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState::new("53300");
     /// 54000: a message exceeded `proxy.max_message_size`.

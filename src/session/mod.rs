@@ -42,9 +42,18 @@ pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 return;
             }
         };
-        tracing::info!(user = %opened.user.name, database = %opened.db.name, tls = opened.stream.is_tls(), "client logged in");
         let registration = shared.cancels.register();
-        transfer::run(shared, opened, &registration).await;
+        let key = (registration.process_id, registration.secret_key);
+        match opened.target {
+            startup::Target::Admin => {
+                crate::admin::run(shared, opened.stream, &opened.user, key).await;
+            }
+            startup::Target::Database(ref db) => {
+                let (user, database, tls) = (opened.user.name.clone(), db.name.clone(), opened.stream.is_tls());
+                tracing::info!(%user, %database, tls, "client logged in");
+                transfer::run(shared, opened, &registration).await;
+            }
+        }
         tracing::info!("client disconnected");
     }
     .instrument(span)

@@ -21,10 +21,17 @@ use crate::protocol::startup::{self, MAX_STARTUP_LEN, StartupPacket};
 use crate::protocol::{Item, Scanner, SqlState};
 use crate::proxy::Shared;
 
+/// What an authenticated client connected to.
+pub enum Target {
+    Database(Arc<DatabaseConfig>),
+    /// The admin console (database `dbproxy`).
+    Admin,
+}
+
 /// A client that has authenticated.
 pub struct Opened {
     pub stream: ClientStream,
-    pub db: Arc<DatabaseConfig>,
+    pub target: Target,
     pub user: Arc<User>,
     /// Startup parameters other than user and database, in order.
     pub params: Vec<(String, String)>,
@@ -216,17 +223,20 @@ async fn login(
             AuthFailure::Refused(code, message) => Failure::fatal(stream, code, message),
         });
     }
-    let Some(db) = db else {
-        // The admin console arrives with the operations work; refuse clearly meanwhile.
-        return Err(Failure::fatal(
-            stream,
-            SqlState::INVALID_CATALOG_NAME,
-            "the admin console is not available yet",
-        ));
+    let target = match db {
+        Some(db) => Target::Database(db),
+        None if shared.config.proxy.admin_users.contains(&user.name) => Target::Admin,
+        None => {
+            return Err(Failure::fatal(
+                stream,
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("user \"{}\" is not allowed to use the admin console", user.name),
+            ));
+        }
     };
     Ok(Opened {
         stream,
-        db,
+        target,
         user,
         params,
     })

@@ -27,7 +27,7 @@ use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::requests::Statement;
 use super::settings::Tracker;
-use super::startup::Opened;
+use super::startup::{Opened, Target};
 use super::{ClientStream, send_fatal};
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, Role};
@@ -159,10 +159,13 @@ pub(super) struct Conn<'a> {
 pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Registration<'_>) {
     let Opened {
         stream,
-        db,
+        target,
         user,
         params,
     } = opened;
+    let Target::Database(db) = target else {
+        return;
+    };
     let startup = startup_settings(&params);
     let pool = shared.pool(&db, &user, Role::Primary, &db.primary);
     let replica_pools: Vec<Arc<Pool>> = db

@@ -2,6 +2,7 @@
 //! (started once for this binary by `scripts/pg-cluster.sh`), the real proxy,
 //! and real clients (tokio-postgres, psql, pgbench).
 
+mod admin;
 mod failures;
 mod harness;
 mod login;

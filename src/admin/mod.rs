@@ -1,0 +1,158 @@
+//! The admin console: database `dbproxy`, for `proxy.admin_users` only,
+//! simple query protocol, PgBouncer-compatible commands and column names so
+//! existing PgBouncer tooling keeps working.
+
+mod show;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::auth::User;
+use crate::protocol::backend::{
+    ErrorFields, authentication_ok, backend_key_data, command_complete, error_response, parameter_status,
+    ready_for_query,
+};
+use crate::protocol::framing::read_cstr;
+use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
+use crate::proxy::Shared;
+use crate::session::ClientStream;
+
+/// Largest command the console reads.
+const MAX_COMMAND: usize = 64 * 1024;
+
+/// Serves one admin client until it leaves.
+pub async fn run(shared: &Arc<Shared>, mut stream: ClientStream, user: &User, key: (i32, i32)) {
+    tracing::info!(user = %user.name, "admin console session");
+    let mut out = BytesMut::new();
+    authentication_ok(&mut out);
+    for (name, value) in [
+        ("server_version", concat!(env!("CARGO_PKG_VERSION"), "/dbproxy")),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", ""),
+    ] {
+        parameter_status(&mut out, name, value);
+    }
+    backend_key_data(&mut out, key.0, key.1);
+    ready_for_query(&mut out, TransactionStatus::Idle);
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut scanner = Scanner::new(MAX_COMMAND);
+    let mut skipping = false;
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        let (tag, len) = match scanner.next(&buf, |_| true) {
+            Ok(Some(Item::Whole { tag, len })) => (tag, len),
+            Ok(_) => {
+                buf.reserve(1024);
+                tokio::select! {
+                    r = stream.read_buf(&mut buf) => match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => continue,
+                    },
+                    _ = async { let _ = shutdown.wait_for(|&s| s).await; } => {
+                        let err = ErrorFields::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection because dbproxy is shutting down");
+                        error_response(&mut out, &err);
+                        let _ = stream.write_all(&out).await;
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                error_response(
+                    &mut out,
+                    &ErrorFields::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()),
+                );
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+        };
+        let msg = buf.split_to(len);
+        match tag {
+            b'X' => return,
+            b'Q' => {
+                let sql = read_cstr(&msg[5..]).map(|(s, _)| s).unwrap_or_default();
+                let done = execute(shared, sql, &mut out);
+                ready_for_query(&mut out, TransactionStatus::Idle);
+                if done == Outcome::Shutdown {
+                    let _ = stream.write_all(&out).await;
+                    return;
+                }
+            }
+            b'S' => {
+                skipping = false;
+                ready_for_query(&mut out, TransactionStatus::Idle);
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' if !skipping => {
+                skipping = true;
+                let err = ErrorFields::error(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "the admin console accepts only the simple query protocol",
+                )
+                .with_hint("with psql this is the default; drivers may need a simple-query mode");
+                error_response(&mut out, &err);
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {}
+            _ => {
+                let err = ErrorFields::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!("invalid frontend message type {tag}"),
+                );
+                error_response(&mut out, &err);
+                let _ = stream.write_all(&out).await;
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Shutdown,
+}
+
+/// Runs one console command, writing its result or error to `out`.
+fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Outcome {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [] => {
+            crate::protocol::backend::empty_query(out);
+            Outcome::Done
+        }
+        ["SHOW", what] => {
+            if let Err(e) = show::show(shared, what, out) {
+                error_response(out, &e);
+            }
+            Outcome::Done
+        }
+        ["SHUTDOWN"] => {
+            tracing::info!("SHUTDOWN from the admin console");
+            let _ = shared.shutdown_tx.send(true);
+            command_complete(out, "SHUTDOWN");
+            Outcome::Shutdown
+        }
+        _ => {
+            let err = ErrorFields::error(SqlState::SYNTAX_ERROR, format!("invalid admin command: {}", sql.trim()))
+                .with_hint("SHOW HELP lists the commands");
+            error_response(out, &err);
+            Outcome::Done
+        }
+    }
+}

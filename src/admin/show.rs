@@ -1,0 +1,312 @@
+//! SHOW commands of the admin console, with PgBouncer's column names and
+//! order (extra columns, such as the server and its role, come last).
+
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+
+use crate::config::{Config, format_duration};
+use crate::protocol::SqlState;
+use crate::protocol::backend::{ColumnType, ErrorFields, command_complete, data_row, notice, row_description};
+use crate::proxy::Shared;
+
+use ColumnType::{Int8 as I, Text as T};
+
+/// Writes one result set.
+fn table(out: &mut BytesMut, columns: &[(&str, ColumnType)], rows: &[Vec<Option<String>>]) {
+    row_description(out, columns);
+    for row in rows {
+        data_row(out, row);
+    }
+    command_complete(out, "SHOW");
+}
+
+fn s(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// Runs `SHOW what`.
+pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorFields> {
+    match what {
+        "HELP" => {
+            notice(
+                out,
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|USERS|LISTS|VERSION\n\tSHUTDOWN",
+            );
+            command_complete(out, "SHOW");
+        }
+        "VERSION" => table(
+            out,
+            &[("version", T)],
+            &[vec![s(concat!("dbproxy ", env!("CARGO_PKG_VERSION")))]],
+        ),
+        "POOLS" => pools(shared, out),
+        "DATABASES" => databases(shared, out),
+        "USERS" => {
+            let mode = shared.config.pool.mode.as_str();
+            let rows: Vec<_> = shared.config.users.iter().map(|u| vec![s(&u.name), s(mode)]).collect();
+            table(out, &[("name", T), ("pool_mode", T)], &rows);
+        }
+        "LISTS" => lists(shared, out),
+        "CONFIG" => config(&shared.config, out),
+        "STATS" | "STATS_TOTALS" | "STATS_AVERAGES" | "SERVERS" | "CLIENTS" => {
+            return Err(ErrorFields::error(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("SHOW {what} is not implemented yet"),
+            ));
+        }
+        _ => {
+            return Err(
+                ErrorFields::error(SqlState::SYNTAX_ERROR, format!("unknown SHOW item: {what}"))
+                    .with_hint("SHOW HELP lists the commands"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn pools(shared: &Shared, out: &mut BytesMut) {
+    let columns = [
+        ("database", T),
+        ("user", T),
+        ("cl_active", I),
+        ("cl_waiting", I),
+        ("cl_active_cancel_req", I),
+        ("cl_waiting_cancel_req", I),
+        ("sv_active", I),
+        ("sv_active_cancel", I),
+        ("sv_being_canceled", I),
+        ("sv_idle", I),
+        ("sv_used", I),
+        ("sv_tested", I),
+        ("sv_login", I),
+        ("maxwait", I),
+        ("maxwait_us", I),
+        ("pool_mode", T),
+        ("server", T),
+        ("role", T),
+    ];
+    let mode = shared.config.pool.mode.as_str();
+    let rows: Vec<_> = shared
+        .pools
+        .all()
+        .iter()
+        .map(|p| {
+            let active = p.stats.active.load(Ordering::Relaxed);
+            let waiting = p.stats.waiting.load(Ordering::Relaxed);
+            let login = p.stats.connecting.load(Ordering::Relaxed);
+            vec![
+                s(&p.key.database),
+                s(&p.key.user),
+                s(active),
+                s(waiting),
+                s(0),
+                s(0),
+                s(active),
+                s(0),
+                s(0),
+                s(p.idle_count()),
+                s(0),
+                s(0),
+                s(login),
+                s(0),
+                s(0),
+                s(mode),
+                s(&p.key.addr),
+                s(p.key.role),
+            ]
+        })
+        .collect();
+    table(out, &columns, &rows);
+}
+
+fn databases(shared: &Shared, out: &mut BytesMut) {
+    let columns = [
+        ("name", T),
+        ("host", T),
+        ("port", I),
+        ("database", T),
+        ("force_user", T),
+        ("pool_size", I),
+        ("min_pool_size", I),
+        ("reserve_pool", I),
+        ("pool_mode", T),
+        ("max_connections", I),
+        ("current_connections", I),
+        ("paused", I),
+        ("disabled", I),
+        ("replicas", T),
+    ];
+    let pools = shared.pools.all();
+    let rows: Vec<_> = shared
+        .config
+        .databases
+        .iter()
+        .map(|db| {
+            let current: usize = pools
+                .iter()
+                .filter(|p| p.key.database == db.name)
+                .map(|p| p.stats.active.load(Ordering::Relaxed) + p.idle_count())
+                .sum();
+            let replicas: Vec<String> = db.replicas.iter().map(ToString::to_string).collect();
+            vec![
+                s(&db.name),
+                s(&db.primary.host),
+                s(db.primary.port),
+                s(db.server_dbname()),
+                None,
+                s(shared.config.pool.size),
+                s(0),
+                s(0),
+                s(shared.config.pool.mode.as_str()),
+                s(0),
+                s(current),
+                s(0),
+                s(0),
+                s(replicas.join(",")),
+            ]
+        })
+        .collect();
+    table(out, &columns, &rows);
+}
+
+fn lists(shared: &Shared, out: &mut BytesMut) {
+    let pools = shared.pools.all();
+    let idle: usize = pools.iter().map(|p| p.idle_count()).sum();
+    let used: usize = pools.iter().map(|p| p.stats.active.load(Ordering::Relaxed)).sum();
+    let rows: Vec<_> = [
+        ("databases", shared.config.databases.len()),
+        ("users", shared.config.users.len()),
+        ("pools", pools.len()),
+        ("free_clients", 0),
+        ("used_clients", shared.clients.count()),
+        ("login_clients", 0),
+        ("free_servers", idle),
+        ("used_servers", used),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ]
+    .into_iter()
+    .map(|(k, v)| vec![s(k), s(v)])
+    .collect();
+    table(out, &[("list", T), ("items", I)], &rows);
+}
+
+/// Every setting with its value and default. No password ever appears here:
+/// `[[users]]` are not settings.
+fn config(c: &Config, out: &mut BytesMut) {
+    let d = Config::default();
+    let dur = |v| format_duration(v);
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let rows: Vec<(&str, String, String)> = vec![
+        ("proxy.listen", c.proxy.listen.to_string(), d.proxy.listen.to_string()),
+        ("proxy.admin_users", c.proxy.admin_users.join(","), String::new()),
+        (
+            "proxy.metrics_listen",
+            opt(c.proxy.metrics_listen.map(|a| a.to_string())),
+            String::new(),
+        ),
+        (
+            "proxy.max_client_conn",
+            c.proxy.max_client_conn.to_string(),
+            d.proxy.max_client_conn.to_string(),
+        ),
+        (
+            "proxy.client_login_timeout",
+            dur(c.proxy.client_login_timeout),
+            dur(d.proxy.client_login_timeout),
+        ),
+        (
+            "proxy.max_message_size",
+            c.proxy.max_message_size.to_string(),
+            d.proxy.max_message_size.to_string(),
+        ),
+        (
+            "proxy.shutdown_timeout",
+            dur(c.proxy.shutdown_timeout),
+            dur(d.proxy.shutdown_timeout),
+        ),
+        (
+            "tls.cert",
+            opt(c.tls.as_ref().map(|t| t.cert.display().to_string())),
+            String::new(),
+        ),
+        (
+            "tls.key",
+            opt(c.tls.as_ref().map(|t| t.key.display().to_string())),
+            String::new(),
+        ),
+        (
+            "pool.mode",
+            c.pool.mode.as_str().to_owned(),
+            d.pool.mode.as_str().to_owned(),
+        ),
+        ("pool.size", c.pool.size.to_string(), d.pool.size.to_string()),
+        (
+            "pool.checkout_timeout",
+            dur(c.pool.checkout_timeout),
+            dur(d.pool.checkout_timeout),
+        ),
+        (
+            "pool.server_connect_timeout",
+            dur(c.pool.server_connect_timeout),
+            dur(d.pool.server_connect_timeout),
+        ),
+        (
+            "pool.server_idle_timeout",
+            dur(c.pool.server_idle_timeout),
+            dur(d.pool.server_idle_timeout),
+        ),
+        (
+            "pool.server_reset_query",
+            c.pool.server_reset_query.clone(),
+            d.pool.server_reset_query.clone(),
+        ),
+        (
+            "pool.max_prepared_statements",
+            c.pool.max_prepared_statements.to_string(),
+            d.pool.max_prepared_statements.to_string(),
+        ),
+        (
+            "routing.read_write_split",
+            c.routing.read_write_split.to_string(),
+            d.routing.read_write_split.to_string(),
+        ),
+        (
+            "routing.balance",
+            c.routing.balance.as_str().to_owned(),
+            d.routing.balance.as_str().to_owned(),
+        ),
+        (
+            "routing.read_your_writes",
+            c.routing.read_your_writes.to_string(),
+            d.routing.read_your_writes.to_string(),
+        ),
+        (
+            "routing.max_replica_lag",
+            dur(c.routing.max_replica_lag),
+            dur(d.routing.max_replica_lag),
+        ),
+        (
+            "routing.health_check_interval",
+            dur(c.routing.health_check_interval),
+            dur(d.routing.health_check_interval),
+        ),
+        (
+            "routing.health_check_timeout",
+            dur(c.routing.health_check_timeout),
+            dur(d.routing.health_check_timeout),
+        ),
+    ];
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|(k, v, def)| vec![s(k), s(v), s(def), s("no")])
+        .collect();
+    table(
+        out,
+        &[("key", T), ("value", T), ("default", T), ("changeable", T)],
+        &rows,
+    );
+}
