@@ -41,6 +41,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
@@ -49,6 +50,7 @@ pub mod server_conn;
 pub mod server_state;
 pub mod session;
 pub mod sql;
+pub mod stats;
 pub mod tls;
 
 pub use config::Config;

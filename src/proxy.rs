@@ -20,6 +20,7 @@ use crate::pool::{Pool, PoolKey, PoolSettings, Pools, Role};
 use crate::router::Router;
 use crate::server_conn::LoginTarget;
 use crate::session::CancelRegistry;
+use crate::stats::DbStats;
 
 /// State shared by the listener and every session of one proxy.
 pub struct Shared {
@@ -28,6 +29,10 @@ pub struct Shared {
     pub databases: HashMap<String, Arc<DatabaseConfig>>,
     /// Routing state (server health, replay positions, function volatility) per database.
     pub routers: HashMap<String, Arc<Router>>,
+    /// Traffic counters per database.
+    pub stats: HashMap<String, Arc<DbStats>>,
+    /// When the proxy started (for per-second averages).
+    pub started: std::time::Instant,
     pub pools: Pools,
     pub cancels: CancelRegistry,
     pub tls: Option<TlsAcceptor>,
@@ -67,6 +72,8 @@ impl Shared {
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: io::Error },
     #[error("invalid [tls] configuration: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -74,6 +81,7 @@ pub enum StartError {
 /// A started proxy.
 pub struct Proxy {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -89,6 +97,17 @@ impl Proxy {
             .local_addr()
             .map_err(|source| StartError::Listen { addr: listen, source })?;
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        let metrics = match config.proxy.metrics_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Metrics { addr, source })?;
+                let bound = l.local_addr().map_err(|source| StartError::Metrics { addr, source })?;
+                Some((l, bound))
+            }
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             users: config
@@ -104,6 +123,12 @@ impl Proxy {
                 .iter()
                 .map(|d| (d.name.clone(), Arc::new(d.clone())))
                 .collect(),
+            stats: config
+                .databases
+                .iter()
+                .map(|d| (d.name.clone(), Arc::default()))
+                .collect(),
+            started: std::time::Instant::now(),
             routers: config
                 .databases
                 .iter()
@@ -124,6 +149,9 @@ impl Proxy {
         });
         let accept = tokio::spawn(listener::accept_loop(listener, shared.clone()));
         let mut tasks = vec![accept, tokio::spawn(maintain(shared.clone()))];
+        if let Some((listener, _)) = metrics {
+            tasks.push(tokio::spawn(crate::metrics::serve(listener, shared.clone())));
+        }
         // Health checks log in as the first configured user; they serve routing,
         // so they run where reads may go to replicas.
         let monitored = shared.config.routing.read_write_split && shared.config.pool.mode == PoolMode::Transaction;
@@ -141,12 +169,22 @@ impl Proxy {
             }
         }
         tracing::info!(%addr, "dbproxy listening");
-        Ok(Proxy { addr, shared, tasks })
+        Ok(Proxy {
+            addr,
+            metrics_addr,
+            shared,
+            tasks,
+        })
     }
 
     /// The address clients connect to (useful when listening on port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The shared state, for inspection.

@@ -31,7 +31,7 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "HELP" => {
             notice(
                 out,
-                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|USERS|LISTS|VERSION\n\tSHUTDOWN",
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tSHUTDOWN",
             );
             command_complete(out, "SHOW");
         }
@@ -49,7 +49,8 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         }
         "LISTS" => lists(shared, out),
         "CONFIG" => config(&shared.config, out),
-        "STATS" | "STATS_TOTALS" | "STATS_AVERAGES" | "SERVERS" | "CLIENTS" => {
+        "STATS" | "STATS_TOTALS" | "STATS_AVERAGES" => stats(shared, what, out),
+        "SERVERS" | "CLIENTS" => {
             return Err(ErrorFields::error(
                 SqlState::FEATURE_NOT_SUPPORTED,
                 format!("SHOW {what} is not implemented yet"),
@@ -168,6 +169,93 @@ fn databases(shared: &Shared, out: &mut BytesMut) {
         })
         .collect();
     table(out, &columns, &rows);
+}
+
+/// SHOW STATS (PgBouncer 1.18's columns), STATS_TOTALS and STATS_AVERAGES.
+/// Totals since start; averages are per second since start for counts and
+/// bytes, and per transaction or query for times (microseconds).
+fn stats(shared: &Shared, what: &str, out: &mut BytesMut) {
+    let secs = shared.started.elapsed().as_secs_f64().max(1.0);
+    let mut names: Vec<&String> = shared.stats.keys().collect();
+    names.sort();
+    let rows: Vec<(String, [u64; 7], [u64; 7])> = names
+        .into_iter()
+        .map(|name| {
+            let st = &shared.stats[name];
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let (xacts, queries) = (get(&st.xact_count), get(&st.query_count));
+            let totals = [
+                xacts,
+                queries,
+                get(&st.received),
+                get(&st.sent),
+                get(&st.xact_time_us),
+                get(&st.query_time_us),
+                get(&st.wait_time_us),
+            ];
+            let per = |total: u64, n: u64| total.checked_div(n).unwrap_or(0);
+            let averages = [
+                (xacts as f64 / secs) as u64,
+                (queries as f64 / secs) as u64,
+                (totals[2] as f64 / secs) as u64,
+                (totals[3] as f64 / secs) as u64,
+                per(totals[4], xacts),
+                per(totals[5], queries),
+                per(totals[6], xacts),
+            ];
+            (name.clone(), totals, averages)
+        })
+        .collect();
+    let short = [
+        "xact_count",
+        "query_count",
+        "bytes_received",
+        "bytes_sent",
+        "xact_time",
+        "query_time",
+        "wait_time",
+    ];
+    match what {
+        "STATS" => {
+            let long = [
+                "total_xact_count",
+                "total_query_count",
+                "total_received",
+                "total_sent",
+                "total_xact_time",
+                "total_query_time",
+                "total_wait_time",
+                "avg_xact_count",
+                "avg_query_count",
+                "avg_recv",
+                "avg_sent",
+                "avg_xact_time",
+                "avg_query_time",
+                "avg_wait_time",
+            ];
+            let mut columns = vec![("database", T)];
+            columns.extend(long.iter().map(|c| (*c, I)));
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|(n, t, a)| std::iter::once(s(n)).chain(t.iter().chain(a.iter()).map(s)).collect())
+                .collect();
+            table(out, &columns, &rows);
+        }
+        _ => {
+            let mut columns = vec![("database", T)];
+            columns.extend(short.iter().map(|c| (*c, I)));
+            let pick_totals = what == "STATS_TOTALS";
+            let rows: Vec<_> = rows
+                .iter()
+                .map(|(n, t, a)| {
+                    std::iter::once(s(n))
+                        .chain((if pick_totals { t } else { a }).iter().map(s))
+                        .collect()
+                })
+                .collect();
+            table(out, &columns, &rows);
+        }
+    }
 }
 
 fn lists(shared: &Shared, out: &mut BytesMut) {

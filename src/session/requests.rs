@@ -304,6 +304,9 @@ impl Conn<'_> {
 
     /// The bookkeeping of [`Self::sent`] other than the expectation itself.
     fn tracker_and_sync_state(&mut self, tag: u8) {
+        if self.request_started.is_none() {
+            self.request_started = Some(std::time::Instant::now());
+        }
         if matches!(tag, b'c' | b'f') {
             self.expect.copy_end();
         }
@@ -595,6 +598,16 @@ impl Conn<'_> {
             self.to_client.clear();
         }
         let wait = self.shared.config.pool.checkout_timeout;
+        let waiting_since = std::time::Instant::now();
+        let result = self.checkout_routed(class, wait).await;
+        let waited = waiting_since.elapsed();
+        crate::stats::DbStats::add_time(&self.stats.wait_time_us, waited);
+        self.stats.wait.observe(waited);
+        Ok(result)
+    }
+
+    /// The checkout of [`Self::attach`]: replicas first when allowed, then the primary.
+    async fn checkout_routed(&mut self, class: Class, wait: std::time::Duration) -> Result<(), CheckoutError> {
         for _ in 0..=self.replica_pools.len() {
             let replica = self.choose_replica(class);
             let (pool, role) = match replica {
@@ -604,7 +617,7 @@ impl Conn<'_> {
             match pool.checkout(wait).await {
                 Ok(conn) => {
                     self.hold(conn, role, class).await;
-                    return Ok(Ok(()));
+                    return Ok(());
                 }
                 Err(CheckoutError::Connect(e)) if replica.is_some() => {
                     tracing::warn!(error = %e, "replica unreachable; trying elsewhere");
@@ -612,17 +625,13 @@ impl Conn<'_> {
                         self.router.replicas[i].mark_down();
                     }
                 }
-                Err(e) => return Ok(Err(e)),
+                Err(e) => return Err(e),
             }
         }
         // Every replica failed just now; the primary is the last resort.
-        match self.pool.checkout(wait).await {
-            Ok(conn) => {
-                self.hold(conn, Role::Primary, class).await;
-                Ok(Ok(()))
-            }
-            Err(e) => Ok(Err(e)),
-        }
+        let conn = self.pool.checkout(wait).await?;
+        self.hold(conn, Role::Primary, class).await;
+        Ok(())
     }
 
     /// Takes `conn` for the client: registers it for cancel and carries the
@@ -633,12 +642,18 @@ impl Conn<'_> {
             write_query(&mut self.to_server, &sql);
             self.expect.sent(Request::Query, true, None);
         }
+        let routed = match role {
+            Role::Primary => &self.stats.routed_primary,
+            Role::Replica => &self.stats.routed_replica,
+        };
+        routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.phase = Phase::Attached(Attached {
             conn,
             role,
             wrote: role == Role::Primary && matches!(class, Class::Primary(_)),
             unsynced: false,
             status: TransactionStatus::Idle,
+            since: std::time::Instant::now(),
         });
     }
 

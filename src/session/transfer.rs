@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -42,6 +42,7 @@ use crate::router::{Class, Router, WriteMark};
 use crate::server_conn::ServerParams;
 use crate::server_state::Settings;
 use crate::sql::{Effects, Pins};
+use crate::stats::DbStats;
 
 /// Above this many buffered bytes a direction stops reading until it drains.
 pub(super) const HIGH_WATER: usize = 256 * 1024;
@@ -86,6 +87,8 @@ pub(super) struct Attached {
     pub(super) unsynced: bool,
     /// Status of the last ReadyForQuery.
     pub(super) status: TransactionStatus,
+    /// When the server connection was taken.
+    pub(super) since: Instant,
 }
 
 /// Why the main loop ended.
@@ -153,6 +156,10 @@ pub(super) struct Conn<'a> {
     pub(super) staged: Vec<(u8, BytesMut)>,
     /// Class of the client's last unnamed Parse.
     pub(super) unnamed_class: Class,
+    /// Traffic counters of the client's database.
+    pub(super) stats: Arc<DbStats>,
+    /// When the oldest request not yet answered by ReadyForQuery was sent.
+    pub(super) request_started: Option<Instant>,
 }
 
 /// Greets a logged-in client and serves it until it leaves.
@@ -234,6 +241,8 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         mark: Arc::new(WriteMark::default()),
         staged: Vec::new(),
         unnamed_class: Class::Neutral,
+        stats: shared.stats.get(&db.name).cloned().unwrap_or_default(),
+        request_started: None,
     };
     let exit = conn.serve().await;
     conn.finish(exit).await;
@@ -440,8 +449,16 @@ impl Conn<'_> {
         };
         match event {
             Event::ClientRead(Ok(0) | Err(_)) | Event::ClientWrote(Ok(0) | Err(_)) => Err(Exit::ClientLeft),
-            Event::ClientRead(Ok(_)) => Ok(()),
+            Event::ClientRead(Ok(n)) => {
+                self.stats
+                    .received
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
             Event::ClientWrote(Ok(n)) => {
+                self.stats
+                    .sent
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 self.to_client.advance(n);
                 if self.to_client.is_empty() {
                     self.to_client.clear();
@@ -533,6 +550,16 @@ impl Conn<'_> {
                             break;
                         };
                         a.status = status;
+                        self.stats
+                            .query_count
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(t) = self.request_started.take() {
+                            DbStats::add_time(&self.stats.query_time_us, t.elapsed());
+                        }
+                        if !self.expect.is_empty() {
+                            // Pipelined requests are still being answered.
+                            self.request_started = Some(Instant::now());
+                        }
                         let settled = self.tracker.ready(status);
                         for change in &settled.confirmed {
                             self.settings.apply_for_client(change, &self.startup);
@@ -608,6 +635,11 @@ impl Conn<'_> {
         let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
         };
+        let held = a.since.elapsed();
+        self.stats.xact_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        DbStats::add_time(&self.stats.xact_time_us, held);
+        self.stats.xact.observe(held);
+        self.request_started = None;
         self.slot.clear().await;
         let clean = self.quiet(&a) && self.sbuf.is_empty() && self.to_server.is_empty() && self.sscan.at_boundary();
         self.sbuf.clear();

@@ -174,3 +174,76 @@ async fn shutdown_from_the_console_drains_the_proxy() {
     let err = idle.query_one("SELECT 1", &[]).await.unwrap_err();
     assert!(err.is_closed() || sqlstate(&err) == "57P01", "{}", describe(&err));
 }
+
+/// One HTTP GET over a raw socket: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
+}
+
+fn metric(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{prefix} missing from:\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_metrics_count_real_traffic() {
+    let user = create_user("adm_stats").await;
+    let admin = TestUser {
+        name: "console_admin4".into(),
+        password: "console-secret4".into(),
+    };
+    let mut setup = admin_setup(&user, &admin);
+    setup.proxy.push_str("\nmetrics_listen = \"127.0.0.1:0\"");
+    let proxy = setup.start().await;
+    let metrics = proxy.metrics_addr().expect("metrics endpoint");
+    let console = admin_client(&proxy, &admin).await;
+    let before = show(&console, "SHOW STATS").await;
+    assert_eq!(before.0[..3], ["database", "total_xact_count", "total_query_count"]);
+    let q0: u64 = before.1[0][2].parse().unwrap();
+    let (_, m0) = http_get(metrics, "/metrics").await;
+    let app = connect(&proxy, &user).await.unwrap();
+    for _ in 0..25 {
+        app.batch_execute("SELECT 1").await.unwrap();
+    }
+    let after = show(&console, "SHOW STATS").await;
+    let q1: u64 = after.1[0][2].parse().unwrap();
+    assert_eq!(q1 - q0, 25, "25 queries counted");
+    let x1: u64 = after.1[0][1].parse().unwrap();
+    assert!(x1 >= 25, "{x1}");
+    let (cols, _) = show(&console, "SHOW STATS_TOTALS").await;
+    assert_eq!(cols[1..3], ["xact_count", "query_count"]);
+
+    let (status, body) = http_get(metrics, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let q = metric(&body, "dbproxy_queries_total{database=\"appdb\"}")
+        - metric(&m0, "dbproxy_queries_total{database=\"appdb\"}");
+    assert_eq!(q, 25.0);
+    assert!(metric(&body, "dbproxy_transactions_total{database=\"appdb\",role=\"primary\"}") >= 25.0);
+    assert!(metric(&body, "dbproxy_pool_wait_seconds_count{database=\"appdb\"}") >= 25.0);
+    assert!(body.contains("dbproxy_server_connections{database=\"appdb\""));
+    assert!(body.contains("dbproxy_build_info{version="));
+    assert!(
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.starts_with("dbproxy_"))
+    );
+
+    assert!(http_get(metrics, "/healthz").await.0.contains("200"));
+    assert!(http_get(metrics, "/readyz").await.0.contains("200"));
+    let _ = proxy.shared().shutdown_tx.send(true);
+    assert!(
+        http_get(metrics, "/readyz").await.0.contains("503"),
+        "not ready while draining"
+    );
+}

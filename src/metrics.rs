@@ -1,0 +1,224 @@
+//! The operations HTTP endpoint on `proxy.metrics_listen`: `/metrics`
+//! (Prometheus text, every name prefixed `dbproxy_`), `/healthz` (the process
+//! is up) and `/readyz` (listening, not draining, and for each database with
+//! monitored servers the primary or a replica reachable). A deliberately small
+//! HTTP/1.x handler: GET only, one request per connection.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::proxy::Shared;
+use crate::stats::{BUCKETS, Histogram};
+
+/// Serves the endpoint until the proxy stops.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &shared)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 8192 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => ("200 OK", render(shared)),
+        ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),
+        ("GET", "/readyz") if ready(shared) => ("200 OK", "ready\n".to_owned()),
+        ("GET", "/readyz") => ("503 Service Unavailable", "not ready\n".to_owned()),
+        ("GET", _) => ("404 Not Found", "not found\n".to_owned()),
+        _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Ready: not draining, and every monitored database has a reachable server.
+pub fn ready(shared: &Shared) -> bool {
+    if *shared.shutdown.borrow() {
+        return false;
+    }
+    let monitored = shared.config.routing.read_write_split;
+    shared.config.databases.iter().all(|db| {
+        let Some(router) = shared.routers.get(&db.name) else {
+            return true;
+        };
+        !monitored
+            || db.replicas.is_empty()
+            || router.primary.is_healthy()
+            || router.replicas.iter().any(|r| r.is_healthy())
+    })
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram, header: bool) {
+    if header {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    }
+    let (counts, sum) = h.snapshot();
+    for (bound, count) in BUCKETS.iter().zip(&counts) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+    }
+    let total = counts.last().copied().unwrap_or(0);
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
+}
+
+/// The Prometheus text exposition.
+pub fn render(shared: &Shared) -> String {
+    let mut out = String::with_capacity(4096);
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_build_info Build information.\n# TYPE dbproxy_build_info gauge"
+    );
+    let _ = writeln!(out, "dbproxy_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+
+    let pools = shared.pools.all();
+    let active: usize = pools.iter().map(|p| p.stats.active.load(Ordering::Relaxed)).sum();
+    let waiting: usize = pools.iter().map(|p| p.stats.waiting.load(Ordering::Relaxed)).sum();
+    let total = shared.clients.count();
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_clients Connected clients by state.\n# TYPE dbproxy_clients gauge"
+    );
+    for (state, n) in [
+        ("active", active),
+        ("waiting", waiting),
+        ("idle", total.saturating_sub(active + waiting)),
+    ] {
+        let _ = writeln!(out, "dbproxy_clients{{state=\"{state}\"}} {n}");
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_server_connections Server connections by state.\n# TYPE dbproxy_server_connections gauge"
+    );
+    for p in &pools {
+        let k = &p.key;
+        let labels = format!(
+            "database=\"{}\",user=\"{}\",server=\"{}\",role=\"{}\"",
+            k.database, k.user, k.addr, k.role
+        );
+        for (state, n) in [
+            ("active", p.stats.active.load(Ordering::Relaxed)),
+            ("idle", p.idle_count()),
+            ("login", p.stats.connecting.load(Ordering::Relaxed)),
+        ] {
+            let _ = writeln!(out, "dbproxy_server_connections{{{labels},state=\"{state}\"}} {n}");
+        }
+    }
+
+    let mut names: Vec<&String> = shared.stats.keys().collect();
+    names.sort();
+    let counters = [
+        ("dbproxy_queries_total", "Requests answered (queries and Syncs)."),
+        (
+            "dbproxy_transactions_total",
+            "Server connections taken, by the role of the server.",
+        ),
+        ("dbproxy_received_bytes_total", "Bytes received from clients."),
+        ("dbproxy_sent_bytes_total", "Bytes sent to clients."),
+    ];
+    for (name, help) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for db in &names {
+            let st = &shared.stats[*db];
+            match name {
+                "dbproxy_transactions_total" => {
+                    for (role, c) in [("primary", &st.routed_primary), ("replica", &st.routed_replica)] {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{database=\"{db}\",role=\"{role}\"}} {}",
+                            c.load(Ordering::Relaxed)
+                        );
+                    }
+                }
+                _ => {
+                    let c = match name {
+                        "dbproxy_queries_total" => &st.query_count,
+                        "dbproxy_received_bytes_total" => &st.received,
+                        _ => &st.sent,
+                    };
+                    let _ = writeln!(out, "{name}{{database=\"{db}\"}} {}", c.load(Ordering::Relaxed));
+                }
+            }
+        }
+    }
+    for (i, db) in names.iter().enumerate() {
+        let labels = format!("database=\"{db}\"");
+        let st = &shared.stats[*db];
+        histogram(
+            &mut out,
+            "dbproxy_pool_wait_seconds",
+            "Time clients waited for a server connection.",
+            &labels,
+            &st.wait,
+            i == 0,
+        );
+    }
+    for (i, db) in names.iter().enumerate() {
+        let labels = format!("database=\"{db}\"");
+        let st = &shared.stats[*db];
+        histogram(
+            &mut out,
+            "dbproxy_transaction_duration_seconds",
+            "Time a server connection was held.",
+            &labels,
+            &st.xact,
+            i == 0,
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_server_up Whether a monitored server is in rotation.\n# TYPE dbproxy_server_up gauge\n\
+         # HELP dbproxy_replica_lag_seconds Replication lag of a monitored replica.\n# TYPE dbproxy_replica_lag_seconds gauge"
+    );
+    for db in &shared.config.databases {
+        let Some(router) = shared.routers.get(&db.name) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "dbproxy_server_up{{database=\"{}\",server=\"{}\",role=\"primary\"}} {}",
+            db.name,
+            db.primary,
+            u8::from(router.primary.is_healthy())
+        );
+        for (addr, h) in db.replicas.iter().zip(&router.replicas) {
+            let labels = format!("database=\"{}\",server=\"{addr}\"", db.name);
+            let _ = writeln!(
+                out,
+                "dbproxy_server_up{{{labels},role=\"replica\"}} {}",
+                u8::from(h.is_healthy())
+            );
+            let _ = writeln!(out, "dbproxy_replica_lag_seconds{{{labels}}} {}", h.lag().as_secs_f64());
+        }
+    }
+    out
+}
