@@ -31,6 +31,8 @@ pub struct Shared {
     pub routers: HashMap<String, Arc<Router>>,
     /// Traffic counters per database.
     pub stats: HashMap<String, Arc<DbStats>>,
+    /// `PAUSE`d databases: new transactions wait until `RESUME`.
+    pub paused: HashMap<String, watch::Sender<bool>>,
     /// When the proxy started (for per-second averages).
     pub started: std::time::Instant,
     pub pools: Pools,
@@ -127,6 +129,11 @@ impl Proxy {
                 .databases
                 .iter()
                 .map(|d| (d.name.clone(), Arc::default()))
+                .collect(),
+            paused: config
+                .databases
+                .iter()
+                .map(|d| (d.name.clone(), watch::channel(false).0))
                 .collect(),
             started: std::time::Instant::now(),
             routers: config

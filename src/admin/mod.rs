@@ -142,6 +142,28 @@ fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Outcome {
             }
             Outcome::Done
         }
+        ["PAUSE" | "RESUME", rest @ ..] if rest.len() <= 1 => {
+            let pause = words[0] == "PAUSE";
+            let db = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
+            let targets: Vec<&String> = match db {
+                Some(name) => match shared.paused.keys().find(|k| k.as_str() == name) {
+                    Some(k) => vec![k],
+                    None => {
+                        let err =
+                            ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
+                        error_response(out, &err);
+                        return Outcome::Done;
+                    }
+                },
+                None => shared.paused.keys().collect(),
+            };
+            for name in targets {
+                tracing::info!(database = %name, "{} from the admin console", words[0]);
+                shared.paused[name].send_replace(pause);
+            }
+            command_complete(out, words[0]);
+            Outcome::Done
+        }
         ["SHUTDOWN"] => {
             tracing::info!("SHUTDOWN from the admin console");
             let _ = shared.shutdown_tx.send(true);

@@ -31,7 +31,7 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "HELP" => {
             notice(
                 out,
-                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tSHUTDOWN",
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|SHUTDOWN",
             );
             command_complete(out, "SHOW");
         }
@@ -162,7 +162,7 @@ fn databases(shared: &Shared, out: &mut BytesMut) {
                 s(shared.config.pool.mode.as_str()),
                 s(0),
                 s(current),
-                s(0),
+                s(u8::from(shared.paused.get(&db.name).is_some_and(|p| *p.borrow()))),
                 s(0),
                 s(replicas.join(",")),
             ]

@@ -597,8 +597,15 @@ impl Conn<'_> {
             self.wr.flush().await.map_err(|_| Exit::ClientLeft)?;
             self.to_client.clear();
         }
-        let wait = self.shared.config.pool.checkout_timeout;
         let waiting_since = std::time::Instant::now();
+        if let Some(paused) = self.shared.paused.get(&self.pool.key.database) {
+            let mut paused = paused.subscribe();
+            if *paused.borrow() {
+                tracing::info!("database paused: the client's next transaction waits for RESUME");
+                let _ = paused.wait_for(|&p| !p).await;
+            }
+        }
+        let wait = self.shared.config.pool.checkout_timeout;
         let result = self.checkout_routed(class, wait).await;
         let waited = waiting_since.elapsed();
         crate::stats::DbStats::add_time(&self.stats.wait_time_us, waited);

@@ -247,3 +247,32 @@ async fn stats_and_metrics_count_real_traffic() {
         "not ready while draining"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_until_resume() {
+    let user = create_user("adm_pause").await;
+    let admin = TestUser {
+        name: "console_admin5".into(),
+        password: "console-secret5".into(),
+    };
+    let proxy = admin_setup(&user, &admin).start().await;
+    let console = admin_client(&proxy, &admin).await;
+    let client = connect(&proxy, &user).await.unwrap();
+    client.batch_execute("SELECT 1").await.unwrap();
+    console.simple_query("PAUSE appdb").await.unwrap();
+    let (_, dbs) = show(&console, "SHOW DATABASES").await;
+    assert_eq!(dbs[0][11], "1", "SHOW DATABASES says paused");
+    let late = connect(&proxy, &user)
+        .await
+        .expect("clients may connect during a pause");
+    let started = std::time::Instant::now();
+    let query = tokio::spawn(async move { late.query_one("SELECT 2", &[]).await.map(|r| r.get::<_, i32>(0)) });
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(!query.is_finished(), "the query waits while paused");
+    console.simple_query("RESUME").await.unwrap();
+    assert_eq!(query.await.unwrap().unwrap(), 2);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    let err = console.simple_query("PAUSE nosuchdb").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "3D000");
+    client.batch_execute("SELECT 3").await.unwrap();
+}

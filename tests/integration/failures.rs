@@ -213,20 +213,18 @@ impl Drop for Child {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_300_mb_result_streams_through_with_bounded_memory() {
-    let user = create_user("big").await;
+/// Runs the built `dbproxy` binary with `setup`; returns it and a connected client.
+async fn start_binary(setup: &mut Setup, user: &TestUser) -> (Child, tokio_postgres::Client, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut setup = Setup::new(&[&user]);
     setup.listen = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, setup.toml()).unwrap();
-    let proxy = Child(
+    let child = Child(
         Command::new(env!("CARGO_BIN_EXE_dbproxy"))
             .arg("--config")
             .arg(&path)
@@ -235,16 +233,49 @@ async fn a_300_mb_result_streams_through_with_bounded_memory() {
             .unwrap(),
     );
     let url = format!("postgresql://{}:{}@127.0.0.1:{port}/appdb", user.name, user.password);
-    let mut client = None;
     for _ in 0..100 {
         if let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await {
             tokio::spawn(conn);
-            client = Some(c);
-            break;
+            return (child, c, port);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let client = client.expect("the proxy binary accepts connections");
+    panic!("the proxy binary never accepted connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_transaction_in_flight_finish_then_exits_cleanly() {
+    let user = create_user("sigterm").await;
+    let (mut proxy, client, port) = start_binary(&mut Setup::new(&[&user]), &user).await;
+    let idle_url = format!("postgresql://{}:{}@127.0.0.1:{port}/appdb", user.name, user.password);
+    let (idle, conn) = tokio_postgres::connect(&idle_url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let query = tokio::spawn(async move { client.query_one("SELECT pg_sleep(1)::text, 'done'", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = proxy.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let row = query.await.unwrap().expect("the query in flight returns its row");
+    assert_eq!(row.get::<_, &str>(1), "done");
+    let err = idle
+        .query_one("SELECT 1", &[])
+        .await
+        .expect_err("idle clients are closed");
+    assert!(err.is_closed() || sqlstate(&err) == "57P01", "{}", describe(&err));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = proxy.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the proxy did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mb_result_streams_through_with_bounded_memory() {
+    let user = create_user("big").await;
+    let (proxy, client, _) = start_binary(&mut Setup::new(&[&user]), &user).await;
     client.query_one("SELECT 1", &[]).await.unwrap();
     let before = rss_kib(proxy.0.id());
     let params: [i32; 0] = [];
