@@ -4,6 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::backend::{message, put_cstr};
 use super::framing::{HEADER_LEN, read_cstr};
 
 /// A Parse message's fields.
@@ -43,20 +44,6 @@ pub fn parse_target(body: &[u8]) -> Option<(u8, &str)> {
     let (&kind, rest) = body.split_first()?;
     let (name, rest) = read_cstr(rest)?;
     (matches!(kind, b'S' | b'P') && rest.is_empty()).then_some((kind, name))
-}
-
-fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_u32(0);
-    body(buf);
-    let len = (buf.len() - at) as u32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    buf.put_slice(s.as_bytes());
-    buf.put_u8(0);
 }
 
 /// Writes a Parse of `query` under `name`.

@@ -274,3 +274,44 @@ pub async fn server_port(client: &Client) -> u16 {
         .expect("port query");
     row.get::<_, String>(0).parse().expect("port")
 }
+
+/// Asserts that every joined client task succeeded, showing the first failures.
+pub fn assert_all_succeeded(results: Vec<Result<Result<(), tokio_postgres::Error>, tokio::task::JoinError>>) {
+    let failures: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(describe(&e)),
+            Err(e) => Some(e.to_string()),
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} clients failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
+
+/// Runs pgbench with `args` against `url`; asserts it processed `transactions` without failures.
+pub fn pgbench(url: &str, args: &[&str], transactions: u32) {
+    let run = Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("pgbench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{args:?}: {}\n{stdout}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    if transactions > 0 {
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{args:?}: {stdout}"
+        );
+        let processed = format!("number of transactions actually processed: {transactions}/{transactions}");
+        assert!(stdout.contains(&processed), "{args:?}: {stdout}");
+    }
+}

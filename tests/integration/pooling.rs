@@ -53,20 +53,7 @@ async fn two_hundred_clients_share_five_server_connections() {
     let results = futures_util::future::join_all(clients).await;
     done.store(true, Ordering::Relaxed);
     monitor.await.unwrap();
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| match r {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(describe(&e)),
-            Err(e) => Some(e.to_string()),
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} clients failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    assert_all_succeeded(results);
     let peak = peak.load(Ordering::Relaxed);
     assert!(
         (1..=5).contains(&peak),

@@ -166,27 +166,9 @@ async fn pgbench_runs_clean_through_the_proxy() {
     let proxy = Setup::new(&[&user]).pool("size = 4").start().await;
     // pgbench's tables land in the role's own schema.
     let url = url(&proxy, &user);
-    let init = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q", &url])
-        .output()
-        .expect("pgbench runs");
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    pgbench(&url, &["-i", "-s", "1", "-q"], 0);
     for mode in ["simple", "extended"] {
-        let run = Command::new("pgbench")
-            .args(["-c", "10", "-j", "2", "-t", "50", "-M", mode, &url])
-            .output()
-            .expect("pgbench runs");
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "{mode}: {}\n{stdout}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        assert!(stdout.contains("number of failed transactions: 0"), "{mode}: {stdout}");
-        assert!(
-            stdout.contains("number of transactions actually processed: 500/500"),
-            "{mode}: {stdout}"
-        );
+        pgbench(&url, &["-c", "10", "-j", "2", "-t", "50", "-M", mode], 500);
     }
 }
 
@@ -198,24 +180,6 @@ async fn pgbench_prepared_with_50_clients_over_a_pool_of_10() {
         .start()
         .await;
     let url = url(&proxy, &user);
-    let init = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q", &url])
-        .output()
-        .expect("pgbench runs");
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let run = Command::new("pgbench")
-        .args(["-c", "50", "-j", "2", "-t", "20", "-M", "prepared", &url])
-        .output()
-        .expect("pgbench runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{}\n{stdout}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
-    assert!(
-        stdout.contains("number of transactions actually processed: 1000/1000"),
-        "{stdout}"
-    );
+    pgbench(&url, &["-i", "-s", "1", "-q"], 0);
+    pgbench(&url, &["-c", "50", "-j", "2", "-t", "20", "-M", "prepared"], 1000);
 }

@@ -39,20 +39,7 @@ async fn named_statements_work_whatever_server_connection_serves_the_client() {
         })
     });
     let results = futures_util::future::join_all(tasks).await;
-    let failures: Vec<String> = results
-        .into_iter()
-        .filter_map(|r| match r {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(describe(&e)),
-            Err(e) => Some(e.to_string()),
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} clients failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    assert_all_succeeded(results);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
