@@ -41,6 +41,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod listener;
+pub mod live;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

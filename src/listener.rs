@@ -80,7 +80,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let max = shared.config.proxy.max_client_conn;
+            let max = shared.live().config.proxy.max_client_conn;
             match shared.clients.try_add(max) {
                 Some(_guard) => session::serve(&shared, tcp, peer).await,
                 None => refuse(tcp, max).await,

@@ -60,12 +60,13 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
 
 /// Ready: not draining, and every monitored database has a reachable server.
 pub fn ready(shared: &Shared) -> bool {
+    let live = shared.live();
     if *shared.shutdown.borrow() {
         return false;
     }
-    let monitored = shared.config.routing.read_write_split;
-    shared.config.databases.iter().all(|db| {
-        let Some(router) = shared.routers.get(&db.name) else {
+    let monitored = live.config.routing.read_write_split;
+    live.config.databases.iter().all(|db| {
+        let Some(router) = live.routers.get(&db.name) else {
             return true;
         };
         !monitored
@@ -91,6 +92,7 @@ fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogr
 
 /// The Prometheus text exposition.
 pub fn render(shared: &Shared) -> String {
+    let live = shared.live();
     let mut out = String::with_capacity(4096);
     let _ = writeln!(
         out,
@@ -98,6 +100,17 @@ pub fn render(shared: &Shared) -> String {
     );
     let _ = writeln!(out, "dbproxy_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
 
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_config_reloads_total Configuration reloads by outcome.\n# TYPE dbproxy_config_reloads_total counter"
+    );
+    for (result, c) in [("ok", &shared.reloads_ok), ("error", &shared.reloads_failed)] {
+        let _ = writeln!(
+            out,
+            "dbproxy_config_reloads_total{{result=\"{result}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
     let pools = shared.pools.all();
     let active: usize = pools.iter().map(|p| p.stats.active.load(Ordering::Relaxed)).sum();
     let waiting: usize = pools.iter().map(|p| p.stats.waiting.load(Ordering::Relaxed)).sum();
@@ -133,7 +146,7 @@ pub fn render(shared: &Shared) -> String {
         }
     }
 
-    let mut names: Vec<&String> = shared.stats.keys().collect();
+    let mut names: Vec<&String> = live.stats.keys().collect();
     names.sort();
     let counters = [
         ("dbproxy_queries_total", "Requests answered (queries and Syncs)."),
@@ -147,7 +160,7 @@ pub fn render(shared: &Shared) -> String {
     for (name, help) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for db in &names {
-            let st = &shared.stats[*db];
+            let st = &live.stats[*db];
             match name {
                 "dbproxy_transactions_total" => {
                     for (role, c) in [("primary", &st.routed_primary), ("replica", &st.routed_replica)] {
@@ -171,7 +184,7 @@ pub fn render(shared: &Shared) -> String {
     }
     for (i, db) in names.iter().enumerate() {
         let labels = format!("database=\"{db}\"");
-        let st = &shared.stats[*db];
+        let st = &live.stats[*db];
         histogram(
             &mut out,
             "dbproxy_pool_wait_seconds",
@@ -183,7 +196,7 @@ pub fn render(shared: &Shared) -> String {
     }
     for (i, db) in names.iter().enumerate() {
         let labels = format!("database=\"{db}\"");
-        let st = &shared.stats[*db];
+        let st = &live.stats[*db];
         histogram(
             &mut out,
             "dbproxy_transaction_duration_seconds",
@@ -199,8 +212,8 @@ pub fn render(shared: &Shared) -> String {
         "# HELP dbproxy_server_up Whether a monitored server is in rotation.\n# TYPE dbproxy_server_up gauge\n\
          # HELP dbproxy_replica_lag_seconds Replication lag of a monitored replica.\n# TYPE dbproxy_replica_lag_seconds gauge"
     );
-    for db in &shared.config.databases {
-        let Some(router) = shared.routers.get(&db.name) else {
+    for db in &live.config.databases {
+        let Some(router) = live.routers.get(&db.name) else {
             continue;
         };
         let _ = writeln!(

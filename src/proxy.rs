@@ -1,48 +1,46 @@
 //! A running proxy: the state every session shares, and the handle that starts
 //! and stops it. Several proxies can run in one process (tests do).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::User;
-use crate::config::{Config, DatabaseConfig, PoolMode, ServerAddr};
+use crate::config::{Config, DatabaseConfig, PoolMode, Problem, ServerAddr};
 use crate::listener::{self, ClientGauge};
+use crate::live::Live;
 use crate::pool::{Pool, PoolKey, PoolSettings, Pools, Role};
-use crate::router::Router;
 use crate::server_conn::LoginTarget;
 use crate::session::CancelRegistry;
-use crate::stats::DbStats;
 
 /// State shared by the listener and every session of one proxy.
 pub struct Shared {
-    pub config: Config,
-    pub users: HashMap<String, Arc<User>>,
-    pub databases: HashMap<String, Arc<DatabaseConfig>>,
-    /// Routing state (server health, replay positions, function volatility) per database.
-    pub routers: HashMap<String, Arc<Router>>,
-    /// Traffic counters per database.
-    pub stats: HashMap<String, Arc<DbStats>>,
-    /// `PAUSE`d databases: new transactions wait until `RESUME`.
-    pub paused: HashMap<String, watch::Sender<bool>>,
+    /// What a reload replaces (configuration, users, databases, TLS, ...).
+    live: ArcSwap<Live>,
+    /// The file RELOAD and SIGHUP re-read, when the proxy was started from one.
+    config_path: Mutex<Option<PathBuf>>,
     /// When the proxy started (for per-second averages).
     pub started: std::time::Instant,
     pub pools: Pools,
     pub cancels: CancelRegistry,
-    pub tls: Option<TlsAcceptor>,
     /// Becomes `true` when a graceful shutdown starts.
     pub shutdown: watch::Receiver<bool>,
     /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
     pub shutdown_tx: watch::Sender<bool>,
     pub clients: ClientGauge,
+    /// Reloads applied and refused, for metrics.
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// Background tasks (health monitors) to stop at shutdown.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     next_session_id: AtomicU64,
 }
 
@@ -63,6 +61,97 @@ impl Shared {
         })
     }
 
+    /// The current configuration and what was built from it, for a quick
+    /// look (do not hold it across an await: see [`Shared::snapshot`]).
+    pub fn live(&self) -> arc_swap::Guard<Arc<Live>> {
+        self.live.load()
+    }
+
+    /// The current configuration as an owned snapshot, to keep across awaits.
+    pub fn snapshot(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Re-reads the configuration file and applies it without dropping
+    /// clients: users and passwords, databases added or removed, pool sizes,
+    /// routing, TLS and limits. An invalid file changes nothing; its problems
+    /// are returned (and logged).
+    pub fn reload(self: &Arc<Self>) -> Result<(), Vec<Problem>> {
+        let outcome = self.try_reload();
+        match &outcome {
+            Ok(()) => {
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("configuration reloaded");
+            }
+            Err(problems) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                for p in problems {
+                    tracing::error!(key = %p.key, problem = %p.message, "reload refused; keeping the running configuration");
+                }
+            }
+        }
+        outcome
+    }
+
+    fn try_reload(self: &Arc<Self>) -> Result<(), Vec<Problem>> {
+        let path = self.config_path.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(path) = path else {
+            return Err(vec![Problem {
+                key: "(reload)".to_owned(),
+                message: "the proxy was not started from a configuration file".to_owned(),
+            }]);
+        };
+        let config = Config::load(&path)?;
+        let old = self.live.load_full();
+        if config.proxy.listen != old.config.proxy.listen
+            || config.proxy.metrics_listen != old.config.proxy.metrics_listen
+        {
+            tracing::warn!("listen addresses changed: they take effect at the next restart");
+        }
+        let live = Arc::new(Live::build(config, Some(&old))?);
+        // Server passwords changed: those users' pools start afresh.
+        for (name, user) in &live.users {
+            if old
+                .users
+                .get(name)
+                .is_some_and(|o| o.server_password != user.server_password)
+            {
+                self.pools.forget_user(name);
+            }
+        }
+        self.pools.resize(PoolSettings::from(&live.config));
+        self.live.store(live.clone());
+        self.spawn_monitors(&live, Some(&old));
+        Ok(())
+    }
+
+    /// Records the file the configuration came from, for RELOAD and SIGHUP.
+    pub fn set_config_path(&self, path: PathBuf) {
+        *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    }
+
+    /// Starts health monitors for databases that need one and did not have
+    /// one under `previous`. They log in as the first configured user and run
+    /// where reads may go to replicas.
+    fn spawn_monitors(self: &Arc<Self>, live: &Arc<Live>, previous: Option<&Live>) {
+        let monitored = live.config.routing.read_write_split && live.config.pool.mode == PoolMode::Transaction;
+        let user = live.config.users.first().and_then(|u| live.users.get(&u.name)).cloned();
+        let (true, Some(user)) = (monitored, user) else {
+            return;
+        };
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, db) in live.databases.iter().filter(|(_, db)| !db.replicas.is_empty()) {
+            let router = live.routers[name].clone();
+            let had = previous
+                .and_then(|p| p.routers.get(name))
+                .is_some_and(|r| Arc::ptr_eq(r, &router));
+            if !had {
+                let monitor = crate::router::health::monitor(self.clone(), db.clone(), user.clone(), router);
+                tasks.push(tokio::spawn(monitor));
+            }
+        }
+    }
+
     /// A new session number, for logs and the admin console.
     pub fn next_session_id(&self) -> u64 {
         self.next_session_id.fetch_add(1, Ordering::Relaxed) + 1
@@ -76,8 +165,8 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: io::Error },
     #[error("cannot listen for metrics on {addr}: {source}")]
     Metrics { addr: SocketAddr, source: io::Error },
-    #[error("invalid [tls] configuration: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    #[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Config(Vec<Problem>),
 }
 
 /// A started proxy.
@@ -98,7 +187,6 @@ impl Proxy {
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Listen { addr: listen, source })?;
-        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let metrics = match config.proxy.metrics_listen {
             Some(addr) => {
                 let l = TcpListener::bind(addr)
@@ -111,70 +199,29 @@ impl Proxy {
         };
         let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let settings = PoolSettings::from(&config);
+        let cancel_timeout = config.pool.server_connect_timeout;
+        let live = Arc::new(Live::build(config, None).map_err(StartError::Config)?);
         let shared = Arc::new(Shared {
-            users: config
-                .users
-                .iter()
-                .map(|u| {
-                    let user = User::new(&u.name, &u.password, u.server_password.as_deref());
-                    (u.name.clone(), Arc::new(user))
-                })
-                .collect(),
-            databases: config
-                .databases
-                .iter()
-                .map(|d| (d.name.clone(), Arc::new(d.clone())))
-                .collect(),
-            stats: config
-                .databases
-                .iter()
-                .map(|d| (d.name.clone(), Arc::default()))
-                .collect(),
-            paused: config
-                .databases
-                .iter()
-                .map(|d| (d.name.clone(), watch::channel(false).0))
-                .collect(),
+            live: ArcSwap::new(live.clone()),
+            config_path: Mutex::new(None),
             started: std::time::Instant::now(),
-            routers: config
-                .databases
-                .iter()
-                .map(|d| (d.name.clone(), Arc::new(Router::new(d.replicas.len()))))
-                .collect(),
-            pools: Pools::new(PoolSettings {
-                size: config.pool.size,
-                connect_timeout: config.pool.server_connect_timeout,
-                idle_timeout: config.pool.server_idle_timeout,
-            }),
-            cancels: CancelRegistry::new(config.pool.server_connect_timeout),
-            tls,
+            pools: Pools::new(settings),
+            cancels: CancelRegistry::new(cancel_timeout),
             shutdown: shutdown_rx,
             shutdown_tx,
             clients: ClientGauge::default(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
             next_session_id: AtomicU64::new(0),
-            config,
         });
         let accept = tokio::spawn(listener::accept_loop(listener, shared.clone()));
         let mut tasks = vec![accept, tokio::spawn(maintain(shared.clone()))];
         if let Some((listener, _)) = metrics {
             tasks.push(tokio::spawn(crate::metrics::serve(listener, shared.clone())));
         }
-        // Health checks log in as the first configured user; they serve routing,
-        // so they run where reads may go to replicas.
-        let monitored = shared.config.routing.read_write_split && shared.config.pool.mode == PoolMode::Transaction;
-        let user = shared
-            .config
-            .users
-            .first()
-            .and_then(|u| shared.users.get(&u.name))
-            .cloned();
-        if let (true, Some(user)) = (monitored, user) {
-            for (name, db) in shared.databases.iter().filter(|(_, db)| !db.replicas.is_empty()) {
-                let router = shared.routers[name].clone();
-                let monitor = crate::router::health::monitor(shared.clone(), db.clone(), user.clone(), router);
-                tasks.push(tokio::spawn(monitor));
-            }
-        }
+        shared.spawn_monitors(&live, None);
         tracing::info!(%addr, "dbproxy listening");
         Ok(Proxy {
             addr,
@@ -211,7 +258,7 @@ impl Proxy {
     /// `proxy.shutdown_timeout` has passed. Returns whether all clients left.
     pub async fn shutdown(self) -> bool {
         let _ = self.shared.shutdown_tx.send(true);
-        let timeout = self.shared.config.proxy.shutdown_timeout;
+        let timeout = self.shared.live().config.proxy.shutdown_timeout;
         let drained = tokio::time::timeout(timeout, self.shared.clients.wait_zero())
             .await
             .is_ok();
@@ -222,6 +269,9 @@ impl Proxy {
             );
         }
         for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.shared.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             task.abort();
         }
         drained

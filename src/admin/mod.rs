@@ -123,7 +123,8 @@ enum Outcome {
 }
 
 /// Runs one console command, writing its result or error to `out`.
-fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Outcome {
+fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
+    let live = shared.live();
     let words: Vec<String> = sql
         .trim()
         .trim_end_matches(';')
@@ -146,7 +147,7 @@ fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Outcome {
             let pause = words[0] == "PAUSE";
             let db = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
             let targets: Vec<&String> = match db {
-                Some(name) => match shared.paused.keys().find(|k| k.as_str() == name) {
+                Some(name) => match live.paused.keys().find(|k| k.as_str() == name) {
                     Some(k) => vec![k],
                     None => {
                         let err =
@@ -155,13 +156,28 @@ fn execute(shared: &Shared, sql: &str, out: &mut BytesMut) -> Outcome {
                         return Outcome::Done;
                     }
                 },
-                None => shared.paused.keys().collect(),
+                None => live.paused.keys().collect(),
             };
             for name in targets {
                 tracing::info!(database = %name, "{} from the admin console", words[0]);
-                shared.paused[name].send_replace(pause);
+                live.paused[name].send_replace(pause);
             }
             command_complete(out, words[0]);
+            Outcome::Done
+        }
+        ["RELOAD"] => {
+            match shared.reload() {
+                Ok(()) => command_complete(out, "RELOAD"),
+                Err(problems) => {
+                    let detail: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                    let err = ErrorFields::error(
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        "the configuration file is invalid; the running configuration stays",
+                    )
+                    .with_detail(detail.join("\n"));
+                    error_response(out, &err);
+                }
+            }
             Outcome::Done
         }
         ["SHUTDOWN"] => {

@@ -27,11 +27,12 @@ fn s(v: impl ToString) -> Option<String> {
 
 /// Runs `SHOW what`.
 pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), ErrorFields> {
+    let live = shared.live();
     match what {
         "HELP" => {
             notice(
                 out,
-                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|SHUTDOWN",
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|RELOAD|SHUTDOWN",
             );
             command_complete(out, "SHOW");
         }
@@ -43,12 +44,12 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "POOLS" => pools(shared, out),
         "DATABASES" => databases(shared, out),
         "USERS" => {
-            let mode = shared.config.pool.mode.as_str();
-            let rows: Vec<_> = shared.config.users.iter().map(|u| vec![s(&u.name), s(mode)]).collect();
+            let mode = live.config.pool.mode.as_str();
+            let rows: Vec<_> = live.config.users.iter().map(|u| vec![s(&u.name), s(mode)]).collect();
             table(out, &[("name", T), ("pool_mode", T)], &rows);
         }
         "LISTS" => lists(shared, out),
-        "CONFIG" => config(&shared.config, out),
+        "CONFIG" => config(&live.config, out),
         "STATS" | "STATS_TOTALS" | "STATS_AVERAGES" => stats(shared, what, out),
         "SERVERS" | "CLIENTS" => {
             return Err(ErrorFields::error(
@@ -67,6 +68,7 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
 }
 
 fn pools(shared: &Shared, out: &mut BytesMut) {
+    let live = shared.live();
     let columns = [
         ("database", T),
         ("user", T),
@@ -87,7 +89,7 @@ fn pools(shared: &Shared, out: &mut BytesMut) {
         ("server", T),
         ("role", T),
     ];
-    let mode = shared.config.pool.mode.as_str();
+    let mode = live.config.pool.mode.as_str();
     let rows: Vec<_> = shared
         .pools
         .all()
@@ -122,6 +124,7 @@ fn pools(shared: &Shared, out: &mut BytesMut) {
 }
 
 fn databases(shared: &Shared, out: &mut BytesMut) {
+    let live = shared.live();
     let columns = [
         ("name", T),
         ("host", T),
@@ -139,7 +142,7 @@ fn databases(shared: &Shared, out: &mut BytesMut) {
         ("replicas", T),
     ];
     let pools = shared.pools.all();
-    let rows: Vec<_> = shared
+    let rows: Vec<_> = live
         .config
         .databases
         .iter()
@@ -156,13 +159,13 @@ fn databases(shared: &Shared, out: &mut BytesMut) {
                 s(db.primary.port),
                 s(db.server_dbname()),
                 None,
-                s(shared.config.pool.size),
+                s(live.config.pool.size),
                 s(0),
                 s(0),
-                s(shared.config.pool.mode.as_str()),
+                s(live.config.pool.mode.as_str()),
                 s(0),
                 s(current),
-                s(u8::from(shared.paused.get(&db.name).is_some_and(|p| *p.borrow()))),
+                s(u8::from(live.paused.get(&db.name).is_some_and(|p| *p.borrow()))),
                 s(0),
                 s(replicas.join(",")),
             ]
@@ -175,13 +178,14 @@ fn databases(shared: &Shared, out: &mut BytesMut) {
 /// Totals since start; averages are per second since start for counts and
 /// bytes, and per transaction or query for times (microseconds).
 fn stats(shared: &Shared, what: &str, out: &mut BytesMut) {
+    let live = shared.live();
     let secs = shared.started.elapsed().as_secs_f64().max(1.0);
-    let mut names: Vec<&String> = shared.stats.keys().collect();
+    let mut names: Vec<&String> = live.stats.keys().collect();
     names.sort();
     let rows: Vec<(String, [u64; 7], [u64; 7])> = names
         .into_iter()
         .map(|name| {
-            let st = &shared.stats[name];
+            let st = &live.stats[name];
             let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
             let (xacts, queries) = (get(&st.xact_count), get(&st.query_count));
             let totals = [
@@ -259,12 +263,13 @@ fn stats(shared: &Shared, what: &str, out: &mut BytesMut) {
 }
 
 fn lists(shared: &Shared, out: &mut BytesMut) {
+    let live = shared.live();
     let pools = shared.pools.all();
     let idle: usize = pools.iter().map(|p| p.idle_count()).sum();
     let used: usize = pools.iter().map(|p| p.stats.active.load(Ordering::Relaxed)).sum();
     let rows: Vec<_> = [
-        ("databases", shared.config.databases.len()),
-        ("users", shared.config.users.len()),
+        ("databases", live.config.databases.len()),
+        ("users", live.config.users.len()),
         ("pools", pools.len()),
         ("free_clients", 0),
         ("used_clients", shared.clients.count()),

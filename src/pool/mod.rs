@@ -40,6 +40,16 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
 }
 
+impl From<&crate::config::Config> for PoolSettings {
+    fn from(c: &crate::config::Config) -> Self {
+        PoolSettings {
+            size: c.pool.size,
+            connect_timeout: c.pool.server_connect_timeout,
+            idle_timeout: c.pool.server_idle_timeout,
+        }
+    }
+}
+
 /// Live counters, read by the admin console and metrics.
 #[derive(Debug, Default)]
 pub struct PoolStats {

@@ -42,7 +42,7 @@ pub struct Pools {
     /// One bound per (server, user), shared by the pools of every database
     /// that logs in to that server as that user.
     limits: Mutex<HashMap<(ServerAddr, String), Arc<Semaphore>>>,
-    settings: PoolSettings,
+    settings: Mutex<PoolSettings>,
 }
 
 impl Pools {
@@ -51,7 +51,7 @@ impl Pools {
         Pools {
             map: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
-            settings,
+            settings: Mutex::new(settings),
         }
     }
 
@@ -65,17 +65,50 @@ impl Pools {
         if let Some(pool) = self.map().get(&key) {
             return pool.clone();
         }
+        let settings = self.settings.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let permits = self
             .limits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((key.addr.clone(), key.user.clone()))
-            .or_insert_with(|| Arc::new(Semaphore::new(self.settings.size)))
+            .or_insert_with(|| Arc::new(Semaphore::new(settings.size)))
             .clone();
         self.map()
             .entry(key)
-            .or_insert_with_key(|k| Arc::new(Pool::with_limit(k.clone(), target(), self.settings.clone(), permits)))
+            .or_insert_with_key(|k| Arc::new(Pool::with_limit(k.clone(), target(), settings, permits)))
             .clone()
+    }
+
+    /// Applies new settings: every bound grows at once, or shrinks as
+    /// connections come back (nothing in use is taken away); new pools get
+    /// the new timeouts.
+    pub fn resize(&self, new: PoolSettings) {
+        let old = std::mem::replace(
+            &mut *self.settings.lock().unwrap_or_else(|e| e.into_inner()),
+            new.clone(),
+        );
+        if new.size == old.size {
+            return;
+        }
+        for permits in self.limits.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if new.size > old.size {
+                permits.add_permits(new.size - old.size);
+            } else {
+                let permits = permits.clone();
+                let fewer = (old.size - new.size) as u32;
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(fewer).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Drops `user`'s pools (its server password changed); connections in
+    /// use finish with the old pool, new ones log in afresh.
+    pub fn forget_user(&self, user: &str) {
+        self.map().retain(|k, _| k.user != user);
     }
 
     /// Every pool, sorted by key.

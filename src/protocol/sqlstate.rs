@@ -43,6 +43,8 @@ impl SqlState {
     pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState::new("26000");
     /// 42601: an admin console command the proxy does not know.
     pub const SYNTAX_ERROR: SqlState = SqlState::new("42601");
+    /// 22023: a RELOAD of an invalid configuration.
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState::new("22023");
     /// 53300: too many client connections.
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState::new("53300");
     /// 54000: a message exceeded `proxy.max_message_size`.

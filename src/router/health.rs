@@ -93,7 +93,7 @@ async fn check(pool: &Arc<Pool>, timeout: Duration) -> Result<Option<(u64, u64)>
 
 /// Watches the servers of `db` for as long as the proxy runs.
 pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<User>, router: Arc<Router>) {
-    let routing = &shared.config.routing;
+    let routing = &shared.live().config.routing;
     let (interval, timeout, max_lag) = (
         routing.health_check_interval,
         routing.health_check_timeout,

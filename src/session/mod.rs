@@ -29,7 +29,7 @@ pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let id = shared.next_session_id();
     let span = tracing::info_span!("client", id, %peer);
     async move {
-        let login_timeout = shared.config.proxy.client_login_timeout;
+        let login_timeout = shared.live().config.proxy.client_login_timeout;
         let opened = match tokio::time::timeout(login_timeout, startup::open(shared, tcp)).await {
             Ok(Ok(Some(login))) => login,
             Ok(Ok(None)) => return,

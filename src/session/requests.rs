@@ -52,7 +52,7 @@ fn server_name(query: &str, param_types: &[u8]) -> Arc<str> {
 impl Conn<'_> {
     /// Statement renaming is on: transaction mode with a statement budget.
     fn tracking(&self) -> bool {
-        self.mode == PoolMode::Transaction && self.shared.config.pool.max_prepared_statements > 0
+        self.mode == PoolMode::Transaction && self.shared.live().config.pool.max_prepared_statements > 0
     }
 
     /// Handles every complete client message that can be handled now.
@@ -367,6 +367,7 @@ impl Conn<'_> {
         }
         if let Some(cmd) = &fx.local {
             // Sent while a server is held (inside a transaction or pipelined).
+            self.apply_effects(&fx);
             if self.forward_local_command(cmd, msg) {
                 self.sent(b'Q', Some(Request::Query));
                 return Ok(());
@@ -395,7 +396,8 @@ impl Conn<'_> {
             }
             LocalCommand::DeallocateAll => {
                 self.statements.clear();
-                // Whether it succeeds or not, our record of this connection is uncertain.
+                // Prepare afresh from now on; whether it succeeds or not, reset before reuse.
+                a.conn.conn.state.prepared = Default::default();
                 a.conn.conn.state.dirty = true;
             }
             LocalCommand::DiscardAll => {
@@ -403,6 +405,7 @@ impl Conn<'_> {
                 self.unnamed = Effects::default();
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
+                a.conn.conn.state.prepared = Default::default();
                 a.conn.conn.state.dirty = true;
             }
         }
@@ -500,7 +503,7 @@ impl Conn<'_> {
     /// Writes a Parse of `stmt` to the server connection held (closing the
     /// least recently used statement if that exceeds the budget).
     fn prepare(&mut self, stmt: &Statement, injected: bool) {
-        let limit = self.shared.config.pool.max_prepared_statements;
+        let limit = self.shared.live().config.pool.max_prepared_statements;
         let Phase::Attached(a) = &mut self.phase else {
             return;
         };
@@ -598,14 +601,14 @@ impl Conn<'_> {
             self.to_client.clear();
         }
         let waiting_since = std::time::Instant::now();
-        if let Some(paused) = self.shared.paused.get(&self.pool.key.database) {
+        if let Some(paused) = self.shared.live().paused.get(&self.pool.key.database) {
             let mut paused = paused.subscribe();
             if *paused.borrow() {
                 tracing::info!("database paused: the client's next transaction waits for RESUME");
                 let _ = paused.wait_for(|&p| !p).await;
             }
         }
-        let wait = self.shared.config.pool.checkout_timeout;
+        let wait = self.shared.live().config.pool.checkout_timeout;
         let result = self.checkout_routed(class, wait).await;
         let waited = waiting_since.elapsed();
         crate::stats::DbStats::add_time(&self.stats.wait_time_us, waited);
@@ -672,7 +675,7 @@ impl Conn<'_> {
             }
             return None;
         }
-        let routing = &self.shared.config.routing;
+        let routing = &self.shared.live().config.routing;
         let mark = routing.read_your_writes.then_some(&*self.mark);
         let pools = &self.replica_pools;
         let active = |i: usize| pools[i].stats.active.load(std::sync::atomic::Ordering::Relaxed);

@@ -140,7 +140,7 @@ async fn negotiate_tls(shared: &Shared, stream: ClientStream) -> Result<ClientSt
             "SSL request inside an encrypted connection",
         ));
     };
-    let Some(acceptor) = &shared.tls else {
+    let Some(acceptor) = &shared.live().tls else {
         tcp.write_all(b"N").await.map_err(|_| Failure::hang_up())?;
         return Ok(ClientStream::Plain(tcp));
     };
@@ -199,7 +199,7 @@ async fn login(
     let db = if db_name == ADMIN_DATABASE {
         None
     } else {
-        match shared.databases.get(&db_name) {
+        match shared.live().databases.get(&db_name) {
             Some(db) => Some(db.clone()),
             None => {
                 return Err(Failure::fatal(
@@ -210,7 +210,7 @@ async fn login(
             }
         }
     };
-    let Some(user) = shared.users.get(&user_name).cloned() else {
+    let Some(user) = shared.live().users.get(&user_name).cloned() else {
         return Err(Failure::fatal(
             stream,
             SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -225,7 +225,7 @@ async fn login(
     }
     let target = match db {
         Some(db) => Target::Database(db),
-        None if shared.config.proxy.admin_users.contains(&user.name) => Target::Admin,
+        None if shared.live().config.proxy.admin_users.contains(&user.name) => Target::Admin,
         None => {
             return Err(Failure::fatal(
                 stream,

@@ -180,13 +180,14 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         .iter()
         .map(|a| shared.pool(&db, &user, Role::Replica, a))
         .collect();
-    let router = shared
+    let live = shared.snapshot();
+    let router = live
         .routers
         .get(&db.name)
         .cloned()
         .unwrap_or_else(|| Arc::new(Router::new(0)));
-    let split = shared.config.routing.read_write_split
-        && shared.config.pool.mode == PoolMode::Transaction
+    let split = live.config.routing.read_write_split
+        && live.config.pool.mode == PoolMode::Transaction
         && !replica_pools.is_empty();
     let mut to_client = BytesMut::with_capacity(1024);
     authentication_ok(&mut to_client);
@@ -208,10 +209,10 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     backend_key_data(&mut to_client, registration.process_id, registration.secret_key);
     ready_for_query(&mut to_client, TransactionStatus::Idle);
     let (rd, wr) = tokio::io::split(stream);
-    let max = shared.config.proxy.max_message_size;
+    let max = shared.live().config.proxy.max_message_size;
     let mut conn = Conn {
         shared,
-        mode: shared.config.pool.mode,
+        mode: shared.live().config.pool.mode,
         pool,
         slot: &registration.slot,
         rd,
@@ -241,7 +242,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         mark: Arc::new(WriteMark::default()),
         staged: Vec::new(),
         unnamed_class: Class::Neutral,
-        stats: shared.stats.get(&db.name).cloned().unwrap_or_default(),
+        stats: shared.live().stats.get(&db.name).cloned().unwrap_or_default(),
         request_started: None,
     };
     let exit = conn.serve().await;
@@ -309,7 +310,7 @@ async fn server_params(shared: &Shared, pools: &[&Arc<Pool>]) -> ServerParams {
     }
     let mut last_error = None;
     for pool in pools {
-        match pool.checkout(shared.config.pool.checkout_timeout).await {
+        match pool.checkout(shared.live().config.pool.checkout_timeout).await {
             Ok(conn) => {
                 let params = conn.conn.params.clone();
                 conn.checkin();
@@ -645,18 +646,18 @@ impl Conn<'_> {
         self.sbuf.clear();
         self.to_server.clear();
         self.expect.clear();
-        self.sscan = Scanner::new(self.shared.config.proxy.max_message_size);
+        self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
         if clean {
             // A client leaving while pinned leaves session state behind.
             let reset = self.mode == PoolMode::Session || !self.pins.is_empty() || a.conn.conn.state.dirty;
             let committed_write = a.role == Role::Primary && a.wrote && a.status == TransactionStatus::Idle;
-            let mark = (committed_write && self.split && self.shared.config.routing.read_your_writes)
+            let mark = (committed_write && self.split && self.shared.live().config.routing.read_your_writes)
                 .then(|| self.mark.clone());
             self.retire(a, reset, mark);
         } else {
             // Closing alone would leave the backend running until it next writes.
             tracing::debug!(server = %a.conn.conn.addr, "cancelling and closing a server connection left mid-request");
-            tokio::spawn(a.conn.abandon(self.shared.config.pool.server_connect_timeout));
+            tokio::spawn(a.conn.abandon(self.shared.live().config.pool.server_connect_timeout));
         }
     }
 
@@ -666,7 +667,7 @@ impl Conn<'_> {
     /// client's path) for read-your-writes.
     fn retire(&self, a: Attached, reset: bool, mark: Option<Arc<WriteMark>>) {
         let rollback = a.status != TransactionStatus::Idle;
-        let query = self.shared.config.pool.server_reset_query.clone();
+        let query = self.shared.live().config.pool.server_reset_query.clone();
         // Session state we cannot clear: nobody else may inherit the connection.
         let close = reset && query.trim().is_empty();
         let reset = (reset && !close).then_some(query);
@@ -743,7 +744,7 @@ impl Conn<'_> {
         self.to_server.clear();
         self.expect.clear();
         self.tracker = Tracker::default();
-        self.sscan = Scanner::new(self.shared.config.proxy.max_message_size);
+        self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
         if mid_message {
             return Err(Exit::Abort);
         }

@@ -276,3 +276,55 @@ async fn pause_holds_new_transactions_until_resume() {
     assert_eq!(sqlstate(&err), "3D000");
     client.batch_execute("SELECT 3").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_new_file_and_refuses_an_invalid_one() {
+    let user = create_user("adm_reload").await;
+    let newcomer = create_user("adm_newcomer").await;
+    let admin = TestUser {
+        name: "console_admin6".into(),
+        password: "console-secret6".into(),
+    };
+    let mut setup = admin_setup(&user, &admin);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let config = dbproxy::Config::load(&path).unwrap();
+    let proxy = dbproxy::Proxy::start(config).await.unwrap();
+    proxy.shared().set_config_path(path.clone());
+    let console = admin_client(&proxy, &admin).await;
+    let client = connect(&proxy, &user).await.unwrap();
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    assert!(connect(&proxy, &newcomer).await.is_err(), "not configured yet");
+
+    // Same listen address (the proxy keeps its socket), a new user, a new pool size.
+    setup.listen = proxy.local_addr().to_string();
+    setup.users.push(newcomer.clone());
+    setup.pool = "size = 2\ncheckout_timeout = \"3s\"".into();
+    std::fs::write(&path, setup.toml()).unwrap();
+    console.simple_query("RELOAD").await.expect("a valid file reloads");
+    let (_, rows) = show(&console, "SHOW CONFIG").await;
+    let size = rows.iter().find(|r| r[0] == "pool.size").unwrap();
+    assert_eq!(size[1], "2");
+    let fresh = connect(&proxy, &newcomer).await.expect("the new user logs in");
+    fresh.query_one("SELECT 1", &[]).await.unwrap();
+    client
+        .batch_execute("SELECT 2; COMMIT")
+        .await
+        .expect("the connected client carried on, mid-transaction");
+
+    std::fs::write(&path, setup.toml().replace("[pool]", "[pool]\nsizee = 3")).unwrap();
+    let err = console.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "22023", "{}", describe(&err));
+    assert!(
+        describe(&err).contains("sizee"),
+        "the problem names the key: {}",
+        describe(&err)
+    );
+    let (_, rows) = show(&console, "SHOW CONFIG").await;
+    assert_eq!(
+        rows.iter().find(|r| r[0] == "pool.size").unwrap()[1],
+        "2",
+        "the running configuration stays"
+    );
+}

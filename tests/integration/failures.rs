@@ -215,19 +215,28 @@ impl Drop for Child {
 
 /// Runs the built `dbproxy` binary with `setup`; returns it and a connected client.
 async fn start_binary(setup: &mut Setup, user: &TestUser) -> (Child, tokio_postgres::Client, u16) {
+    // The binary reads its file at start and at SIGHUP: it must outlive this call.
+    let dir = tempfile::tempdir().unwrap().keep();
+    start_binary_at(setup, user, &dir.join("proxy.toml")).await
+}
+
+/// Like [`start_binary`], with the configuration file at `path`.
+async fn start_binary_at(
+    setup: &mut Setup,
+    user: &TestUser,
+    path: &std::path::Path,
+) -> (Child, tokio_postgres::Client, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     setup.listen = format!("127.0.0.1:{port}");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, setup.toml()).unwrap();
+    std::fs::write(path, setup.toml()).unwrap();
     let child = Child(
         Command::new(env!("CARGO_BIN_EXE_dbproxy"))
             .arg("--config")
-            .arg(&path)
+            .arg(path)
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -241,6 +250,39 @@ async fn start_binary(setup: &mut Setup, user: &TestUser) -> (Child, tokio_postg
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the proxy binary never accepted connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_without_dropping_clients() {
+    let user = create_user("sighup").await;
+    let newcomer = create_user("sighup_new").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let mut setup = Setup::new(&[&user]);
+    let (proxy, client, port) = start_binary_at(&mut setup, &user, &path).await;
+    setup.users.push(newcomer.clone());
+    std::fs::write(&path, setup.toml()).unwrap();
+    let pid = proxy.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let url = format!(
+        "postgresql://{}:{}@127.0.0.1:{port}/appdb",
+        newcomer.name, newcomer.password
+    );
+    let mut joined = false;
+    for _ in 0..50 {
+        if let Ok((c, conn)) = tokio_postgres::connect(&url, NoTls).await {
+            tokio::spawn(conn);
+            c.query_one("SELECT 1", &[]).await.unwrap();
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "the user added by SIGHUP never got in");
+    client
+        .query_one("SELECT 2", &[])
+        .await
+        .expect("the connected client stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
