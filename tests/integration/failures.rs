@@ -342,3 +342,38 @@ async fn a_300_mb_result_streams_through_with_bounded_memory() {
         "proxy RSS grew by {growth_mib} MiB while streaming 300 MB"
     );
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connect_and_drop_cycles_leak_no_descriptors() {
+    let user = create_user("fds").await;
+    let (proxy, client, port) = start_binary(&mut Setup::new(&[&user]), &user).await;
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    let before = open_fds(proxy.0.id());
+    let url = format!("postgresql://{}:{}@127.0.0.1:{port}/appdb", user.name, user.password);
+    for i in 0..1000 {
+        if i % 2 == 0 {
+            // Log in, query, leave.
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            let task = tokio::spawn(conn);
+            c.query_one("SELECT 1", &[]).await.unwrap();
+            drop(c);
+            let _ = task.await;
+        } else {
+            // Connect and drop without a word.
+            drop(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+    }
+    let settled = eventually(Duration::from_secs(5), || async {
+        open_fds(proxy.0.id()) <= before + 2
+    })
+    .await;
+    let after = open_fds(proxy.0.id());
+    eprintln!("proxy descriptors: {before} before, {after} after 1000 connect/drop cycles");
+    assert!(settled, "descriptors grew from {before} to {after}");
+}

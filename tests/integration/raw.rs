@@ -97,3 +97,73 @@ async fn oversized_message_after_login_is_refused() {
     let other = connect(&proxy, &user).await.unwrap();
     assert_eq!(other.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_client_conn_refuses_with_53300_and_serves_the_rest() {
+    let user = create_user("maxconn").await;
+    let mut setup = Setup::new(&[&user]);
+    setup.proxy = "max_client_conn = 3".into();
+    let proxy = setup.start().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect(&proxy, &user).await.unwrap());
+    }
+    let Err(err) = connect(&proxy, &user).await else {
+        panic!("a fourth client got in");
+    };
+    assert_eq!(sqlstate(&err), "53300", "{}", describe(&err));
+    assert!(describe(&err).contains("max_client_conn"), "{}", describe(&err));
+    assert_eq!(held[0].query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    held.pop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            connect(&proxy, &user).await.is_ok()
+        })
+        .await,
+        "a slot frees when a client leaves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_connections_neither_linger_nor_slow_others() {
+    let user = create_user("silent").await;
+    let mut setup = Setup::new(&[&user]);
+    setup.proxy = "client_login_timeout = \"1s\"".into();
+    let proxy = setup.start().await;
+    let addr = proxy.local_addr();
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // A normal client meanwhile answers quickly.
+    let started = std::time::Instant::now();
+    let client = connect(&proxy, &user).await.unwrap();
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A startup packet sent one byte at a time still logs in (within the timeout).
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    let packet = startup(3 << 16, &[("user", &user.name), ("database", "appdb")]);
+    for b in &packet {
+        slow.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut first = [0u8; 1];
+    slow.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[0], b'R', "authentication request after a byte-by-byte startup");
+    // The silent ones are closed by client_login_timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut closed = 0;
+    for s in &mut silent {
+        let mut buf = [0u8; 16];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 300, "every silent connection was closed");
+    // The slow client never answered the SCRAM challenge: the timeout closed it too.
+    assert_eq!(proxy.shared().clients.count(), 1, "only the logged-in client remains");
+}
