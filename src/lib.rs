@@ -12,7 +12,8 @@
 //! - [`tls`]: the rustls acceptor for clients that ask for TLS.
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication
-//!   (`session/startup.rs`), the forwarding loop, release and the read-your-writes
+//!   (`session/startup.rs`), the login greeting and the settings a startup packet
+//!   asks for (`session/greeting.rs`), the forwarding loop, release and the read-your-writes
 //!   position after a write (`session/transfer.rs`), client messages: batch staging
 //!   and routing, statement renaming, settings carry, pinning, local answers
 //!   (`session/requests.rs`), the queue of answers owed by the server
@@ -32,8 +33,17 @@
 //! - [`server_conn`]: one server connection: connect, log in, cancel, liveness.
 //! - [`server_state`]: what a server connection holds for clients: prepared
 //!   statements (LRU) and applied settings.
-//! - [`proxy`]: the shared state (pools, a router per database) and the handle that
-//!   starts (listener, maintenance, one health monitor per database) and stops a proxy.
+//! - [`live`]: the reloadable state (configuration, users, databases, TLS, a router,
+//!   counters and a pause switch per database), swapped as a whole by a reload.
+//! - [`proxy`]: the shared state (pools, the [`live`] snapshot) and the handle that
+//!   starts (listener, maintenance, metrics endpoint, a health monitor per database
+//!   with replicas when `read_write_split` is on in transaction mode), reloads
+//!   (RELOAD, SIGHUP) and stops a proxy.
+//! - [`admin`]: the admin console on database `dbproxy`: session and commands
+//!   (`admin/mod.rs`), the SHOW tables (`admin/show.rs`).
+//! - [`stats`]: per-database counters and histograms (SHOW STATS, `/metrics`).
+//! - [`metrics`]: the HTTP endpoint on `metrics_listen`: `/metrics`, `/healthz`,
+//!   `/readyz`.
 
 #![forbid(unsafe_code)]
 

@@ -64,7 +64,9 @@ pub fn ready(shared: &Shared) -> bool {
     if *shared.shutdown.borrow() {
         return false;
     }
-    let monitored = live.config.routing.read_write_split;
+    // Only where a monitor runs (see Shared::spawn_monitors) is health known.
+    let monitored =
+        live.config.routing.read_write_split && live.config.pool.mode == crate::config::PoolMode::Transaction;
     live.config.databases.iter().all(|db| {
         let Some(router) = live.routers.get(&db.name) else {
             return true;

@@ -4,6 +4,7 @@
 
 mod cancel;
 mod expect;
+mod greeting;
 mod requests;
 mod settings;
 mod startup;
