@@ -393,9 +393,17 @@ fn config(c: &Config, out: &mut BytesMut) {
             dur(d.routing.health_check_timeout),
         ),
     ];
+    // RELOAD applies everything but the listen addresses (those need a restart).
+    let changeable = |k: &str| {
+        if k == "proxy.listen" || k == "proxy.metrics_listen" {
+            "no"
+        } else {
+            "yes"
+        }
+    };
     let rows: Vec<_> = rows
         .into_iter()
-        .map(|(k, v, def)| vec![s(k), s(v), s(def), s("no")])
+        .map(|(k, v, def)| vec![s(k), s(v), s(def), s(changeable(k))])
         .collect();
     table(
         out,
