@@ -49,6 +49,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clients;
 pub mod config;
 pub mod listener;
 pub mod live;

@@ -36,6 +36,8 @@ pub struct Shared {
     /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
     pub shutdown_tx: watch::Sender<bool>,
     pub clients: ClientGauge,
+    /// Logged-in clients, for SHOW CLIENTS and KILL.
+    pub registry: crate::clients::Clients,
     /// Reloads applied and refused, for metrics.
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
@@ -211,6 +213,7 @@ impl Proxy {
             shutdown: shutdown_rx,
             shutdown_tx,
             clients: ClientGauge::default(),
+            registry: Default::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),

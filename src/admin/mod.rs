@@ -165,6 +165,32 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             command_complete(out, words[0]);
             Outcome::Done
         }
+        ["KILL_CLIENT", id] => {
+            match id.parse::<u64>().ok().filter(|&id| shared.registry.kill(id)) {
+                Some(_) => command_complete(out, "KILL_CLIENT"),
+                None => {
+                    let err = ErrorFields::error(SqlState::UNDEFINED_OBJECT, format!("no such client: {id}"))
+                        .with_hint("SHOW CLIENTS lists them (the ptr column)");
+                    error_response(out, &err);
+                }
+            }
+            Outcome::Done
+        }
+        ["KILL", _] => {
+            let name = sql.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(';');
+            if !live.databases.contains_key(name) {
+                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
+                error_response(out, &err);
+                return Outcome::Done;
+            }
+            let killed = shared.registry.kill_database(name);
+            for pool in shared.pools.all().iter().filter(|p| p.key.database == name) {
+                pool.close_idle();
+            }
+            tracing::info!(database = name, clients = killed, "KILL from the admin console");
+            command_complete(out, "KILL");
+            Outcome::Done
+        }
         ["RELOAD"] => {
             match shared.reload() {
                 Ok(()) => command_complete(out, "RELOAD"),

@@ -32,7 +32,7 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "HELP" => {
             notice(
                 out,
-                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|RELOAD|SHUTDOWN",
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|KILL db|KILL_CLIENT id|RELOAD|SHUTDOWN",
             );
             command_complete(out, "SHOW");
         }
@@ -51,12 +51,8 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "LISTS" => lists(shared, out),
         "CONFIG" => config(&live.config, out),
         "STATS" | "STATS_TOTALS" | "STATS_AVERAGES" => stats(shared, what, out),
-        "SERVERS" | "CLIENTS" => {
-            return Err(ErrorFields::error(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!("SHOW {what} is not implemented yet"),
-            ));
-        }
+        "CLIENTS" => clients(shared, out),
+        "SERVERS" => servers(shared, out),
         _ => {
             return Err(
                 ErrorFields::error(SqlState::SYNTAX_ERROR, format!("unknown SHOW item: {what}"))
@@ -260,6 +256,115 @@ fn stats(shared: &Shared, what: &str, out: &mut BytesMut) {
             table(out, &columns, &rows);
         }
     }
+}
+
+/// PgBouncer's SHOW CLIENTS / SHOW SERVERS columns (1.18).
+const CONNECTION_COLUMNS: [(&str, ColumnType); 18] = [
+    ("type", T),
+    ("user", T),
+    ("database", T),
+    ("state", T),
+    ("addr", T),
+    ("port", I),
+    ("local_addr", T),
+    ("local_port", I),
+    ("connect_time", T),
+    ("request_time", T),
+    ("wait", I),
+    ("wait_us", I),
+    ("close_needed", I),
+    ("ptr", T),
+    ("link", T),
+    ("remote_pid", I),
+    ("tls", T),
+    ("application_name", T),
+];
+
+fn clients(shared: &Shared, out: &mut BytesMut) {
+    let rows: Vec<_> = shared
+        .registry
+        .all()
+        .iter()
+        .map(|c| {
+            let connected = humantime::format_rfc3339_seconds(c.connected).to_string();
+            let link = c.server().map(|(_, pid)| pid.to_string());
+            vec![
+                s("C"),
+                s(&c.user),
+                s(&c.database),
+                s(c.state().as_str()),
+                s(c.peer.ip()),
+                s(c.peer.port()),
+                None,
+                None,
+                s(&connected),
+                s(&connected),
+                s(0),
+                s(0),
+                s(0),
+                s(c.id),
+                link,
+                s(0),
+                s(if c.tls { "TLS" } else { "" }),
+                s(&c.application_name),
+            ]
+        })
+        .collect();
+    table(out, &CONNECTION_COLUMNS, &rows);
+}
+
+fn servers(shared: &Shared, out: &mut BytesMut) {
+    let mut rows = Vec::new();
+    for c in shared.registry.all() {
+        if let Some((addr, pid)) = c.server() {
+            let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, ""));
+            rows.push(vec![
+                s("S"),
+                s(&c.user),
+                s(&c.database),
+                s("active"),
+                s(host),
+                s(port),
+                None,
+                None,
+                None,
+                None,
+                s(0),
+                s(0),
+                s(0),
+                s(pid),
+                s(c.id),
+                s(pid),
+                s(""),
+                s(&c.application_name),
+            ]);
+        }
+    }
+    for p in shared.pools.all() {
+        for pid in p.idle_backends() {
+            rows.push(vec![
+                s("S"),
+                s(&p.key.user),
+                s(&p.key.database),
+                s("idle"),
+                s(&p.key.addr.host),
+                s(p.key.addr.port),
+                None,
+                None,
+                None,
+                None,
+                s(0),
+                s(0),
+                s(0),
+                s(pid),
+                None,
+                s(pid),
+                s(""),
+                s(""),
+            ]);
+        }
+    }
+    table(out, &CONNECTION_COLUMNS, &rows);
 }
 
 fn lists(shared: &Shared, out: &mut BytesMut) {

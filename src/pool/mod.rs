@@ -126,6 +126,11 @@ impl Pool {
         }
     }
 
+    /// Backend pids of the idle connections.
+    pub fn idle_backends(&self) -> Vec<i32> {
+        self.idle_list().iter().map(|c| c.process_id).collect()
+    }
+
     /// Number of idle connections.
     pub fn idle_count(&self) -> usize {
         self.idle_list().len()
@@ -190,6 +195,11 @@ impl Pool {
             tracing::debug!(server = %conn.addr, pid = conn.process_id, "discarding dead or expired idle server connection");
         }
         None
+    }
+
+    /// Closes every idle connection (KILL).
+    pub fn close_idle(&self) {
+        self.idle_list().clear();
     }
 
     /// Closes idle connections unused for longer than `server_idle_timeout`

@@ -41,6 +41,8 @@ impl SqlState {
     pub const INVALID_CATALOG_NAME: SqlState = SqlState::new("3D000");
     /// 26000: no prepared statement of that name.
     pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState::new("26000");
+    /// 42704: e.g. KILL_CLIENT of a client that is not connected.
+    pub const UNDEFINED_OBJECT: SqlState = SqlState::new("42704");
     /// 42601: an admin console command the proxy does not know.
     pub const SYNTAX_ERROR: SqlState = SqlState::new("42601");
     /// 22023: a RELOAD of an invalid configuration.

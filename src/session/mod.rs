@@ -22,6 +22,7 @@ use tracing::Instrument;
 pub use cancel::{CancelRegistry, CancelSlot};
 pub use stream::ClientStream;
 
+use crate::clients::ClientInfo;
 use crate::protocol::backend::{ErrorFields, error_response};
 use crate::proxy::Shared;
 
@@ -52,7 +53,14 @@ pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             startup::Target::Database(ref db) => {
                 let (user, database, tls) = (opened.user.name.clone(), db.name.clone(), opened.stream.is_tls());
                 tracing::info!(%user, %database, tls, "client logged in");
-                transfer::run(shared, opened, &registration).await;
+                let app = opened
+                    .params
+                    .iter()
+                    .find(|(k, _)| k == "application_name")
+                    .map(|(_, v)| v.as_str());
+                let info = ClientInfo::new(id, &user, &database, peer, tls, app.unwrap_or(""));
+                let entry = shared.registry.register(info);
+                transfer::run(shared, opened, &registration, &entry.info).await;
             }
         }
         tracing::info!("client disconnected");

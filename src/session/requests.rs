@@ -601,6 +601,7 @@ impl Conn<'_> {
             self.to_client.clear();
         }
         let waiting_since = std::time::Instant::now();
+        self.me.set(crate::clients::ClientState::Waiting, None);
         if let Some(paused) = self.shared.live().paused.get(&self.pool.key.database) {
             let mut paused = paused.subscribe();
             if *paused.borrow() {
@@ -610,6 +611,9 @@ impl Conn<'_> {
         }
         let wait = self.shared.live().config.pool.checkout_timeout;
         let result = self.checkout_routed(class, wait).await;
+        if result.is_err() {
+            self.me.set(crate::clients::ClientState::Idle, None);
+        }
         let waited = waiting_since.elapsed();
         crate::stats::DbStats::add_time(&self.stats.wait_time_us, waited);
         self.stats.wait.observe(waited);
@@ -657,6 +661,8 @@ impl Conn<'_> {
             Role::Replica => &self.stats.routed_replica,
         };
         routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let server = (conn.conn.addr.to_string(), conn.conn.process_id);
+        self.me.set(crate::clients::ClientState::Active, Some(server));
         self.phase = Phase::Attached(Attached {
             conn,
             role,

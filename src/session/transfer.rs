@@ -30,6 +30,7 @@ use super::requests::Statement;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
 use super::{ClientStream, send_fatal};
+use crate::clients::{ClientInfo, ClientState};
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, Role};
 use crate::protocol::backend::{
@@ -109,6 +110,7 @@ enum Event {
     ClientWrote(io::Result<usize>),
     ServerWrote(io::Result<usize>),
     Shutdown,
+    Killed,
 }
 
 pub(super) struct Conn<'a> {
@@ -160,10 +162,12 @@ pub(super) struct Conn<'a> {
     pub(super) stats: Arc<DbStats>,
     /// When the oldest request not yet answered by ReadyForQuery was sent.
     pub(super) request_started: Option<Instant>,
+    /// This client in the registry (SHOW CLIENTS, KILL).
+    pub(super) me: Arc<ClientInfo>,
 }
 
 /// Greets a logged-in client and serves it until it leaves.
-pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Registration<'_>) {
+pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Registration<'_>, me: &Arc<ClientInfo>) {
     let Opened {
         stream,
         target,
@@ -244,6 +248,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         unnamed_class: Class::Neutral,
         stats: shared.live().stats.get(&db.name).cloned().unwrap_or_default(),
         request_started: None,
+        me: me.clone(),
     };
     let exit = conn.serve().await;
     conn.finish(exit).await;
@@ -348,6 +353,7 @@ impl Conn<'_> {
             r = self.wr.write(&self.to_client), if !self.to_client.is_empty() => Event::ClientWrote(r),
             r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
             _ = shutdown_started(&mut self.shutdown), if !draining => Event::Shutdown,
+            _ = self.me.kill.notified() => Event::Killed,
         };
         match event {
             Event::ClientRead(Ok(0) | Err(_)) | Event::ClientWrote(Ok(0) | Err(_)) => Err(Exit::ClientLeft),
@@ -377,6 +383,10 @@ impl Conn<'_> {
                 self.to_server.advance(n);
                 Ok(())
             }
+            Event::Killed => Err(Exit::Fatal(ErrorFields::fatal(
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to KILL from the dbproxy admin console",
+            ))),
             Event::Shutdown => {
                 self.draining = true;
                 match &self.phase {
@@ -540,6 +550,7 @@ impl Conn<'_> {
             return;
         };
         let held = a.since.elapsed();
+        self.me.set(ClientState::Idle, None);
         self.stats.xact_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         DbStats::add_time(&self.stats.xact_time_us, held);
         self.stats.xact.observe(held);

@@ -328,3 +328,67 @@ async fn reload_applies_a_new_file_and_refuses_an_invalid_one() {
         "the running configuration stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_servers_and_kill() {
+    let user = create_user("adm_kill").await;
+    let admin = TestUser {
+        name: "console_admin7".into(),
+        password: "console-secret7".into(),
+    };
+    let proxy = admin_setup(&user, &admin).start().await;
+    let console = admin_client(&proxy, &admin).await;
+    let url = format!("{}?application_name=killme", url(&proxy, &user));
+    let (a, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let b = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    b.query_one("SELECT 1", &[]).await.unwrap();
+
+    let (cols, rows) = show(&console, "SHOW CLIENTS").await;
+    assert_eq!(cols[..4], ["type", "user", "database", "state"]);
+    let mine: Vec<_> = rows.iter().filter(|r| r[1] == user.name).collect();
+    assert_eq!(mine.len(), 2, "{rows:?}");
+    let a_row = mine.iter().find(|r| r[17] == "killme").expect("a by application_name");
+    assert_eq!(a_row[3], "active", "a holds a server connection in its transaction");
+    let (_, servers) = show(&console, "SHOW SERVERS").await;
+    let states: Vec<&str> = servers
+        .iter()
+        .filter(|r| r[1] == user.name)
+        .map(|r| r[3].as_str())
+        .collect();
+    assert!(states.contains(&"active") && states.contains(&"idle"), "{servers:?}");
+
+    console
+        .simple_query(&format!("KILL_CLIENT {}", a_row[13]))
+        .await
+        .unwrap();
+    let err = a.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(err.is_closed() || sqlstate(&err) == "57P01", "{}", describe(&err));
+    assert_eq!(
+        b.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
+        2,
+        "others untouched"
+    );
+    let name = user.name.clone();
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            backends(&name, Some("idle in transaction")).await == 0
+        })
+        .await,
+        "the killed client's transaction was rolled back"
+    );
+
+    console.simple_query("KILL appdb").await.unwrap();
+    let err = b.query_one("SELECT 3", &[]).await.unwrap_err();
+    assert!(err.is_closed() || sqlstate(&err) == "57P01", "{}", describe(&err));
+    let err = console.simple_query("KILL_CLIENT 999999").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42704");
+    // New clients are served after a KILL.
+    connect(&proxy, &user)
+        .await
+        .unwrap()
+        .query_one("SELECT 4", &[])
+        .await
+        .unwrap();
+}
