@@ -10,6 +10,7 @@
 //!   safe on any input.
 //! - [`auth`]: SCRAM-SHA-256 verification of clients.
 //! - [`tls`]: the rustls acceptor for clients that ask for TLS.
+//! - [`clients`]: registry of logged-in clients (SHOW CLIENTS/SERVERS, KILL).
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication
 //!   (`session/startup.rs`), the login greeting and the settings a startup packet
