@@ -83,7 +83,10 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let max = shared.live().config.proxy.max_client_conn;
             match shared.clients.try_add(max) {
                 Some(_guard) => session::serve(&shared, tcp, peer).await,
-                None => refuse(tcp, max).await,
+                None => {
+                    shared.errors.count("too_many_clients");
+                    refuse(tcp, max).await
+                }
             }
         });
     }

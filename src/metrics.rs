@@ -184,6 +184,37 @@ pub fn render(shared: &Shared) -> String {
             }
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_routed_total Server connections taken, by routing reason.\n# TYPE dbproxy_routed_total counter"
+    );
+    for db in &names {
+        for (reason, c) in crate::stats::REASONS.iter().zip(&live.stats[*db].reasons) {
+            let n = c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "dbproxy_routed_total{{database=\"{db}\",reason=\"{reason}\"}} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_prepared_statements_total Named statements found prepared on the server connection (hit) or prepared there (miss).\n# TYPE dbproxy_prepared_statements_total counter"
+    );
+    for db in &names {
+        let st = &live.stats[*db];
+        for (result, c) in [("hit", &st.prepared_hits), ("miss", &st.prepared_misses)] {
+            let n = c.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "dbproxy_prepared_statements_total{{database=\"{db}\",result=\"{result}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_errors_total Errors the proxy reported, by kind.\n# TYPE dbproxy_errors_total counter"
+    );
+    for (kind, n) in shared.errors.snapshot() {
+        let _ = writeln!(out, "dbproxy_errors_total{{kind=\"{kind}\"}} {n}");
+    }
     for (i, db) in names.iter().enumerate() {
         let labels = format!("database=\"{db}\"");
         let st = &live.stats[*db];

@@ -36,6 +36,10 @@ pub struct Shared {
     /// Starts a graceful shutdown (signals, the admin console's SHUTDOWN).
     pub shutdown_tx: watch::Sender<bool>,
     pub clients: ClientGauge,
+    /// Databases DISABLEd from the console: new clients are refused.
+    pub disabled: Mutex<std::collections::HashSet<String>>,
+    /// Errors the proxy reported, by kind.
+    pub errors: crate::stats::ErrorCounts,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
     pub registry: crate::clients::Clients,
     /// Reloads applied and refused, for metrics.
@@ -154,6 +158,11 @@ impl Shared {
         }
     }
 
+    /// Whether new clients of `db` are refused (DISABLE).
+    pub fn is_disabled(&self, db: &str) -> bool {
+        self.disabled.lock().unwrap_or_else(|e| e.into_inner()).contains(db)
+    }
+
     /// A new session number, for logs and the admin console.
     pub fn next_session_id(&self) -> u64 {
         self.next_session_id.fetch_add(1, Ordering::Relaxed) + 1
@@ -214,6 +223,8 @@ impl Proxy {
             shutdown_tx,
             clients: ClientGauge::default(),
             registry: Default::default(),
+            errors: Default::default(),
+            disabled: Default::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),

@@ -95,6 +95,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Prepared statements and settings held for clients.
     pub state: ServerState,
+    /// The pool's generation when this connection was opened (RECONNECT).
+    pub generation: usize,
 }
 
 impl ServerConn {
@@ -161,6 +163,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             state: ServerState::default(),
+            generation: 0,
         })
     }
 

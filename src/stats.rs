@@ -40,6 +40,52 @@ impl Histogram {
     }
 }
 
+/// Routing reasons, in the order of `DbStats::reasons`.
+pub const REASONS: [&str; 10] = [
+    "read",
+    "read_only_transaction",
+    "write",
+    "locking_read",
+    "volatile_function",
+    "transaction",
+    "parse_fallback",
+    "read_your_writes",
+    "no_healthy_replica",
+    "primary",
+];
+
+/// Kinds of error the proxy reports (not the servers' own errors).
+pub const ERROR_KINDS: [&str; 7] = [
+    "checkout_timeout",
+    "server_connect",
+    "server_lost",
+    "client_protocol",
+    "auth_failed",
+    "too_many_clients",
+    "login_timeout",
+];
+
+/// Errors the proxy reported, by kind (indexes into `ERROR_KINDS`).
+#[derive(Debug, Default)]
+pub struct ErrorCounts([AtomicU64; ERROR_KINDS.len()]);
+
+impl ErrorCounts {
+    /// Counts one error of `kind` (one of `ERROR_KINDS`).
+    pub fn count(&self, kind: &str) {
+        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.0[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (kind, count) pairs.
+    pub fn snapshot(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ERROR_KINDS
+            .iter()
+            .zip(&self.0)
+            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+    }
+}
+
 /// Traffic of one database, since start.
 #[derive(Debug, Default)]
 pub struct DbStats {
@@ -53,6 +99,11 @@ pub struct DbStats {
     /// Transactions (server connections held) sent to the primary / replicas.
     pub routed_primary: AtomicU64,
     pub routed_replica: AtomicU64,
+    /// Server connections taken, by routing reason (indexes into `REASONS`).
+    pub reasons: [AtomicU64; REASONS.len()],
+    /// Named statements found prepared on the server connection / prepared there.
+    pub prepared_hits: AtomicU64,
+    pub prepared_misses: AtomicU64,
     /// Time clients waited for a server connection.
     pub wait: Histogram,
     /// Time a server connection was held (a transaction, or a session).
@@ -60,6 +111,13 @@ pub struct DbStats {
 }
 
 impl DbStats {
+    /// Counts a routing decision by its reason label (one of `REASONS`).
+    pub fn routed(&self, reason: &str) {
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.reasons[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Adds `d` to a microsecond counter.
     pub fn add_time(counter: &AtomicU64, d: Duration) {
         counter.fetch_add(d.as_micros() as u64, Ordering::Relaxed);

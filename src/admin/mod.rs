@@ -191,6 +191,42 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             command_complete(out, "KILL");
             Outcome::Done
         }
+        ["DISABLE" | "ENABLE", _] => {
+            let name = sql.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(';');
+            if !live.databases.contains_key(name) {
+                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
+                error_response(out, &err);
+                return Outcome::Done;
+            }
+            let mut disabled = shared.disabled.lock().unwrap_or_else(|e| e.into_inner());
+            if words[0] == "DISABLE" {
+                disabled.insert(name.to_owned());
+            } else {
+                disabled.remove(name);
+            }
+            tracing::info!(database = name, "{} from the admin console", words[0]);
+            command_complete(out, words[0]);
+            Outcome::Done
+        }
+        ["RECONNECT", rest @ ..] if rest.len() <= 1 => {
+            let name = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
+            if let Some(name) = name.filter(|n| !live.databases.contains_key(*n)) {
+                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
+                error_response(out, &err);
+                return Outcome::Done;
+            }
+            for pool in shared
+                .pools
+                .all()
+                .iter()
+                .filter(|p| name.is_none_or(|n| p.key.database == n))
+            {
+                pool.reconnect();
+            }
+            tracing::info!(database = name.unwrap_or("(all)"), "RECONNECT from the admin console");
+            command_complete(out, "RECONNECT");
+            Outcome::Done
+        }
         ["RELOAD"] => {
             match shared.reload() {
                 Ok(()) => command_complete(out, "RELOAD"),

@@ -32,7 +32,7 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "HELP" => {
             notice(
                 out,
-                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|KILL db|KILL_CLIENT id|RELOAD|SHUTDOWN",
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|KILL db|KILL_CLIENT id|DISABLE db|ENABLE db|RECONNECT [db]|RELOAD|SHUTDOWN",
             );
             command_complete(out, "SHOW");
         }
@@ -162,7 +162,7 @@ fn databases(shared: &Shared, out: &mut BytesMut) {
                 s(0),
                 s(current),
                 s(u8::from(live.paused.get(&db.name).is_some_and(|p| *p.borrow()))),
-                s(0),
+                s(u8::from(shared.is_disabled(&db.name))),
                 s(replicas.join(",")),
             ]
         })

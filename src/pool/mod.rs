@@ -72,6 +72,8 @@ pub struct Pool {
     /// Server-side statement names some server of this pool accepted a Parse
     /// for: a client's Parse of one of these can be answered without a server.
     known_statements: Mutex<HashSet<Arc<str>>>,
+    /// Bumped by RECONNECT: connections opened before are closed when given back.
+    generation: AtomicUsize,
     /// ParameterStatus values of the newest connection, shown to clients at login.
     server_params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
@@ -94,6 +96,7 @@ impl Pool {
             settings,
             idle: Mutex::new(Vec::new()),
             known_statements: Mutex::new(HashSet::new()),
+            generation: AtomicUsize::new(0),
             server_params: Mutex::new(None),
             stats: PoolStats::default(),
         }
@@ -171,7 +174,8 @@ impl Pool {
                 self.stats.connecting.fetch_add(1, Ordering::Relaxed);
                 let conn = ServerConn::connect(&self.target, self.settings.connect_timeout).await;
                 self.stats.connecting.fetch_sub(1, Ordering::Relaxed);
-                let conn = conn?;
+                let mut conn = conn?;
+                conn.generation = self.generation.load(Ordering::Acquire);
                 *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
                 conn
             }
@@ -195,6 +199,12 @@ impl Pool {
             tracing::debug!(server = %conn.addr, pid = conn.process_id, "discarding dead or expired idle server connection");
         }
         None
+    }
+
+    /// RECONNECT: idle connections close now, those in use when given back.
+    pub fn reconnect(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.close_idle();
     }
 
     /// Closes every idle connection (KILL).
@@ -261,6 +271,10 @@ impl Checkout {
     /// Returns a clean connection (idle, nothing in flight) for reuse.
     pub fn checkin(self) {
         let Checkout { mut conn, slot } = self;
+        if conn.generation < slot.pool.generation.load(Ordering::Acquire) {
+            // RECONNECT asked for fresh connections: this one closes.
+            return;
+        }
         conn.last_used = Instant::now();
         // Push before the slot is freed so the next holder finds it.
         slot.pool.idle_list().push(conn);

@@ -36,10 +36,11 @@ pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             Ok(Ok(Some(login))) => login,
             Ok(Ok(None)) => return,
             Ok(Err(failure)) => {
-                failure.report().await;
+                failure.report(&shared.errors).await;
                 return;
             }
             Err(_) => {
+                shared.errors.count("login_timeout");
                 tracing::info!(timeout = ?login_timeout, "client did not finish login in time");
                 return;
             }

@@ -21,7 +21,7 @@ use crate::protocol::extended::{
 };
 use crate::protocol::framing::{HEADER_LEN, read_cstr};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
-use crate::router::{Class, WriteReason};
+use crate::router::{Class, Reason, WriteReason};
 use crate::sql::{Effects, LocalCommand, analyze};
 
 /// A client's named prepared statement.
@@ -62,6 +62,7 @@ impl Conn<'_> {
                 Ok(Some(item)) => item,
                 Ok(None) => return Ok(()),
                 Err(e) => {
+                    self.shared.errors.count("client_protocol");
                     let code = match e {
                         FrameError::TooLarge { .. } => SqlState::PROGRAM_LIMIT_EXCEEDED,
                         FrameError::BadLength { .. } => SqlState::PROTOCOL_VIOLATION,
@@ -489,6 +490,7 @@ impl Conn<'_> {
         let held = self
             .attached()
             .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
+        self.count_prepared(held);
         if held {
             self.expect.synthetic(Synthetic::ParseComplete);
         } else {
@@ -525,9 +527,20 @@ impl Conn<'_> {
         let held = self
             .attached()
             .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
+        self.count_prepared(held);
         if !held {
             self.prepare(stmt, true);
         }
+    }
+
+    /// Counts a named statement found prepared on the server connection, or not.
+    fn count_prepared(&self, held: bool) {
+        let counter = if held {
+            &self.stats.prepared_hits
+        } else {
+            &self.stats.prepared_misses
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn on_bind(&mut self, msg: &[u8]) -> Result<(), Exit> {
@@ -623,13 +636,14 @@ impl Conn<'_> {
     /// The checkout of [`Self::attach`]: replicas first when allowed, then the primary.
     async fn checkout_routed(&mut self, class: Class, wait: std::time::Duration) -> Result<(), CheckoutError> {
         for _ in 0..=self.replica_pools.len() {
-            let replica = self.choose_replica(class);
+            let (replica, reason) = self.choose_replica(class);
             let (pool, role) = match replica {
                 Some(i) => (self.replica_pools[i].clone(), Role::Replica),
                 None => (self.pool.clone(), Role::Primary),
             };
             match pool.checkout(wait).await {
                 Ok(conn) => {
+                    self.stats.routed(reason.as_str());
                     self.hold(conn, role, class).await;
                     return Ok(());
                 }
@@ -644,6 +658,7 @@ impl Conn<'_> {
         }
         // Every replica failed just now; the primary is the last resort.
         let conn = self.pool.checkout(wait).await?;
+        self.stats.routed(crate::router::Reason::NoHealthyReplica.as_str());
         self.hold(conn, Role::Primary, class).await;
         Ok(())
     }
@@ -673,23 +688,26 @@ impl Conn<'_> {
         });
     }
 
-    /// The replica for a request of `class`, if it may and should use one.
-    fn choose_replica(&self, class: Class) -> Option<usize> {
-        if !self.split || !class.replica_eligible() || !self.pins.is_empty() {
-            if self.split {
-                tracing::debug!(?class, "routed to the primary");
-            }
-            return None;
+    /// The replica for a request of `class`, if it may and should use one,
+    /// and why the request goes where it goes.
+    fn choose_replica(&self, class: Class) -> (Option<usize>, Reason) {
+        if !self.split || !self.pins.is_empty() {
+            return (None, Reason::Primary);
+        }
+        if let Class::Primary(why) = class {
+            tracing::debug!(reason = why.as_str(), "routed to the primary");
+            return (None, Reason::Statement(why));
         }
         let routing = &self.shared.live().config.routing;
         let mark = routing.read_your_writes.then_some(&*self.mark);
         let pools = &self.replica_pools;
         let active = |i: usize| pools[i].stats.active.load(std::sync::atomic::Ordering::Relaxed);
         match self.router.pick_replica(routing.balance, mark, active) {
-            Ok(i) => Some(i),
+            Ok(i) if class == Class::ReadOnlyTransaction => (Some(i), Reason::ReadOnlyTransaction),
+            Ok(i) => (Some(i), Reason::Read),
             Err(reason) => {
                 tracing::debug!(reason = reason.as_str(), "read routed to the primary");
-                None
+                (None, reason)
             }
         }
     }
@@ -697,6 +715,10 @@ impl Conn<'_> {
     /// The request that needed a server fails; the client stays connected.
     fn report_checkout_failure(&mut self, tag: u8, e: &CheckoutError) {
         tracing::warn!(error = %e, "no server connection for the client's request");
+        self.shared.errors.count(match e {
+            CheckoutError::Timeout { .. } => "checkout_timeout",
+            CheckoutError::Connect(_) => "server_connect",
+        });
         let code = match e {
             CheckoutError::Timeout { .. } => SqlState::QUERY_CANCELED,
             CheckoutError::Connect(se) => se.sqlstate(),

@@ -59,8 +59,13 @@ impl Failure {
     }
 
     /// Sends the error, if there is one and a stream to send it on.
-    pub async fn report(self) {
+    pub async fn report(self, errors: &crate::stats::ErrorCounts) {
         if let Some(err) = &self.error {
+            let kind = match err.code {
+                SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "auth_failed",
+                _ => "client_protocol",
+            };
+            errors.count(kind);
             tracing::info!(code = %err.code, message = %err.message, "client login refused");
         }
         if let (Some(mut stream), Some(err)) = (self.stream, self.error) {
@@ -200,6 +205,13 @@ async fn login(
         None
     } else {
         match shared.live().databases.get(&db_name) {
+            Some(_) if shared.is_disabled(&db_name) => {
+                return Err(Failure::fatal(
+                    stream,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    format!("database \"{db_name}\" is disabled in dbproxy"),
+                ));
+            }
             Some(db) => Some(db.clone()),
             None => {
                 return Err(Failure::fatal(

@@ -651,6 +651,7 @@ impl Conn<'_> {
         } = a;
         let addr = conn.conn.addr.clone();
         tracing::warn!(server = %addr, reason = why, "server connection lost");
+        self.shared.errors.count("server_lost");
         self.slot.clear().await;
         drop(conn);
         let mid_message = !self.sscan.at_boundary();

@@ -239,6 +239,18 @@ async fn stats_and_metrics_count_real_traffic() {
             .all(|l| l.starts_with("dbproxy_"))
     );
 
+    assert!(metric(&body, "dbproxy_routed_total{database=\"appdb\",reason=\"primary\"}") >= 25.0);
+    // Named statements: the first execution prepares, the rest find it there.
+    let stmt = app.prepare("SELECT $1::int4").await.unwrap();
+    for i in 0..5 {
+        app.query_one(&stmt, &[&i]).await.unwrap();
+    }
+    let wrong = format!("postgresql://{}:nope@{}/appdb", user.name, proxy.local_addr());
+    assert!(tokio_postgres::connect(&wrong, NoTls).await.is_err());
+    let (_, body) = http_get(metrics, "/metrics").await;
+    assert!(metric(&body, "dbproxy_prepared_statements_total{database=\"appdb\",result=\"hit\"}") >= 4.0);
+    assert!(metric(&body, "dbproxy_prepared_statements_total{database=\"appdb\",result=\"miss\"}") >= 1.0);
+    assert!(metric(&body, "dbproxy_errors_total{kind=\"auth_failed\"}") >= 1.0);
     assert!(http_get(metrics, "/healthz").await.0.contains("200"));
     assert!(http_get(metrics, "/readyz").await.0.contains("200"));
     let _ = proxy.shared().shutdown_tx.send(true);
@@ -391,4 +403,34 @@ async fn clients_servers_and_kill() {
         .query_one("SELECT 4", &[])
         .await
         .unwrap();
+}
+
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_enable_and_reconnect() {
+    let user = create_user("adm_disable").await;
+    let admin = TestUser {
+        name: "console_admin8".into(),
+        password: "console-secret8".into(),
+    };
+    let proxy = admin_setup(&user, &admin).start().await;
+    let console = admin_client(&proxy, &admin).await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let before: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+
+    console.simple_query("DISABLE appdb").await.unwrap();
+    let Err(err) = connect(&proxy, &user).await else {
+        panic!("a disabled database accepted a client");
+    };
+    assert_eq!(sqlstate(&err), "57P03", "{}", describe(&err));
+    assert_eq!(show(&console, "SHOW DATABASES").await.1[0][12], "1");
+    client.query_one("SELECT 1", &[]).await.expect("connected clients carry on");
+    console.simple_query("ENABLE appdb").await.unwrap();
+    connect(&proxy, &user).await.expect("enabled again");
+
+    console.simple_query("RECONNECT appdb").await.unwrap();
+    let after: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(before, after, "RECONNECT replaced the server connection");
+    let err = console.simple_query("DISABLE nosuch").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "3D000");
 }
