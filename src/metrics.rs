@@ -210,6 +210,14 @@ pub fn render(shared: &Shared) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP dbproxy_pinned_total Clients pinned to their server connection by a session-only feature.\n# TYPE dbproxy_pinned_total counter"
+    );
+    for db in &names {
+        let n = live.stats[*db].pinned.load(Ordering::Relaxed);
+        let _ = writeln!(out, "dbproxy_pinned_total{{database=\"{db}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
         "# HELP dbproxy_errors_total Errors the proxy reported, by kind.\n# TYPE dbproxy_errors_total counter"
     );
     for (kind, n) in shared.errors.snapshot() {
@@ -240,6 +248,36 @@ pub fn render(shared: &Shared) -> String {
         );
     }
 
+    for (i, db) in names.iter().enumerate() {
+        let labels = format!("database=\"{db}\"");
+        let st = &live.stats[*db];
+        histogram(
+            &mut out,
+            "dbproxy_query_duration_seconds",
+            "Time from a request to its ReadyForQuery.",
+            &labels,
+            &st.query,
+            i == 0,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_replica_lag_bytes WAL a monitored replica has yet to replay.\n# TYPE dbproxy_replica_lag_bytes gauge"
+    );
+    for db in &live.config.databases {
+        let Some(router) = live.routers.get(&db.name) else {
+            continue;
+        };
+        let primary = router.primary.lsn();
+        for (addr, h) in db.replicas.iter().zip(&router.replicas) {
+            let behind = primary.saturating_sub(h.lsn());
+            let _ = writeln!(
+                out,
+                "dbproxy_replica_lag_bytes{{database=\"{}\",server=\"{addr}\"}} {behind}",
+                db.name
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP dbproxy_server_up Whether a monitored server is in rotation.\n# TYPE dbproxy_server_up gauge\n\

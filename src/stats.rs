@@ -108,6 +108,10 @@ pub struct DbStats {
     pub wait: Histogram,
     /// Time a server connection was held (a transaction, or a session).
     pub xact: Histogram,
+    /// Time from a request to its ReadyForQuery.
+    pub query: Histogram,
+    /// Clients that became pinned to their server connection (session-only features).
+    pub pinned: AtomicU64,
 }
 
 impl DbStats {

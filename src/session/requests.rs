@@ -331,6 +331,9 @@ impl Conn<'_> {
         if !fx.pins.is_empty() {
             let before = self.pins;
             self.pins.add(fx.pins);
+            if self.pins != before && before.is_empty() {
+                self.stats.pinned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if self.pins != before {
                 tracing::info!(features = ?fx.pins.names(), "client pinned to its server connection");
             }

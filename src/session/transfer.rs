@@ -468,7 +468,9 @@ impl Conn<'_> {
                             .query_count
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if let Some(t) = self.request_started.take() {
-                            DbStats::add_time(&self.stats.query_time_us, t.elapsed());
+                            let took = t.elapsed();
+                            DbStats::add_time(&self.stats.query_time_us, took);
+                            self.stats.query.observe(took);
                         }
                         if !self.expect.is_empty() {
                             // Pipelined requests are still being answered.

@@ -248,9 +248,24 @@ async fn stats_and_metrics_count_real_traffic() {
     let wrong = format!("postgresql://{}:nope@{}/appdb", user.name, proxy.local_addr());
     assert!(tokio_postgres::connect(&wrong, NoTls).await.is_err());
     let (_, body) = http_get(metrics, "/metrics").await;
-    assert!(metric(&body, "dbproxy_prepared_statements_total{database=\"appdb\",result=\"hit\"}") >= 4.0);
-    assert!(metric(&body, "dbproxy_prepared_statements_total{database=\"appdb\",result=\"miss\"}") >= 1.0);
+    assert!(
+        metric(
+            &body,
+            "dbproxy_prepared_statements_total{database=\"appdb\",result=\"hit\"}"
+        ) >= 4.0
+    );
+    assert!(
+        metric(
+            &body,
+            "dbproxy_prepared_statements_total{database=\"appdb\",result=\"miss\"}"
+        ) >= 1.0
+    );
     assert!(metric(&body, "dbproxy_errors_total{kind=\"auth_failed\"}") >= 1.0);
+    assert!(metric(&body, "dbproxy_query_duration_seconds_count{database=\"appdb\"}") >= 30.0);
+    assert!(body.contains("dbproxy_replica_lag_bytes{database=\"appdb\""));
+    app.batch_execute("LISTEN somewhere").await.unwrap();
+    let (_, body) = http_get(metrics, "/metrics").await;
+    assert_eq!(metric(&body, "dbproxy_pinned_total{database=\"appdb\"}"), 1.0);
     assert!(http_get(metrics, "/healthz").await.0.contains("200"));
     assert!(http_get(metrics, "/readyz").await.0.contains("200"));
     let _ = proxy.shared().shutdown_tx.send(true);
@@ -405,7 +420,6 @@ async fn clients_servers_and_kill() {
         .unwrap();
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_enable_and_reconnect() {
     let user = create_user("adm_disable").await;
@@ -424,7 +438,10 @@ async fn disable_enable_and_reconnect() {
     };
     assert_eq!(sqlstate(&err), "57P03", "{}", describe(&err));
     assert_eq!(show(&console, "SHOW DATABASES").await.1[0][12], "1");
-    client.query_one("SELECT 1", &[]).await.expect("connected clients carry on");
+    client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("connected clients carry on");
     console.simple_query("ENABLE appdb").await.unwrap();
     connect(&proxy, &user).await.expect("enabled again");
 
