@@ -13,7 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::proxy::Shared;
-use crate::stats::{BUCKETS, Histogram};
+use std::sync::atomic::AtomicU64;
+
+use crate::stats::{BUCKETS, DbStats, Histogram, REASONS};
 
 /// Serves the endpoint until the proxy stops.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -76,6 +78,17 @@ pub fn ready(shared: &Shared) -> bool {
             || router.primary.is_healthy()
             || router.replicas.iter().any(|r| r.is_healthy())
     })
+}
+
+/// Selects one of a database's histograms.
+type PickHistogram = fn(&DbStats) -> &Histogram;
+
+/// Writes one metric family: HELP, TYPE, then `name{labels} value` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram, header: bool) {
@@ -150,115 +163,106 @@ pub fn render(shared: &Shared) -> String {
 
     let mut names: Vec<&String> = live.stats.keys().collect();
     names.sort();
-    let counters = [
-        ("dbproxy_queries_total", "Requests answered (queries and Syncs)."),
+    let per_db = |f: &dyn Fn(&DbStats) -> u64| -> Vec<(String, u64)> {
+        names
+            .iter()
+            .map(|db| (format!("database=\"{db}\""), f(&live.stats[*db])))
+            .collect()
+    };
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    family(
+        &mut out,
+        "dbproxy_queries_total",
+        "counter",
+        "Requests answered (queries and Syncs).",
+        per_db(&|s| load(&s.query_count)),
+    );
+    family(
+        &mut out,
+        "dbproxy_received_bytes_total",
+        "counter",
+        "Bytes received from clients.",
+        per_db(&|s| load(&s.received)),
+    );
+    family(
+        &mut out,
+        "dbproxy_sent_bytes_total",
+        "counter",
+        "Bytes sent to clients.",
+        per_db(&|s| load(&s.sent)),
+    );
+    family(
+        &mut out,
+        "dbproxy_pinned_total",
+        "counter",
+        "Clients pinned to their server connection by a session-only feature.",
+        per_db(&|s| load(&s.pinned)),
+    );
+    let mut labelled = |name: &str, help: &str, label: &str, values: &dyn Fn(&DbStats) -> Vec<(&'static str, u64)>| {
+        let samples = names.iter().flat_map(|db| {
+            values(&live.stats[*db])
+                .into_iter()
+                .map(move |(v, n)| (format!("database=\"{db}\",{label}=\"{v}\""), n))
+        });
+        family(&mut out, name, "counter", help, samples.collect());
+    };
+    labelled(
+        "dbproxy_transactions_total",
+        "Server connections taken, by the role of the server.",
+        "role",
+        &|s| {
+            vec![
+                ("primary", load(&s.routed_primary)),
+                ("replica", load(&s.routed_replica)),
+            ]
+        },
+    );
+    labelled(
+        "dbproxy_routed_total",
+        "Server connections taken, by routing reason.",
+        "reason",
+        &|s| REASONS.iter().copied().zip(s.reasons.iter().map(load)).collect(),
+    );
+    labelled(
+        "dbproxy_prepared_statements_total",
+        "Named statements found prepared on the server connection (hit) or prepared there (miss).",
+        "result",
+        &|s| vec![("hit", load(&s.prepared_hits)), ("miss", load(&s.prepared_misses))],
+    );
+    let errors = shared
+        .errors
+        .snapshot()
+        .map(|(kind, n)| (format!("kind=\"{kind}\""), n))
+        .collect();
+    family(
+        &mut out,
+        "dbproxy_errors_total",
+        "counter",
+        "Errors the proxy reported, by kind.",
+        errors,
+    );
+    let histograms: [(&str, &str, PickHistogram); 3] = [
         (
-            "dbproxy_transactions_total",
-            "Server connections taken, by the role of the server.",
-        ),
-        ("dbproxy_received_bytes_total", "Bytes received from clients."),
-        ("dbproxy_sent_bytes_total", "Bytes sent to clients."),
-    ];
-    for (name, help) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for db in &names {
-            let st = &live.stats[*db];
-            match name {
-                "dbproxy_transactions_total" => {
-                    for (role, c) in [("primary", &st.routed_primary), ("replica", &st.routed_replica)] {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{database=\"{db}\",role=\"{role}\"}} {}",
-                            c.load(Ordering::Relaxed)
-                        );
-                    }
-                }
-                _ => {
-                    let c = match name {
-                        "dbproxy_queries_total" => &st.query_count,
-                        "dbproxy_received_bytes_total" => &st.received,
-                        _ => &st.sent,
-                    };
-                    let _ = writeln!(out, "{name}{{database=\"{db}\"}} {}", c.load(Ordering::Relaxed));
-                }
-            }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dbproxy_routed_total Server connections taken, by routing reason.\n# TYPE dbproxy_routed_total counter"
-    );
-    for db in &names {
-        for (reason, c) in crate::stats::REASONS.iter().zip(&live.stats[*db].reasons) {
-            let n = c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "dbproxy_routed_total{{database=\"{db}\",reason=\"{reason}\"}} {n}");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dbproxy_prepared_statements_total Named statements found prepared on the server connection (hit) or prepared there (miss).\n# TYPE dbproxy_prepared_statements_total counter"
-    );
-    for db in &names {
-        let st = &live.stats[*db];
-        for (result, c) in [("hit", &st.prepared_hits), ("miss", &st.prepared_misses)] {
-            let n = c.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "dbproxy_prepared_statements_total{{database=\"{db}\",result=\"{result}\"}} {n}"
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dbproxy_pinned_total Clients pinned to their server connection by a session-only feature.\n# TYPE dbproxy_pinned_total counter"
-    );
-    for db in &names {
-        let n = live.stats[*db].pinned.load(Ordering::Relaxed);
-        let _ = writeln!(out, "dbproxy_pinned_total{{database=\"{db}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP dbproxy_errors_total Errors the proxy reported, by kind.\n# TYPE dbproxy_errors_total counter"
-    );
-    for (kind, n) in shared.errors.snapshot() {
-        let _ = writeln!(out, "dbproxy_errors_total{{kind=\"{kind}\"}} {n}");
-    }
-    for (i, db) in names.iter().enumerate() {
-        let labels = format!("database=\"{db}\"");
-        let st = &live.stats[*db];
-        histogram(
-            &mut out,
             "dbproxy_pool_wait_seconds",
             "Time clients waited for a server connection.",
-            &labels,
-            &st.wait,
-            i == 0,
-        );
-    }
-    for (i, db) in names.iter().enumerate() {
-        let labels = format!("database=\"{db}\"");
-        let st = &live.stats[*db];
-        histogram(
-            &mut out,
+            |s| &s.wait,
+        ),
+        (
             "dbproxy_transaction_duration_seconds",
             "Time a server connection was held.",
-            &labels,
-            &st.xact,
-            i == 0,
-        );
-    }
-
-    for (i, db) in names.iter().enumerate() {
-        let labels = format!("database=\"{db}\"");
-        let st = &live.stats[*db];
-        histogram(
-            &mut out,
+            |s| &s.xact,
+        ),
+        (
             "dbproxy_query_duration_seconds",
             "Time from a request to its ReadyForQuery.",
-            &labels,
-            &st.query,
-            i == 0,
-        );
+            |s| &s.query,
+        ),
+    ];
+    for (name, help, pick) in histograms {
+        for (i, db) in names.iter().enumerate() {
+            let labels = format!("database=\"{db}\"");
+            histogram(&mut out, name, help, &labels, pick(&live.stats[*db]), i == 0);
+        }
     }
     let _ = writeln!(
         out,
