@@ -86,10 +86,12 @@ done
 
 cat <<EOF
 
-dbproxy is running (transaction pooling) in front of a primary and 2 streaming replicas.
+dbproxy is running (transaction pooling, reads split over 2 streaming replicas).
 
   connection string:  postgresql://app:app-secret@127.0.0.1:$port/appdb
-  try it:             psql 'postgresql://app:app-secret@127.0.0.1:$port/appdb' -c 'SELECT 1'
+  try it:             psql 'postgresql://app:app-secret@127.0.0.1:$port/appdb' -c 'SHOW port'
+  admin console:      psql 'postgresql://admin:admin-secret@127.0.0.1:$port/dbproxy' -c 'SHOW POOLS'
+  metrics:            curl http://127.0.0.1:$metrics_port/metrics
   config:             $config
 
 Ctrl-C stops everything.
