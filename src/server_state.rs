@@ -16,6 +16,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// Whether `name` is prepared here, without counting a use.
+    pub fn contains(&self, name: &str) -> bool {
+        self.last_used.contains_key(name)
+    }
+
     /// Whether `name` is prepared here; counts as a use.
     pub fn touch(&mut self, name: &str) -> bool {
         self.tick += 1;

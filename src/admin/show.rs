@@ -468,6 +468,11 @@ fn config(c: &Config, out: &mut BytesMut) {
             d.pool.max_prepared_statements.to_string(),
         ),
         (
+            "pool.session_features",
+            c.pool.session_features.as_str().to_owned(),
+            d.pool.session_features.as_str().to_owned(),
+        ),
+        (
             "routing.read_write_split",
             c.routing.read_write_split.to_string(),
             d.routing.read_write_split.to_string(),

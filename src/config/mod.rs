@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-pub use types::{Balance, PoolMode, ServerAddr, format_duration};
+pub use types::{Balance, PoolMode, ServerAddr, SessionFeatures, format_duration};
 
 /// Name of the admin console's virtual database.
 pub const ADMIN_DATABASE: &str = "dbproxy";
@@ -79,6 +79,8 @@ pub struct PoolConfig {
     /// used are closed beyond it). 0 turns statement tracking off: names then
     /// pass through unchanged, as with PgBouncer before 1.21.
     pub max_prepared_statements: usize,
+    /// Pin clients that use session-only features, or refuse them.
+    pub session_features: SessionFeatures,
 }
 
 impl Default for PoolConfig {
@@ -91,6 +93,7 @@ impl Default for PoolConfig {
             server_idle_timeout: Duration::from_secs(600),
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
+            session_features: SessionFeatures::Pin,
         }
     }
 }

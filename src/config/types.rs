@@ -82,6 +82,29 @@ impl PoolMode {
     }
 }
 
+/// What transaction pooling does with session-only features (LISTEN,
+/// session advisory locks, temporary tables, WITH HOLD cursors, SQL PREPARE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionFeatures {
+    /// Keep the client on its server connection until it releases them.
+    #[default]
+    Pin,
+    /// Refuse them with an error (simple query protocol; extended-protocol
+    /// uses still pin).
+    Reject,
+}
+
+impl SessionFeatures {
+    /// The name used in the config file and the admin console.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionFeatures::Pin => "pin",
+            SessionFeatures::Reject => "reject",
+        }
+    }
+}
+
 /// How reads are spread over replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

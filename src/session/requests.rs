@@ -357,6 +357,10 @@ impl Conn<'_> {
             self.answer_locally(cmd.clone());
             return Ok(());
         }
+        let reject = self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject;
+        if reject && self.mode == PoolMode::Transaction && !fx.pins.is_empty() {
+            return self.reject_session_feature(&fx).await;
+        }
         let class = match sql {
             // A client about to be pinned stays where it lands: the primary.
             Some(_) if self.split && !fx.pins.is_empty() => Class::Primary(WriteReason::Write),
@@ -383,6 +387,30 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// `pool.session_features = "reject"`: the statement is refused. Outside a
+    /// transaction the proxy answers; inside one the server raises the error,
+    /// so the transaction fails there exactly as the client is told.
+    async fn reject_session_feature(&mut self, fx: &Effects) -> Result<(), Exit> {
+        let message = format!(
+            "{} is not available through dbproxy in transaction pooling (pool.session_features = \"reject\")",
+            fx.pins.names().join(", ")
+        );
+        if matches!(self.phase, Phase::Idle) {
+            let err = ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, message)
+                .with_hint("use session pooling, or pool.session_features = \"pin\"");
+            error_response(&mut self.to_client, &err);
+            ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+            return Ok(());
+        }
+        let sql = format!(
+            "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}; END $dbproxy$",
+            crate::sql::quote_literal(&message)
+        );
+        write_query(&mut self.to_server, &sql);
+        self.sent(b'Q', Some(Request::Query));
+        Ok(())
+    }
+
     /// A DEALLOCATE or DISCARD ALL that reaches the held server connection:
     /// names translated to the server's, records kept true. Returns whether
     /// it wrote the query itself.
@@ -393,8 +421,18 @@ impl Conn<'_> {
         match cmd {
             LocalCommand::Deallocate(name) => {
                 if let Some(stmt) = self.statements.remove(name) {
-                    a.conn.conn.state.prepared.remove(&stmt.server_name);
-                    write_query(&mut self.to_server, &format!("DEALLOCATE \"{}\"", stmt.server_name));
+                    let name = &stmt.server_name;
+                    let sql = if a.conn.conn.state.prepared.contains(name) {
+                        // Others may share it, but a client that deallocates is done
+                        // with it; it is prepared again on demand.
+                        a.conn.conn.state.prepared.remove(name);
+                        format!("DEALLOCATE \"{name}\"")
+                    } else {
+                        // Never prepared on this connection: still answer as the
+                        // server would, without touching anyone else's statements.
+                        format!("PREPARE \"{name}\" AS SELECT; DEALLOCATE \"{name}\"")
+                    };
+                    write_query(&mut self.to_server, &sql);
                     return true;
                 }
             }

@@ -307,3 +307,25 @@ async fn a_statement_gone_stale_after_ddl_can_be_prepared_again() {
         assert_eq!(rows[0].get::<_, i32>(1), 2);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_features_can_be_rejected_instead_of_pinned() {
+    let user = create_user("reject").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 2\nsession_features = \"reject\"")
+        .start()
+        .await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let err = client.batch_execute("LISTEN somewhere").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    assert!(describe(&err).contains("LISTEN"), "{}", describe(&err));
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    // Inside a transaction the transaction fails, as the client is told.
+    client.batch_execute("BEGIN").await.unwrap();
+    let err = client.batch_execute("SELECT pg_advisory_lock(1)").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    let err = client.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25P02", "{}", describe(&err));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    client.batch_execute("SELECT 2").await.unwrap();
+}
