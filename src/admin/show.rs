@@ -392,117 +392,52 @@ fn lists(shared: &Shared, out: &mut BytesMut) {
     table(out, &[("list", T), ("items", I)], &rows);
 }
 
-/// Every setting with its value and default. No password ever appears here:
-/// `[[users]]` are not settings.
-fn config(c: &Config, out: &mut BytesMut) {
-    let d = Config::default();
-    let dur = |v| format_duration(v);
-    let opt = |v: Option<String>| v.unwrap_or_default();
-    let rows: Vec<(&str, String, String)> = vec![
-        ("proxy.listen", c.proxy.listen.to_string(), d.proxy.listen.to_string()),
-        ("proxy.admin_users", c.proxy.admin_users.join(","), String::new()),
+/// Every setting of `c`, by its section-qualified key, as the console shows it.
+fn settings(c: &Config) -> Vec<(&'static str, String)> {
+    let dur = |v| format_duration(v).to_string();
+    vec![
+        ("proxy.listen", c.proxy.listen.to_string()),
+        ("proxy.admin_users", c.proxy.admin_users.join(",")),
         (
             "proxy.metrics_listen",
-            opt(c.proxy.metrics_listen.map(|a| a.to_string())),
-            String::new(),
+            c.proxy.metrics_listen.map(|a| a.to_string()).unwrap_or_default(),
         ),
-        (
-            "proxy.max_client_conn",
-            c.proxy.max_client_conn.to_string(),
-            d.proxy.max_client_conn.to_string(),
-        ),
-        (
-            "proxy.client_login_timeout",
-            dur(c.proxy.client_login_timeout),
-            dur(d.proxy.client_login_timeout),
-        ),
-        (
-            "proxy.max_message_size",
-            c.proxy.max_message_size.to_string(),
-            d.proxy.max_message_size.to_string(),
-        ),
-        (
-            "proxy.shutdown_timeout",
-            dur(c.proxy.shutdown_timeout),
-            dur(d.proxy.shutdown_timeout),
-        ),
+        ("proxy.max_client_conn", c.proxy.max_client_conn.to_string()),
+        ("proxy.client_login_timeout", dur(c.proxy.client_login_timeout)),
+        ("proxy.max_message_size", c.proxy.max_message_size.to_string()),
+        ("proxy.shutdown_timeout", dur(c.proxy.shutdown_timeout)),
         (
             "tls.cert",
-            opt(c.tls.as_ref().map(|t| t.cert.display().to_string())),
-            String::new(),
+            c.tls.as_ref().map(|t| t.cert.display().to_string()).unwrap_or_default(),
         ),
         (
             "tls.key",
-            opt(c.tls.as_ref().map(|t| t.key.display().to_string())),
-            String::new(),
+            c.tls.as_ref().map(|t| t.key.display().to_string()).unwrap_or_default(),
         ),
-        (
-            "pool.mode",
-            c.pool.mode.as_str().to_owned(),
-            d.pool.mode.as_str().to_owned(),
-        ),
-        ("pool.size", c.pool.size.to_string(), d.pool.size.to_string()),
-        (
-            "pool.checkout_timeout",
-            dur(c.pool.checkout_timeout),
-            dur(d.pool.checkout_timeout),
-        ),
-        (
-            "pool.server_connect_timeout",
-            dur(c.pool.server_connect_timeout),
-            dur(d.pool.server_connect_timeout),
-        ),
-        (
-            "pool.server_idle_timeout",
-            dur(c.pool.server_idle_timeout),
-            dur(d.pool.server_idle_timeout),
-        ),
-        (
-            "pool.server_reset_query",
-            c.pool.server_reset_query.clone(),
-            d.pool.server_reset_query.clone(),
-        ),
+        ("pool.mode", c.pool.mode.as_str().to_owned()),
+        ("pool.size", c.pool.size.to_string()),
+        ("pool.checkout_timeout", dur(c.pool.checkout_timeout)),
+        ("pool.server_connect_timeout", dur(c.pool.server_connect_timeout)),
+        ("pool.server_idle_timeout", dur(c.pool.server_idle_timeout)),
+        ("pool.server_reset_query", c.pool.server_reset_query.clone()),
         (
             "pool.max_prepared_statements",
             c.pool.max_prepared_statements.to_string(),
-            d.pool.max_prepared_statements.to_string(),
         ),
-        (
-            "pool.session_features",
-            c.pool.session_features.as_str().to_owned(),
-            d.pool.session_features.as_str().to_owned(),
-        ),
-        (
-            "routing.read_write_split",
-            c.routing.read_write_split.to_string(),
-            d.routing.read_write_split.to_string(),
-        ),
-        (
-            "routing.balance",
-            c.routing.balance.as_str().to_owned(),
-            d.routing.balance.as_str().to_owned(),
-        ),
-        (
-            "routing.read_your_writes",
-            c.routing.read_your_writes.to_string(),
-            d.routing.read_your_writes.to_string(),
-        ),
-        (
-            "routing.max_replica_lag",
-            dur(c.routing.max_replica_lag),
-            dur(d.routing.max_replica_lag),
-        ),
-        (
-            "routing.health_check_interval",
-            dur(c.routing.health_check_interval),
-            dur(d.routing.health_check_interval),
-        ),
-        (
-            "routing.health_check_timeout",
-            dur(c.routing.health_check_timeout),
-            dur(d.routing.health_check_timeout),
-        ),
-    ];
+        ("pool.session_features", c.pool.session_features.as_str().to_owned()),
+        ("routing.read_write_split", c.routing.read_write_split.to_string()),
+        ("routing.balance", c.routing.balance.as_str().to_owned()),
+        ("routing.read_your_writes", c.routing.read_your_writes.to_string()),
+        ("routing.max_replica_lag", dur(c.routing.max_replica_lag)),
+        ("routing.health_check_interval", dur(c.routing.health_check_interval)),
+        ("routing.health_check_timeout", dur(c.routing.health_check_timeout)),
+    ]
+}
+
+/// Every setting with its value and default. No password ever appears here:
+/// `[[users]]` are not settings.
+fn config(c: &Config, out: &mut BytesMut) {
+    let defaults = settings(&Config::default());
     // RELOAD applies everything but the listen addresses (those need a restart).
     let changeable = |k: &str| {
         if k == "proxy.listen" || k == "proxy.metrics_listen" {
@@ -511,9 +446,10 @@ fn config(c: &Config, out: &mut BytesMut) {
             "yes"
         }
     };
-    let rows: Vec<_> = rows
+    let rows: Vec<_> = settings(c)
         .into_iter()
-        .map(|(k, v, def)| vec![s(k), s(v), s(def), s(changeable(k))])
+        .zip(defaults)
+        .map(|((k, v), (_, def))| vec![s(k), s(v), s(def), s(changeable(k))])
         .collect();
     table(
         out,

@@ -60,16 +60,6 @@ impl Class {
             _ => Class::Neutral,
         }
     }
-
-    /// Whether a replica may serve it.
-    pub fn replica_eligible(self) -> bool {
-        !matches!(self, Class::Primary(_))
-    }
-
-    /// Whether it is DDL-like enough that function volatility may have changed.
-    pub fn is_write(self) -> bool {
-        matches!(self, Class::Primary(WriteReason::Write))
-    }
 }
 
 /// Volatility of a function, as `pg_proc.provolatile` says.
