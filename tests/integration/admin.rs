@@ -35,6 +35,14 @@ async fn admin_client(proxy: &dbproxy::Proxy, admin: &TestUser) -> Client {
     client
 }
 
+/// An admin console user (it never logs in to the servers, so no role is created).
+fn console_admin(name: &str) -> TestUser {
+    TestUser {
+        name: name.to_owned(),
+        password: format!("{name}-secret"),
+    }
+}
+
 fn admin_setup(user: &TestUser, admin: &TestUser) -> Setup {
     let mut setup = Setup::new(&[user, admin]);
     setup.proxy = format!("admin_users = [\"{}\"]", admin.name);
@@ -44,10 +52,7 @@ fn admin_setup(user: &TestUser, admin: &TestUser) -> Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn show_commands_have_pgbouncer_columns_and_real_values() {
     let user = create_user("adm_app").await;
-    let admin = TestUser {
-        name: "console_admin".into(),
-        password: "console-secret".into(),
-    };
+    let admin = console_admin("console_admin");
     let proxy = admin_setup(&user, &admin).start().await;
     let app = connect(&proxy, &user).await.unwrap();
     for _ in 0..5 {
@@ -122,10 +127,7 @@ async fn show_commands_have_pgbouncer_columns_and_real_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_admin_users_get_the_console() {
     let user = create_user("adm_refused").await;
-    let admin = TestUser {
-        name: "console_admin2".into(),
-        password: "console-secret2".into(),
-    };
+    let admin = console_admin("console_admin2");
     let proxy = admin_setup(&user, &admin).start().await;
     let url = format!(
         "postgresql://{}:{}@{}/dbproxy",
@@ -155,10 +157,7 @@ async fn only_admin_users_get_the_console() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_from_the_console_drains_the_proxy() {
     let user = create_user("adm_down").await;
-    let admin = TestUser {
-        name: "console_admin3".into(),
-        password: "console-secret3".into(),
-    };
+    let admin = console_admin("console_admin3");
     let proxy = admin_setup(&user, &admin).start().await;
     let idle = connect(&proxy, &user).await.unwrap();
     idle.query_one("SELECT 1", &[]).await.unwrap();
@@ -199,10 +198,7 @@ fn metric(body: &str, prefix: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_and_metrics_count_real_traffic() {
     let user = create_user("adm_stats").await;
-    let admin = TestUser {
-        name: "console_admin4".into(),
-        password: "console-secret4".into(),
-    };
+    let admin = console_admin("console_admin4");
     let mut setup = admin_setup(&user, &admin);
     setup.proxy.push_str("\nmetrics_listen = \"127.0.0.1:0\"");
     let proxy = setup.start().await;
@@ -278,10 +274,7 @@ async fn stats_and_metrics_count_real_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_transactions_until_resume() {
     let user = create_user("adm_pause").await;
-    let admin = TestUser {
-        name: "console_admin5".into(),
-        password: "console-secret5".into(),
-    };
+    let admin = console_admin("console_admin5");
     let proxy = admin_setup(&user, &admin).start().await;
     let console = admin_client(&proxy, &admin).await;
     let client = connect(&proxy, &user).await.unwrap();
@@ -308,10 +301,7 @@ async fn pause_holds_new_transactions_until_resume() {
 async fn reload_applies_a_new_file_and_refuses_an_invalid_one() {
     let user = create_user("adm_reload").await;
     let newcomer = create_user("adm_newcomer").await;
-    let admin = TestUser {
-        name: "console_admin6".into(),
-        password: "console-secret6".into(),
-    };
+    let admin = console_admin("console_admin6");
     let mut setup = admin_setup(&user, &admin);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
@@ -359,10 +349,7 @@ async fn reload_applies_a_new_file_and_refuses_an_invalid_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_servers_and_kill() {
     let user = create_user("adm_kill").await;
-    let admin = TestUser {
-        name: "console_admin7".into(),
-        password: "console-secret7".into(),
-    };
+    let admin = console_admin("console_admin7");
     let proxy = admin_setup(&user, &admin).start().await;
     let console = admin_client(&proxy, &admin).await;
     let url = format!("{}?application_name=killme", url(&proxy, &user));
@@ -423,10 +410,7 @@ async fn clients_servers_and_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_enable_and_reconnect() {
     let user = create_user("adm_disable").await;
-    let admin = TestUser {
-        name: "console_admin8".into(),
-        password: "console-secret8".into(),
-    };
+    let admin = console_admin("console_admin8");
     let proxy = admin_setup(&user, &admin).start().await;
     let console = admin_client(&proxy, &admin).await;
     let client = connect(&proxy, &user).await.unwrap();
