@@ -62,14 +62,37 @@ async fn bad_startups_get_clear_errors_and_others_are_served() {
     s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await.unwrap();
     assert_eq!(error_code(&reply(&mut s).await).as_deref(), Some("08P01"));
 
-    // Random garbage: an error or a hang-up, never a hang.
-    for seed in 0u32..20 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let junk: Vec<u8> = (0..64u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 13) as u8)
-            .collect();
-        let _ = s.write_all(&junk).await;
-        let _ = reply(&mut s).await;
+    // 300 connections of random garbage at once: each gets an error or a
+    // hang-up, never a hang, and a normal query meanwhile answers quickly.
+    let garbage: Vec<_> = (0u32..300)
+        .map(|seed| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                let len = 16 + (seed as usize * 7) % 200;
+                let junk: Vec<u8> = (0..len as u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 13) as u8)
+                    .collect();
+                let _ = s.write_all(&junk).await;
+                let started = std::time::Instant::now();
+                let _ = reply(&mut s).await;
+                started.elapsed()
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    assert_eq!(normal.query_one("SELECT 12", &[]).await.unwrap().get::<_, i32>(0), 12);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    for g in garbage {
+        // reply() gives up after 5 s: anything near that means the proxy kept the socket open.
+        let waited = g.await.unwrap();
+        assert!(
+            waited < Duration::from_secs(4),
+            "a garbage connection lingered {waited:?}"
+        );
     }
 
     // A well-formed startup for a user the proxy does not know: 28000.
@@ -166,4 +189,227 @@ async fn silent_and_slow_connections_neither_linger_nor_slow_others() {
     assert_eq!(closed, 300, "every silent connection was closed");
     // The slow client never answered the SCRAM challenge: the timeout closed it too.
     assert_eq!(proxy.shared().clients.count(), 1, "only the logged-in client remains");
+}
+
+/// A frontend message: tag, length, body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// SASLInitialResponse naming `mechanism` with `data`.
+fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    message(b'p', &body)
+}
+
+/// Reads one backend message; `None` on EOF or after 5 s.
+async fn read_message(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let read = async {
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await.ok()?;
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.checked_sub(4)?];
+        stream.read_exact(&mut body).await.ok()?;
+        Some((head[0], body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await.ok().flatten()
+}
+
+/// The SQLSTATE of an ErrorResponse body.
+fn body_code(body: &[u8]) -> Option<String> {
+    body.split(|&b| b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+}
+
+/// Connects and sends a startup packet for `user`; returns at the SASL request.
+async fn until_sasl(addr: std::net::SocketAddr, user: &TestUser) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup(3 << 16, &[("user", &user.name), ("database", "appdb")]))
+        .await
+        .unwrap();
+    let (tag, body) = read_message(&mut s).await.expect("an authentication request");
+    assert_eq!(tag, b'R');
+    assert_eq!(&body[..4], &10i32.to_be_bytes(), "AuthenticationSASL");
+    s
+}
+
+/// Sends `bytes`, then expects a FATAL ErrorResponse with `code` and a hang-up.
+async fn expect_refusal(s: &mut TcpStream, bytes: &[u8], code: &str, case: &str) {
+    s.write_all(bytes).await.unwrap();
+    loop {
+        match read_message(s).await {
+            Some((b'E', body)) => {
+                assert_eq!(
+                    body_code(&body).as_deref(),
+                    Some(code),
+                    "{case}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                break;
+            }
+            Some((b'R', _)) => continue, // SASLContinue before the final message
+            other => panic!("{case}: expected an error, got {other:?}"),
+        }
+    }
+    assert!(
+        read_message(s).await.is_none(),
+        "{case}: the connection is closed after the error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_scram_exchanges_and_startup_parameters_are_refused() {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let user = create_user("rawscram").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let addr = proxy.local_addr();
+    let normal = connect(&proxy, &user).await.unwrap();
+
+    // Broken client-first messages.
+    let first_cases: [(&str, &[u8], &str); 6] = [
+        ("SCRAM-SHA-1", b"n,,n=,r=abcdef", "unknown mechanism"),
+        ("SCRAM-SHA-256", b"x,,n=,r=abcdef", "bad channel-binding flag"),
+        ("SCRAM-SHA-256", b"n,,", "missing fields"),
+        (
+            "SCRAM-SHA-256",
+            b"p=tls-server-end-point,,n=,r=abc",
+            "channel binding requested",
+        ),
+        ("SCRAM-SHA-256", b"n,,n=,r=\xff\xfe", "invalid UTF-8"),
+        ("SCRAM-SHA-256", b"n,,n=,r=", "empty nonce"),
+    ];
+    for (mechanism, data, case) in first_cases {
+        let mut s = until_sasl(addr, &user).await;
+        expect_refusal(&mut s, &sasl_initial(mechanism, data), "08P01", case).await;
+    }
+    // An oversized SASL message is refused without waiting for it all.
+    let mut s = until_sasl(addr, &user).await;
+    let mut head = vec![b'p'];
+    head.extend_from_slice(&(1_000_000i32).to_be_bytes());
+    expect_refusal(&mut s, &head, "08P01", "oversized").await;
+    // A message that is not a SASL response at all.
+    let mut s = until_sasl(addr, &user).await;
+    expect_refusal(&mut s, &message(b'Q', b"SELECT 1\0"), "08P01", "query before login").await;
+
+    // Broken client-final messages, after a valid client-first.
+    let tamper: [(&str, fn(&str) -> String, &str); 4] = [
+        ("wrong nonce", |m| m.replacen("r=", "r=x", 1), "08P01"),
+        (
+            "bad base64 proof",
+            |m| format!("{}p=!!!notbase64", &m[..m.find("p=").unwrap()]),
+            "08P01",
+        ),
+        ("missing proof", |m| m[..m.find(",p=").unwrap()].to_owned(), "08P01"),
+        ("altered proof", |m| m.replacen("p=", "p=AAAA", 1), "08P01"),
+    ];
+    for (case, change, code) in tamper {
+        let mut scram = ScramSha256::new(user.password.as_bytes(), ChannelBinding::unsupported());
+        let mut s = until_sasl(addr, &user).await;
+        s.write_all(&sasl_initial("SCRAM-SHA-256", scram.message()))
+            .await
+            .unwrap();
+        let (tag, body) = read_message(&mut s).await.unwrap();
+        assert_eq!((tag, &body[..4]), (b'R', &11i32.to_be_bytes()[..]), "SASLContinue");
+        scram.update(&body[4..]).unwrap();
+        let last = String::from_utf8(scram.message().to_vec()).unwrap();
+        expect_refusal(&mut s, &message(b'p', change(&last).as_bytes()), code, case).await;
+    }
+    // A wrong password is 28P01, as PostgreSQL says it.
+    let mut scram = ScramSha256::new(b"not-the-password", ChannelBinding::unsupported());
+    let mut s = until_sasl(addr, &user).await;
+    s.write_all(&sasl_initial("SCRAM-SHA-256", scram.message()))
+        .await
+        .unwrap();
+    let (_, body) = read_message(&mut s).await.unwrap();
+    scram.update(&body[4..]).unwrap();
+    expect_refusal(&mut s, &message(b'p', scram.message()), "28P01", "wrong password").await;
+    // A truncated exchange: half a final message, then the client leaves.
+    let mut scram = ScramSha256::new(user.password.as_bytes(), ChannelBinding::unsupported());
+    let mut s = until_sasl(addr, &user).await;
+    s.write_all(&sasl_initial("SCRAM-SHA-256", scram.message()))
+        .await
+        .unwrap();
+    let (_, body) = read_message(&mut s).await.unwrap();
+    scram.update(&body[4..]).unwrap();
+    let whole = message(b'p', scram.message());
+    s.write_all(&whole[..whole.len() / 2]).await.unwrap();
+    drop(s);
+
+    // Startup parameters that are not UTF-8.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut packet = startup(3 << 16, &[("user", &user.name), ("database", "appdb")]);
+    let at = packet.len() - 1;
+    packet.splice(at..at, b"application_name\0\xc3\x28\0".iter().copied());
+    let len = (packet.len() as i32).to_be_bytes();
+    packet[..4].copy_from_slice(&len);
+    s.write_all(&packet).await.unwrap();
+    assert_eq!(error_code(&reply(&mut s).await).as_deref(), Some("08P01"));
+
+    // Nobody else noticed, and no half-open login is left behind.
+    let started = std::time::Instant::now();
+    assert_eq!(normal.query_one("SELECT 13", &[]).await.unwrap().get::<_, i32>(0), 13);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        eventually(Duration::from_secs(3), || async { proxy.shared().clients.count() == 1 }).await,
+        "only the normal client remains"
+    );
+}
+
+fn own_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2gb_length_claim_after_login_allocates_nothing() {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let user = create_user("rawclaim").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let addr = proxy.local_addr();
+    let before = own_rss_kib();
+    let mut claims = Vec::new();
+    for _ in 0..5 {
+        let mut scram = ScramSha256::new(user.password.as_bytes(), ChannelBinding::unsupported());
+        let mut s = until_sasl(addr, &user).await;
+        s.write_all(&sasl_initial("SCRAM-SHA-256", scram.message()))
+            .await
+            .unwrap();
+        let (_, body) = read_message(&mut s).await.unwrap();
+        scram.update(&body[4..]).unwrap();
+        s.write_all(&message(b'p', scram.message())).await.unwrap();
+        while let Some((tag, _)) = read_message(&mut s).await {
+            if tag == b'Z' {
+                break;
+            }
+        }
+        // A query claiming 2 GB, with a little of it sent.
+        let mut claim = vec![b'Q'];
+        claim.extend_from_slice(&i32::MAX.to_be_bytes());
+        claim.extend_from_slice(&[b'x'; 4096]);
+        s.write_all(&claim).await.unwrap();
+        let (tag, body) = read_message(&mut s).await.expect("an error before the hang-up");
+        assert_eq!(tag, b'E');
+        assert_eq!(
+            body_code(&body).as_deref(),
+            Some("54000"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        claims.push(s);
+    }
+    let grown = own_rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "RSS grew {grown} KiB after five 2 GB claims");
+    let client = connect(&proxy, &user).await.unwrap();
+    assert_eq!(client.query_one("SELECT 14", &[]).await.unwrap().get::<_, i32>(0), 14);
 }
