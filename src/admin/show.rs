@@ -414,6 +414,15 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
             "tls.key",
             c.tls.as_ref().map(|t| t.key.display().to_string()).unwrap_or_default(),
         ),
+        (
+            "tls.client_mode",
+            c.tls
+                .as_ref()
+                .map(|t| t.client_mode)
+                .unwrap_or_default()
+                .as_str()
+                .to_owned(),
+        ),
         ("pool.mode", c.pool.mode.as_str().to_owned()),
         ("pool.size", c.pool.size.to_string()),
         ("pool.checkout_timeout", dur(c.pool.checkout_timeout)),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-pub use types::{Balance, PoolMode, ServerAddr, SessionFeatures, format_duration};
+pub use types::{Balance, PoolMode, ServerAddr, SessionFeatures, TlsClientMode, format_duration};
 
 /// Name of the admin console's virtual database.
 pub const ADMIN_DATABASE: &str = "dbproxy";
@@ -56,6 +56,9 @@ impl Default for ProxyConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `"require"` refuses clients that log in without TLS.
+    #[serde(default)]
+    pub client_mode: TlsClientMode,
 }
 
 /// `[pool]`: server connection pools, one per (database, user, server).
@@ -162,6 +165,10 @@ pub struct UserConfig {
     /// required when `password` is a SCRAM verifier.
     #[serde(default)]
     pub server_password: Option<String>,
+    /// Name of an environment variable holding `server_password`, so the file
+    /// need hold no password at all. Read when the file is loaded or reloaded.
+    #[serde(default)]
+    pub server_password_env: Option<String>,
 }
 
 impl fmt::Debug for UserConfig {
@@ -266,6 +273,18 @@ impl Config {
                 "databases" => config.databases = problems.array(&key, value),
                 "users" => config.users = problems.array(&key, value),
                 _ => problems.add(&key, "unknown section"),
+            }
+        }
+        for (i, u) in config.users.iter_mut().enumerate() {
+            let Some(var) = &u.server_password_env else { continue };
+            let key = format!("users[{i}].server_password_env");
+            if u.server_password.is_some() {
+                problems.add(key, "set server_password or server_password_env, not both");
+                continue;
+            }
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => u.server_password = Some(v),
+                _ => problems.add(key, format!("environment variable {var:?} is not set or is empty")),
             }
         }
         config.validate(&mut problems);
@@ -480,5 +499,32 @@ password = "p"
     fn passwords_stay_out_of_debug_output() {
         let c = Config::parse(CONTRACT_EXAMPLE).unwrap();
         assert!(!format!("{c:?}").contains("app-secret"));
+    }
+
+    #[test]
+    fn server_password_env_is_read_and_checked() {
+        // PATH is set in any environment tests run in; nothing here sets variables.
+        let path = std::env::var("PATH").unwrap();
+        let text = CONTRACT_EXAMPLE.replace(
+            "password = \"app-secret\"",
+            "password = \"app-secret\"\nserver_password_env = \"PATH\"",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.users[0].server_password.as_deref(), Some(path.as_str()));
+
+        let text = CONTRACT_EXAMPLE.replace(
+            "password = \"app-secret\"",
+            "password = \"app-secret\"\nserver_password_env = \"DBPROXY_SURELY_UNSET_VARIABLE\"",
+        );
+        let problems = Config::parse(&text).unwrap_err();
+        assert_eq!(problems[0].key, "users[0].server_password_env", "{problems:?}");
+        assert!(problems[0].message.contains("DBPROXY_SURELY_UNSET_VARIABLE"));
+
+        let text = CONTRACT_EXAMPLE.replace(
+            "password = \"app-secret\"",
+            "password = \"app-secret\"\nserver_password = \"x\"\nserver_password_env = \"PATH\"",
+        );
+        let problems = Config::parse(&text).unwrap_err();
+        assert!(problems[0].message.contains("not both"), "{problems:?}");
     }
 }

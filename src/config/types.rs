@@ -124,6 +124,27 @@ impl Balance {
     }
 }
 
+/// Whether clients may connect without TLS when `[tls]` is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsClientMode {
+    /// Clients choose (`sslmode=disable` or `prefer` work unencrypted).
+    #[default]
+    Allow,
+    /// A client that logs in without TLS is refused (FATAL 28000).
+    Require,
+}
+
+impl TlsClientMode {
+    /// The name used in the config file and the admin console.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsClientMode::Allow => "allow",
+            TlsClientMode::Require => "require",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,6 +127,13 @@ pub async fn open(shared: &Shared, tcp: TcpStream) -> Result<Option<Opened>, Fai
             StartupPacket::Startup { minor, params } => break (minor, params),
         }
     };
+    if matches!(stream, ClientStream::Plain(_)) && tls_required(shared) {
+        return Err(Failure::fatal(
+            stream,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "dbproxy requires TLS (tls.client_mode = \"require\"): connect with sslmode=require",
+        ));
+    }
     if !buf.is_empty() {
         return Err(Failure::fatal(
             stream,
@@ -135,6 +142,18 @@ pub async fn open(shared: &Shared, tcp: TcpStream) -> Result<Option<Opened>, Fai
         ));
     }
     login(shared, stream, minor, params).await.map(Some)
+}
+
+/// Whether plaintext logins are refused. Cancel requests are not: libpq
+/// before 17 always sends them unencrypted, and they carry a secret key.
+fn tls_required(shared: &Shared) -> bool {
+    let live = shared.live();
+    live.tls.is_some()
+        && live
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_mode == crate::config::TlsClientMode::Require)
 }
 
 async fn negotiate_tls(shared: &Shared, stream: ClientStream) -> Result<ClientStream, Failure> {

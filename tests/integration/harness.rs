@@ -157,6 +157,8 @@ pub struct Setup {
     pub primary: Option<String>,
     /// `[tls]` certificate and key.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra lines of the `[tls]` section.
+    pub tls_lines: String,
     pub listen: String,
     /// Lines of the `[routing]` section.
     pub routing: String,
@@ -170,6 +172,7 @@ impl Setup {
             proxy: String::new(),
             primary: None,
             tls: None,
+            tls_lines: String::new(),
             listen: "127.0.0.1:0".to_owned(),
             routing: "read_write_split = false".to_owned(),
         }
@@ -197,9 +200,10 @@ impl Setup {
         );
         if let Some((cert, key)) = &self.tls {
             text.push_str(&format!(
-                "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n{}\n",
                 cert.display(),
-                key.display()
+                key.display(),
+                self.tls_lines
             ));
         }
         for u in &self.users {

@@ -86,3 +86,35 @@ async fn psql_connects_with_a_url_and_sees_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("password authentication failed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scram_verifier_in_the_config_logs_clients_in() {
+    let user = create_user("verifier").await;
+    let verifier: String = superuser()
+        .await
+        .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&user.name])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(verifier.starts_with("SCRAM-SHA-256$"), "{verifier}");
+    let setup = Setup::new(&[&user]);
+    let plain = format!("password = \"{}\"", user.password);
+    let toml = setup.toml();
+    assert!(toml.contains(&plain));
+    let toml = toml.replace(
+        &plain,
+        &format!("password = \"{verifier}\"\nserver_password = \"{}\"", user.password),
+    );
+    let config = dbproxy::Config::parse(&toml).unwrap();
+    let proxy = dbproxy::Proxy::start(config).await.unwrap();
+    let client = connect(&proxy, &user)
+        .await
+        .expect("the client's password matches the verifier");
+    assert_eq!(client.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0), 5);
+    let wrong = TestUser {
+        name: user.name.clone(),
+        password: "wrong".into(),
+    };
+    let err = connect(&proxy, &wrong).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "28P01", "{}", describe(&err));
+}

@@ -105,6 +105,34 @@ async fn tls_require_and_verify_full() {
         .output()
         .expect("psql runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(proxy);
+
+    // tls.client_mode = "require": plaintext logins are refused with 28000,
+    // TLS ones work.
+    setup.tls_lines = "client_mode = \"require\"".into();
+    let proxy = setup.start().await;
+    let port = proxy.local_addr().port();
+    let out = Command::new("psql")
+        .args([
+            &format!("{}?sslmode=disable", url_plain(&user, port)),
+            "-XAtc",
+            "SELECT 2",
+        ])
+        .output()
+        .expect("psql runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a plaintext client got in");
+    assert!(stderr.contains("requires TLS"), "{stderr}");
+    let out = Command::new("psql")
+        .args([
+            &format!("{}?sslmode=require", url_plain(&user, port)),
+            "-XAtc",
+            "SELECT 3",
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 }
 
 fn url_plain(user: &TestUser, port: u16) -> String {
