@@ -299,7 +299,8 @@ async fn malformed_scram_exchanges_and_startup_parameters_are_refused() {
     expect_refusal(&mut s, &message(b'Q', b"SELECT 1\0"), "08P01", "query before login").await;
 
     // Broken client-final messages, after a valid client-first.
-    let tamper: [(&str, fn(&str) -> String, &str); 4] = [
+    type Tamper = fn(&str) -> String;
+    let tamper: [(&str, Tamper, &str); 4] = [
         ("wrong nonce", |m| m.replacen("r=", "r=x", 1), "08P01"),
         (
             "bad base64 proof",
