@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every test on a fresh machine (Debian 12; root or not):
 # installs what is missing (PostgreSQL server + client, a Python virtualenv with the drivers),
-# then runs fmt, clippy, the Rust tests and the Python driver suite, stopping at the first failure.
+# then runs fmt, clippy, the Rust tests, the Python driver suite and a short fuzzing run,
+# stopping at the first failure.
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
@@ -81,3 +82,8 @@ step "cargo test" cargo test
 step "cargo build (binary for the Python suite)" cargo build
 export DBPROXY_BIN=$PWD/target/debug/dbproxy
 step "pytest tests/python" "$VENV/bin/python" -m pytest -q tests/python
+# A short bounded fuzzing run of every target (scripts/fuzz.sh; DBPROXY_FUZZ_SECONDS=0 skips it).
+fuzz_seconds=${DBPROXY_FUZZ_SECONDS:-20}
+if ((fuzz_seconds > 0)); then
+    step "fuzz ($fuzz_seconds s per target)" scripts/fuzz.sh "$fuzz_seconds"
+fi

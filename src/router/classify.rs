@@ -145,10 +145,11 @@ const CONSTRUCTS: &[&str] = &[
 
 /// Whether `sql` starts with CREATE, ALTER or DROP (function volatility may change).
 pub fn is_ddl(sql: &str) -> bool {
-    let start = sql.trim_start().get(..6).unwrap_or("");
+    // Bytes, not str slices: the text after the keyword may be any UTF-8.
+    let start = sql.trim_start().as_bytes();
     ["create", "alter ", "drop "]
         .iter()
-        .any(|kw| start.len() >= kw.len() && start[..kw.len()].eq_ignore_ascii_case(kw))
+        .any(|kw| start.get(..kw.len()).is_some_and(|s| s.eq_ignore_ascii_case(kw.as_bytes())))
 }
 
 /// Functions `pg_proc` calls stable that still cannot run on a standby.
@@ -409,6 +410,19 @@ mod tests {
         assert_eq!(class("BEGIN READ ONLY; SELECT 1; COMMIT"), Class::ReadOnlyTransaction);
         assert_eq!(class("COMMIT"), Class::Neutral);
         assert_eq!(class("SET x = 1"), Class::Neutral);
+    }
+
+    #[test]
+    fn ddl_detection_survives_any_utf8() {
+        // Found by the classifier fuzz target: a multi-byte character ending at
+        // byte 6 used to panic on a str slice at byte 5.
+        for sql in ["M+ъ", "Выбрать", "abcdé x", "  drop table t", "ALTER TABLE t", "créate"] {
+            let _ = is_ddl(sql);
+            let _ = class(sql);
+        }
+        assert!(is_ddl("  drop table t"));
+        assert!(is_ddl("CREATE TABLE t()"));
+        assert!(!is_ddl("Выбрать"));
     }
 
     #[test]

@@ -183,3 +183,18 @@ async fn pgbench_prepared_with_50_clients_over_a_pool_of_10() {
     pgbench(&url, &["-i", "-s", "1", "-q"], 0);
     pgbench(&url, &["-c", "50", "-j", "2", "-t", "20", "-M", "prepared"], 1000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_starting_with_non_ascii_text_get_the_servers_error() {
+    // The classifier fuzz target found that such text made the session panic.
+    let user = create_user("utf8").await;
+    let proxy = Setup::new(&[&user]).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    for sql in ["Выбрать 1", "abcdé 1", "日本語"] {
+        let err = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "42601", "{sql}: {}", describe(&err));
+        let err = client.prepare(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "42601", "{sql}: {}", describe(&err));
+    }
+    assert_eq!(client.query_one("SELECT 'ok ✓'::text", &[]).await.unwrap().get::<_, String>(0), "ok ✓");
+}
