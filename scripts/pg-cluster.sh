@@ -6,6 +6,8 @@
 #   pg-cluster.sh down DIR                              stop every node, rm -rf DIR (idempotent)
 #   pg-cluster.sh stop-node DIR NODE                    NODE = primary | replicaK (-m immediate)
 #   pg-cluster.sh start-node DIR NODE
+#   pg-cluster.sh freeze-node DIR NODE                  SIGSTOP the postmaster and every backend
+#   pg-cluster.sh thaw-node DIR NODE                    SIGCONT them
 #
 # Layout of DIR: primary/ replica1/ ... (data directories), <node>.log (server logs), the unix
 # sockets, cluster.env, and .pg-cluster (marker that makes `down` willing to delete DIR).
@@ -103,9 +105,26 @@ start_node() {
     fi
 }
 
+# Send SIG to a node's postmaster and all its children (a frozen server: connections are
+# accepted by the kernel, nothing answers).
+signal_node() {
+    local node=$1 sig=$2 pid
+    pid=$(head -n 1 "$DIR/$node/postmaster.pid" 2>/dev/null) || die "$node is not running"
+    [[ $pid =~ ^[0-9]+$ ]] || die "$node has no postmaster pid"
+    if [[ $sig == STOP ]]; then
+        kill -STOP "$pid"
+        pkill -STOP -P "$pid" || true
+    else
+        pkill -CONT -P "$pid" || true
+        kill -CONT "$pid"
+    fi
+}
+
 stop_node() {
     local node=$1 pid
     [[ -f $DIR/$node/postmaster.pid ]] || return 0
+    # A frozen node would ignore the stop request.
+    signal_node "$node" CONT 2>/dev/null || true
     if ! as_pg "$PGBIN/pg_ctl" stop -m immediate -w -t 30 -D "$DIR/$node" >/dev/null 2>&1; then
         # Not stopped (or a stale pid file): make sure no postmaster outlives its directory.
         pid=$(head -n 1 "$DIR/$node/postmaster.pid" 2>/dev/null) || true
@@ -287,14 +306,19 @@ unset PGHOST PGPORT PGUSER PGDATABASE PGPASSWORD PGSERVICE PGSSLMODE PGOPTIONS
 case $cmd in
 up) cmd_up "$@" ;;
 down) [[ $# -eq 0 ]] || usage; DIR=$(readlink -m "$DIR"); cmd_down ;;
-stop-node | start-node)
+stop-node | start-node | freeze-node | thaw-node)
     [[ $# -eq 1 ]] || usage
     DIR=$(readlink -f "$DIR")
     [[ -f $DIR/$MARKER ]] || die "$DIR is not a pg-cluster directory"
     PGBIN=${PGBIN:-$(sed -n 's/^PGBIN=//p' "$DIR/cluster.env" 2>/dev/null)}
     find_pgbin
     [[ -f $DIR/$1/PG_VERSION ]] || die "no node '$1' in $DIR (nodes: $(list_nodes | xargs))"
-    if [[ $cmd == stop-node ]]; then stop_node "$1"; else start_node "$1"; fi
+    case $cmd in
+    stop-node) stop_node "$1" ;;
+    start-node) start_node "$1" ;;
+    freeze-node) signal_node "$1" STOP ;;
+    thaw-node) signal_node "$1" CONT ;;
+    esac
     ;;
 *) usage ;;
 esac

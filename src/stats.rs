@@ -55,10 +55,11 @@ pub const REASONS: [&str; 10] = [
 ];
 
 /// Kinds of error the proxy reports (not the servers' own errors).
-pub const ERROR_KINDS: [&str; 7] = [
+pub const ERROR_KINDS: [&str; 8] = [
     "checkout_timeout",
     "server_connect",
     "server_lost",
+    "server_unresponsive",
     "client_protocol",
     "auth_failed",
     "too_many_clients",

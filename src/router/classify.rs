@@ -147,9 +147,11 @@ const CONSTRUCTS: &[&str] = &[
 pub fn is_ddl(sql: &str) -> bool {
     // Bytes, not str slices: the text after the keyword may be any UTF-8.
     let start = sql.trim_start().as_bytes();
-    ["create", "alter ", "drop "]
-        .iter()
-        .any(|kw| start.get(..kw.len()).is_some_and(|s| s.eq_ignore_ascii_case(kw.as_bytes())))
+    ["create", "alter ", "drop "].iter().any(|kw| {
+        start
+            .get(..kw.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(kw.as_bytes()))
+    })
 }
 
 /// Functions `pg_proc` calls stable that still cannot run on a standby.

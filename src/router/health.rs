@@ -26,6 +26,9 @@ pub struct ServerHealth {
     pub(super) lsn: AtomicU64,
     /// Replication lag, in milliseconds (0 for the primary).
     lag_ms: AtomicU64,
+    /// Woken each time a check times out: sessions waiting on this server
+    /// for longer than the check timeout give up on it.
+    unresponsive: tokio::sync::Notify,
 }
 
 impl ServerHealth {
@@ -44,6 +47,11 @@ impl ServerHealth {
         Duration::from_millis(self.lag_ms.load(Ordering::Relaxed))
     }
 
+    /// Resolves the next time a health check of this server times out.
+    pub async fn unresponsive(&self) {
+        self.unresponsive.notified().await
+    }
+
     /// Takes the server out of rotation (a connection to it just failed).
     pub fn mark_down(&self) {
         self.healthy.store(false, Ordering::Release);
@@ -59,18 +67,29 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 const CHECK_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
      COALESCE((EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0)";
 
-/// One check: `Some((lsn, ms since the last replayed transaction))`, or
-/// `None` if the server failed. `Err(())` when the pool is busy: no verdict.
-async fn check(pool: &Arc<Pool>, timeout: Duration) -> Result<Option<(u64, u64)>, ()> {
+/// What one check found.
+enum Verdict {
+    /// Answered: WAL position and ms since the last replayed transaction.
+    Up(u64, u64),
+    /// Refused connections or failed the query.
+    Down,
+    /// Did not answer within the timeout (frozen, or far too slow).
+    Unresponsive,
+    /// The pool was busy: no verdict.
+    Busy,
+}
+
+/// One check of the server behind `pool`.
+async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
     // A busy pool must give "no verdict" before the check itself times out.
     let wait = timeout / 4;
     let work = async {
         let mut conn = match pool.checkout(wait).await {
             Ok(c) => c,
-            Err(CheckoutError::Timeout { .. }) => return Err(()),
+            Err(CheckoutError::Timeout { .. }) => return Verdict::Busy,
             Err(CheckoutError::Connect(e)) => {
                 tracing::debug!(error = %e, "health check: cannot connect");
-                return Ok(None);
+                return Verdict::Down;
             }
         };
         match conn.conn.query_rows(CHECK_SQL).await {
@@ -80,15 +99,19 @@ async fn check(pool: &Arc<Pool>, timeout: Duration) -> Result<Option<(u64, u64)>
                 let lsn = field(0).and_then(parse_lsn).unwrap_or(0);
                 let since = field(1).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0).max(0) as u64;
                 conn.checkin();
-                Ok(Some((lsn, since)))
+                Verdict::Up(lsn, since)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "health check query failed");
-                Ok(None)
+                Verdict::Down
             }
         }
     };
-    tokio::time::timeout(timeout, work).await.unwrap_or(Ok(None))
+    // A connection dropped here mid-check is closed; a frozen backend sees
+    // the hang-up (and ends) once it runs again.
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or(Verdict::Unresponsive)
 }
 
 /// Watches the servers of `db` for as long as the proxy runs.
@@ -107,22 +130,32 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         .collect();
     let mut functions_loaded: Option<Instant> = None;
     loop {
-        let primary_lsn = match check(&primary, timeout).await {
-            Ok(Some((lsn, _))) => {
-                set(&router.primary, true, lsn, 0, &db.primary.to_string());
+        // All servers at once: a frozen one must not delay the others' checks.
+        let replica_checks: Vec<_> = replicas
+            .iter()
+            .map(|p| tokio::spawn(check(p.clone(), timeout)))
+            .collect();
+        let primary_name = db.primary.to_string();
+        let primary_lsn = match check(primary.clone(), timeout).await {
+            Verdict::Up(lsn, _) => {
+                set(&router.primary, true, lsn, 0, &primary_name);
                 Some(lsn)
             }
-            Ok(None) => {
-                set(&router.primary, false, router.primary.lsn(), 0, &db.primary.to_string());
+            verdict @ (Verdict::Down | Verdict::Unresponsive) => {
+                set(&router.primary, false, router.primary.lsn(), 0, &primary_name);
+                if matches!(verdict, Verdict::Unresponsive) {
+                    tracing::warn!(server = primary_name, ?timeout, "health check timed out");
+                    router.primary.unresponsive.notify_waiters();
+                }
                 None
             }
-            Err(()) => None,
+            Verdict::Busy => None,
         };
-        for (i, pool) in replicas.iter().enumerate() {
+        for (i, handle) in replica_checks.into_iter().enumerate() {
             let health = &router.replicas[i];
             let name = db.replicas[i].to_string();
-            match check(pool, timeout).await {
-                Ok(Some((lsn, since_ms))) => {
+            match handle.await.unwrap_or(Verdict::Busy) {
+                Verdict::Up(lsn, since_ms) => {
                     // Caught up, or the primary is unknown: no lag to hold against it.
                     let lag_ms = match primary_lsn {
                         Some(p) if lsn < p => since_ms,
@@ -131,14 +164,20 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
                     let ok = Duration::from_millis(lag_ms) <= max_lag;
                     set(health, ok, lsn, lag_ms, &name);
                 }
-                Ok(None) => set(
-                    health,
-                    false,
-                    health.lsn(),
-                    health.lag_ms.load(Ordering::Relaxed),
-                    &name,
-                ),
-                Err(()) => {}
+                verdict @ (Verdict::Down | Verdict::Unresponsive) => {
+                    set(
+                        health,
+                        false,
+                        health.lsn(),
+                        health.lag_ms.load(Ordering::Relaxed),
+                        &name,
+                    );
+                    if matches!(verdict, Verdict::Unresponsive) {
+                        tracing::warn!(server = name, ?timeout, "health check timed out");
+                        health.unresponsive.notify_waiters();
+                    }
+                }
+                Verdict::Busy => {}
             }
         }
         let due = functions_loaded.is_none_or(|t| t.elapsed() > FUNCTION_REFRESH) || router.take_refresh_request();

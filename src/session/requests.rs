@@ -685,7 +685,7 @@ impl Conn<'_> {
             match pool.checkout(wait).await {
                 Ok(conn) => {
                     self.stats.routed(reason.as_str());
-                    self.hold(conn, role, class).await;
+                    self.hold(conn, role, replica, class).await;
                     return Ok(());
                 }
                 Err(CheckoutError::Connect(e)) if replica.is_some() => {
@@ -700,13 +700,13 @@ impl Conn<'_> {
         // Every replica failed just now; the primary is the last resort.
         let conn = self.pool.checkout(wait).await?;
         self.stats.routed(crate::router::Reason::NoHealthyReplica.as_str());
-        self.hold(conn, Role::Primary, class).await;
+        self.hold(conn, Role::Primary, None, class).await;
         Ok(())
     }
 
     /// Takes `conn` for the client: registers it for cancel and carries the
     /// client's settings over, in the same write as the request that follows.
-    async fn hold(&mut self, mut conn: crate::pool::Checkout, role: Role, class: Class) {
+    async fn hold(&mut self, mut conn: crate::pool::Checkout, role: Role, replica: Option<usize>, class: Class) {
         self.slot.set(conn.conn.cancel_key()).await;
         if let Some(sql) = self.settings.carry_to(&mut conn.conn.state.settings) {
             write_query(&mut self.to_server, &sql);
@@ -726,6 +726,8 @@ impl Conn<'_> {
             unsynced: false,
             status: TransactionStatus::Idle,
             since: std::time::Instant::now(),
+            replica,
+            server_io: std::time::Instant::now(),
         });
     }
 

@@ -39,7 +39,7 @@ use crate::protocol::backend::{
 use crate::protocol::extended::{close_complete, parse_complete};
 use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
-use crate::router::health::parse_lsn;
+use crate::router::health::{ServerHealth, parse_lsn};
 use crate::router::{Class, Router, WriteMark};
 use crate::server_state::Settings;
 use crate::sql::{Effects, Pins};
@@ -90,6 +90,10 @@ pub(super) struct Attached {
     pub(super) status: TransactionStatus,
     /// When the server connection was taken.
     pub(super) since: Instant,
+    /// Which replica it is (`None`: the primary), for its health.
+    pub(super) replica: Option<usize>,
+    /// Last time bytes moved to or from the server.
+    pub(super) server_io: Instant,
 }
 
 /// Why the main loop ended.
@@ -111,6 +115,8 @@ enum Event {
     ServerWrote(io::Result<usize>),
     Shutdown,
     Killed,
+    /// The health monitor found the held server unresponsive.
+    Unresponsive,
 }
 
 pub(super) struct Conn<'a> {
@@ -297,6 +303,14 @@ async fn read_server(half: Option<ServerRead<'_>>, buf: &mut BytesMut) -> io::Re
     }
 }
 
+/// Resolves when the monitor finds `health`'s server unresponsive.
+async fn unresponsive(health: Option<&Arc<ServerHealth>>) {
+    match health {
+        Some(h) => h.unresponsive().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn write_server(half: Option<ServerWrite<'_>>, buf: &[u8]) -> io::Result<usize> {
     match half {
         Some(mut w) => w.write(buf).await,
@@ -338,13 +352,18 @@ impl Conn<'_> {
         if want_client {
             self.cbuf.reserve(READ_RESERVE);
         }
-        let (srd, swr) = match &mut self.phase {
+        let awaiting = matches!(&self.phase, Phase::Attached(a) if !self.quiet(a));
+        let (srd, swr, health) = match &mut self.phase {
             Phase::Attached(a) => {
                 self.sbuf.reserve(READ_RESERVE);
                 let (r, w) = a.conn.conn.stream.split();
-                (Some(r), Some(w))
+                let health = match a.replica {
+                    Some(i) => self.router.replicas.get(i),
+                    None => Some(&self.router.primary),
+                };
+                (Some(r), Some(w), health)
             }
-            _ => (None, None),
+            _ => (None, None, None),
         };
         let draining = self.draining;
         let event = tokio::select! {
@@ -354,6 +373,7 @@ impl Conn<'_> {
             r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
             _ = shutdown_started(&mut self.shutdown), if !draining => Event::Shutdown,
             _ = self.me.kill.notified() => Event::Killed,
+            _ = unresponsive(health), if awaiting => Event::Unresponsive,
         };
         match event {
             Event::ClientRead(Ok(0) | Err(_)) | Event::ClientWrote(Ok(0) | Err(_)) => Err(Exit::ClientLeft),
@@ -378,10 +398,31 @@ impl Conn<'_> {
                 self.server_lost("server closed the connection").await
             }
             Event::ServerRead(Err(e)) | Event::ServerWrote(Err(e)) => self.server_lost(&e.to_string()).await,
-            Event::ServerRead(Ok(_)) => Ok(()),
+            Event::ServerRead(Ok(_)) => {
+                if let Phase::Attached(a) = &mut self.phase {
+                    a.server_io = Instant::now();
+                }
+                Ok(())
+            }
             Event::ServerWrote(Ok(n)) => {
                 self.to_server.advance(n);
+                if let Phase::Attached(a) = &mut self.phase {
+                    a.server_io = Instant::now();
+                }
                 Ok(())
+            }
+            Event::Unresponsive => {
+                let limit = self.shared.live().config.routing.health_check_timeout;
+                match &self.phase {
+                    Phase::Attached(a) if a.server_io.elapsed() >= limit => {
+                        let why = format!(
+                            "server stopped responding (no answer for {limit:?}, and its health check timed out); \
+                             a statement in flight outside a transaction may still take effect when it resumes"
+                        );
+                        self.server_gone(&why, true).await
+                    }
+                    _ => Ok(()),
+                }
             }
             Event::Killed => Err(Exit::Fatal(ErrorFields::fatal(
                 SqlState::ADMIN_SHUTDOWN,
@@ -644,6 +685,13 @@ impl Conn<'_> {
     /// The server connection failed. The client learns of it; what it was
     /// doing decides whether it can go on.
     async fn server_lost(&mut self, why: &str) -> Result<(), Exit> {
+        self.server_gone(why, false).await
+    }
+
+    /// Gives up a server connection that failed (`frozen`: may still exist,
+    /// so it is abandoned in the background, keeping its pool slot until the
+    /// backend has gone) and tells the client as a direct connection would.
+    async fn server_gone(&mut self, why: &str, frozen: bool) -> Result<(), Exit> {
         let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Ok(());
         };
@@ -655,7 +703,12 @@ impl Conn<'_> {
         tracing::warn!(server = %addr, reason = why, "server connection lost");
         self.shared.errors.count("server_lost");
         self.slot.clear().await;
-        drop(conn);
+        if frozen {
+            self.shared.errors.count("server_unresponsive");
+            tokio::spawn(conn.abandon(self.shared.live().config.pool.server_connect_timeout));
+        } else {
+            drop(conn);
+        }
         let mid_message = !self.sscan.at_boundary();
         self.sbuf.clear();
         self.to_server.clear();

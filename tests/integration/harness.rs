@@ -30,6 +30,16 @@ impl Cluster {
         self.node("start-node", node);
     }
 
+    /// Freezes a node (SIGSTOP of the postmaster and its backends).
+    pub fn freeze_node(&self, node: &str) {
+        self.node("freeze-node", node);
+    }
+
+    /// Lets a frozen node run again.
+    pub fn thaw_node(&self, node: &str) {
+        self.node("thaw-node", node);
+    }
+
     fn node(&self, action: &str, node: &str) {
         let out = Command::new(repo_root().join("scripts/pg-cluster.sh"))
             .args([action.as_ref(), self.dir.as_os_str(), node.as_ref()])

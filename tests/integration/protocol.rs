@@ -196,5 +196,12 @@ async fn statements_starting_with_non_ascii_text_get_the_servers_error() {
         let err = client.prepare(sql).await.unwrap_err();
         assert_eq!(sqlstate(&err), "42601", "{sql}: {}", describe(&err));
     }
-    assert_eq!(client.query_one("SELECT 'ok ✓'::text", &[]).await.unwrap().get::<_, String>(0), "ok ✓");
+    assert_eq!(
+        client
+            .query_one("SELECT 'ok ✓'::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "ok ✓"
+    );
 }
