@@ -295,8 +295,30 @@ impl Proxy {
 /// Periodic housekeeping: closes expired idle server connections.
 async fn maintain(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut peak = 0;
     loop {
         tick.tick().await;
         shared.pools.prune_idle();
+        // When many clients have left, hand their freed buffers back to the
+        // system: glibc keeps freed memory in its per-thread arenas otherwise
+        // (measured: RSS stayed at its 5,000-client peak after they all left).
+        let now = shared.clients.count();
+        peak = peak.max(now);
+        if peak - now >= 100 && now < peak / 4 * 3 {
+            peak = now;
+            tokio::task::spawn_blocking(release_free_memory);
+        }
+    }
+}
+
+/// Returns free heap memory to the operating system where the allocator
+/// keeps it (glibc); elsewhere a no-op.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions: it walks the allocator's own
+    // free lists under the arena locks it takes itself.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Soak test: 5,000 concurrent clients for 60 s through dbproxy (see soak.py for options).
+# Uses the test virtualenv (.venv-test, created by scripts/test.sh) or creates one with asyncpg.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.."
+VENV=.venv-test
+if ! "$VENV/bin/python" -c 'import asyncpg' 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check asyncpg
+fi
+# One fd per client in this process and in dbproxy.
+ulimit -n "$(ulimit -Hn)"
+exec "$VENV/bin/python" benches/soak/soak.py "$@"
