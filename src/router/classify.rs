@@ -154,6 +154,17 @@ pub fn is_ddl(sql: &str) -> bool {
     })
 }
 
+/// Whether `sql` has a statement that can change the result type of a
+/// statement prepared earlier: ALTER, DROP, or CREATE OR REPLACE (a view or a
+/// function). Plain CREATE (tables, indexes, temp tables) cannot.
+pub fn may_change_result_types(sql: &str) -> bool {
+    let tokens = tokenize(sql);
+    tokens.split(|t| t.is_punct(sql, b';')).any(|stmt| {
+        let word = |i: usize, kw: &str| stmt.get(i).is_some_and(|t| t.is_word(sql, kw));
+        word(0, "alter") || word(0, "drop") || (word(0, "create") && word(1, "or") && word(2, "replace"))
+    })
+}
+
 /// Functions `pg_proc` calls stable that still cannot run on a standby.
 const PRIMARY_ONLY: &[&str] = &[
     "txid_current",
@@ -412,6 +423,18 @@ mod tests {
         assert_eq!(class("BEGIN READ ONLY; SELECT 1; COMMIT"), Class::ReadOnlyTransaction);
         assert_eq!(class("COMMIT"), Class::Neutral);
         assert_eq!(class("SET x = 1"), Class::Neutral);
+    }
+
+    #[test]
+    fn result_type_changes() {
+        assert!(may_change_result_types("ALTER TABLE t ADD COLUMN c int"));
+        assert!(may_change_result_types("drop view v"));
+        assert!(may_change_result_types("CREATE OR REPLACE VIEW v AS SELECT 1"));
+        assert!(may_change_result_types("BEGIN; ALTER TABLE t DROP c; COMMIT"));
+        assert!(!may_change_result_types("CREATE TABLE t (a int)"));
+        assert!(!may_change_result_types("CREATE TEMP TABLE t (a int)"));
+        assert!(!may_change_result_types("CREATE INDEX ON t (a)"));
+        assert!(!may_change_result_types("SELECT 'alter table'"));
     }
 
     #[test]

@@ -97,6 +97,11 @@ pub struct Router {
     hasher: std::collections::hash_map::RandomState,
     refresh: Notify,
     refresh_requested: std::sync::atomic::AtomicBool,
+    /// Schema changes that may change a statement's result type (ALTER,
+    /// DROP, CREATE OR REPLACE) seen going to this database. Server-side
+    /// statement names include it, so a statement a client prepares after
+    /// such a change never reuses a server copy planned before it.
+    schema_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -111,6 +116,7 @@ impl Router {
             hasher: Default::default(),
             refresh: Notify::new(),
             refresh_requested: Default::default(),
+            schema_epoch: Default::default(),
         }
     }
 
@@ -149,6 +155,20 @@ impl Router {
         for shard in &self.cache {
             shard.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+    }
+
+    /// DDL (`sql`, which [`classify::is_ddl`]) went by: re-read function
+    /// volatility soon, and start a new schema epoch if result types may change.
+    pub fn note_ddl(&self, sql: &str) {
+        self.request_refresh();
+        if classify::may_change_result_types(sql) {
+            self.schema_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The current schema epoch (see the field).
+    pub fn schema_epoch(&self) -> u64 {
+        self.schema_epoch.load(Ordering::Acquire)
     }
 
     /// DDL went by: re-read function volatility soon.

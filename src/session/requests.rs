@@ -38,12 +38,14 @@ pub struct Statement {
     pub class: Class,
 }
 
-/// The server-side name of a statement: a digest of its text and types.
-fn server_name(query: &str, param_types: &[u8]) -> Arc<str> {
+/// The server-side name of a statement: a digest of its text, its types and
+/// the database's schema epoch (see `Router::schema_epoch`).
+fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<str> {
     let mut h = Sha256::new();
     h.update(query.as_bytes());
     h.update([0]);
     h.update(param_types);
+    h.update(epoch.to_le_bytes());
     let digest = h.finalize();
     let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
     Arc::from(format!("dbp_{hex}"))
@@ -201,7 +203,12 @@ impl Conn<'_> {
                         self.unnamed_class = class;
                         (class, true)
                     } else {
-                        let known = self.tracking() && self.pool.knows_statement(&server_name(p.query, p.param_types));
+                        let known = self.tracking()
+                            && self.pool.knows_statement(&server_name(
+                                p.query,
+                                p.param_types,
+                                self.router.schema_epoch(),
+                            ));
                         (class, !known)
                     }
                 }
@@ -367,8 +374,8 @@ impl Conn<'_> {
             Some(sql) if self.split => self.router.classify(sql),
             _ => Class::Neutral,
         };
-        if sql.is_some_and(crate::router::classify::is_ddl) {
-            self.router.request_refresh();
+        if let Some(sql) = sql.filter(|s| crate::router::classify::is_ddl(s)) {
+            self.router.note_ddl(sql);
         }
         if !self.ensure_server(b'Q', class).await? {
             return Ok(());
@@ -500,7 +507,7 @@ impl Conn<'_> {
             Class::Neutral
         };
         if crate::router::classify::is_ddl(p.query) {
-            self.router.request_refresh();
+            self.router.note_ddl(p.query);
         }
         if p.name.is_empty() || !self.tracking() {
             if p.name.is_empty() && self.mode == PoolMode::Transaction {
@@ -510,7 +517,7 @@ impl Conn<'_> {
             return self.send(msg, b'P', Some(Request::Parse), class).await;
         }
         let stmt = Arc::new(Statement {
-            server_name: server_name(p.query, p.param_types),
+            server_name: server_name(p.query, p.param_types, self.router.schema_epoch()),
             query: p.query.into(),
             param_types: p.param_types.into(),
             effects: analyze(p.query),
@@ -780,10 +787,11 @@ mod tests {
 
     #[test]
     fn server_names_depend_on_text_and_types() {
-        let a = server_name("SELECT $1", &[0, 1, 0, 0, 0, 23]);
-        assert_eq!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23]));
-        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 25]));
-        assert_ne!(a, server_name("SELECT $2", &[0, 1, 0, 0, 0, 23]));
+        let a = server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 0);
+        assert_eq!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 0));
+        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 25], 0));
+        assert_ne!(a, server_name("SELECT $2", &[0, 1, 0, 0, 0, 23], 0));
+        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 1));
         assert!(a.starts_with("dbp_") && a.len() == 28);
     }
 }

@@ -309,6 +309,34 @@ async fn a_statement_gone_stale_after_ddl_can_be_prepared_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_after_ddl_never_meets_a_server_copy_planned_before_it() {
+    // One server connection, so both clients' statements live on it.
+    let user = create_user("epoch").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("CREATE TABLE epoch_t (a int); INSERT INTO epoch_t VALUES (1)")
+        .await
+        .unwrap();
+    let old = a.prepare("SELECT * FROM epoch_t").await.unwrap();
+    assert_eq!(a.query(&old, &[]).await.unwrap()[0].len(), 1);
+    b.batch_execute("ALTER TABLE epoch_t ADD COLUMN b int DEFAULT 2")
+        .await
+        .unwrap();
+    // B prepares the same text after the change: on a direct connection it
+    // gets a fresh plan, and so it does here, with no error to see.
+    let fresh = b.prepare("SELECT * FROM epoch_t").await.unwrap();
+    assert_eq!(fresh.columns().len(), 2, "described with the new shape");
+    let rows = b.query(&fresh, &[]).await.expect("no stale-plan error");
+    assert_eq!(rows[0].get::<_, i32>(1), 2);
+    // A's statement was prepared before the change: as on a direct connection.
+    let err = a.query(&old, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    // And B's keeps working after A's error.
+    assert_eq!(b.query(&fresh, &[]).await.unwrap()[0].len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_features_can_be_rejected_instead_of_pinned() {
     let user = create_user("reject").await;
     let proxy = Setup::new(&[&user])
