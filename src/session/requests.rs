@@ -462,6 +462,40 @@ impl Conn<'_> {
         true
     }
 
+    /// An unnamed Parse of DEALLOCATE or DISCARD ALL, on the held server
+    /// connection. `DEALLOCATE name` must only drop the client's own name,
+    /// never a server statement other clients share: the Parse becomes a
+    /// DEALLOCATE of a throwaway statement prepared just before it (so the
+    /// client still gets exactly `DEALLOCATE`, or the server's error for a
+    /// name it never prepared). DEALLOCATE ALL and DISCARD ALL go as they
+    /// are, with the records of [`Self::forward_local_command`].
+    fn forward_local_parse(&mut self, cmd: &LocalCommand, msg: &[u8]) {
+        const THROWAWAY: &str = "dbp_deallocate";
+        match cmd {
+            LocalCommand::Deallocate(name) if self.statements.remove(name).is_some() => {
+                // Close first: a throwaway left by a batch that failed before its Execute.
+                write_target(&mut self.to_server, b'C', b'S', THROWAWAY);
+                self.expect.sent(Request::Close, true, None);
+                crate::protocol::extended::write_parse(&mut self.to_server, THROWAWAY, "SELECT", &[0, 0]);
+                self.expect.sent(Request::Parse, true, None);
+                crate::protocol::extended::write_parse(
+                    &mut self.to_server,
+                    "",
+                    &format!("DEALLOCATE {THROWAWAY}"),
+                    &[0, 0],
+                );
+            }
+            LocalCommand::Deallocate(_) => self.to_server.extend_from_slice(msg),
+            LocalCommand::DeallocateAll | LocalCommand::DiscardAll => {
+                self.forward_local_command(cmd, msg);
+            }
+        }
+        self.sent(b'P', Some(Request::Parse));
+        if let Some(a) = self.attached() {
+            a.unsynced = true;
+        }
+    }
+
     /// DEALLOCATE and DISCARD ALL outside a transaction touch only the
     /// client's own view, never a shared server connection.
     fn answer_locally(&mut self, cmd: LocalCommand) {
@@ -513,6 +547,15 @@ impl Conn<'_> {
             if p.name.is_empty() && self.mode == PoolMode::Transaction {
                 self.unnamed = analyze(p.query);
                 self.unnamed_class = class;
+                if self.tracking()
+                    && let Some(cmd) = self.unnamed.local.take()
+                {
+                    // DEALLOCATE / DISCARD ALL through the extended protocol.
+                    if self.ensure_server(b'P', class).await? {
+                        self.forward_local_parse(&cmd, msg);
+                    }
+                    return Ok(());
+                }
             }
             return self.send(msg, b'P', Some(Request::Parse), class).await;
         }
