@@ -32,7 +32,9 @@ pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let span = tracing::info_span!("client", id, %peer);
     async move {
         let login_timeout = shared.live().config.proxy.client_login_timeout;
-        let opened = match tokio::time::timeout(login_timeout, startup::open(shared, tcp)).await {
+        let opened = // Boxed, like the other phases that are not the idle wait: a logged-in
+        // client's task then carries only the state it needs while idle.
+        match tokio::time::timeout(login_timeout, Box::pin(startup::open(shared, tcp))).await {
             Ok(Ok(Some(login))) => login,
             Ok(Ok(None)) => return,
             Ok(Err(failure)) => {
@@ -49,7 +51,7 @@ pub async fn serve(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let key = (registration.process_id, registration.secret_key);
         match opened.target {
             startup::Target::Admin => {
-                crate::admin::run(shared, opened.stream, &opened.user, key).await;
+                Box::pin(crate::admin::run(shared, opened.stream, &opened.user, key)).await;
             }
             startup::Target::Database(ref db) => {
                 let (user, database, tls) = (opened.user.name.clone(), db.name.clone(), opened.stream.is_tls());

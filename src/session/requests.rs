@@ -278,7 +278,9 @@ impl Conn<'_> {
         if self.draining {
             return Err(Exit::Fatal(super::transfer::shutdown_error()));
         }
-        match self.attach(class).await? {
+        // Boxed: checking out (and maybe connecting) is a large future that
+        // an idle client's task should not carry.
+        match Box::pin(self.attach(class)).await? {
             Ok(()) => Ok(true),
             Err(e) => {
                 self.report_checkout_failure(tag, &e);
@@ -778,6 +780,7 @@ impl Conn<'_> {
             since: std::time::Instant::now(),
             replica,
             server_io: std::time::Instant::now(),
+            read_reserve: super::transfer::SMALL_READ_RESERVE,
         });
     }
 

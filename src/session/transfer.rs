@@ -49,6 +49,22 @@ use crate::stats::DbStats;
 pub(super) const HIGH_WATER: usize = 256 * 1024;
 /// Spare capacity made available for each read.
 const READ_RESERVE: usize = 16 * 1024;
+/// Spare capacity for a client's next request while it holds no server
+/// connection: most requests fit, and an idle client costs little.
+const IDLE_READ_RESERVE: usize = 1024;
+/// Spare capacity for reads while it suffices: most answers are small, and a
+/// small buffer is cheap to allocate for each transaction. A read that fills
+/// it switches the attachment to [`READ_RESERVE`].
+pub(super) const SMALL_READ_RESERVE: usize = 2048;
+/// Empty buffers larger than this are freed when a client goes idle.
+const IDLE_KEEP: usize = 1024;
+
+/// Frees an empty buffer's large allocation (the next use allocates again).
+fn shrink(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > IDLE_KEEP {
+        *buf = BytesMut::new();
+    }
+}
 /// Longest a rollback or reset of a returned connection may take.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -94,6 +110,8 @@ pub(super) struct Attached {
     pub(super) replica: Option<usize>,
     /// Last time bytes moved to or from the server.
     pub(super) server_io: Instant,
+    /// Spare capacity to make available for the next server read.
+    pub(super) read_reserve: usize,
 }
 
 /// Why the main loop ended.
@@ -204,7 +222,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     // What the servers report, except where the client's startup packet
     // asked for its own value (applied on every server it uses).
     let candidates: Vec<&Arc<Pool>> = std::iter::once(&pool).chain(replica_pools.iter()).collect();
-    for (name, value) in server_params(shared, &candidates).await.iter() {
+    for (name, value) in Box::pin(server_params(shared, &candidates)).await.iter() {
         let own = params
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -257,7 +275,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         me: me.clone(),
     };
     let exit = conn.serve().await;
-    conn.finish(exit).await;
+    Box::pin(conn.finish(exit)).await;
 }
 
 pub(super) fn shutdown_error() -> ErrorFields {
@@ -350,12 +368,19 @@ impl Conn<'_> {
         let want_client = self.cbuf.len() < HIGH_WATER || self.cscan.bytes_wanted(&self.cbuf) > 0;
         let want_server = self.to_client.len() < HIGH_WATER;
         if want_client {
-            self.cbuf.reserve(READ_RESERVE);
+            let idle = matches!(self.phase, Phase::Idle) && self.cbuf.is_empty();
+            let spare = self.cbuf.capacity() - self.cbuf.len();
+            if idle {
+                self.cbuf.reserve(IDLE_READ_RESERVE);
+            } else if spare < IDLE_READ_RESERVE / 2 {
+                // Grow only when small requests no longer fit (COPY data, big batches).
+                self.cbuf.reserve(READ_RESERVE);
+            }
         }
         let awaiting = matches!(&self.phase, Phase::Attached(a) if !self.quiet(a));
         let (srd, swr, health) = match &mut self.phase {
             Phase::Attached(a) => {
-                self.sbuf.reserve(READ_RESERVE);
+                self.sbuf.reserve(a.read_reserve);
                 let (r, w) = a.conn.conn.stream.split();
                 let health = match a.replica {
                     Some(i) => self.router.replicas.get(i),
@@ -390,6 +415,10 @@ impl Conn<'_> {
                 self.to_client.advance(n);
                 if self.to_client.is_empty() {
                     self.to_client.clear();
+                    if matches!(self.phase, Phase::Idle) {
+                        // It may be a whole server read buffer (swapped in by process_server).
+                        shrink(&mut self.to_client);
+                    }
                     self.wr.flush().await.map_err(|_| Exit::ClientLeft)?;
                 }
                 Ok(())
@@ -398,9 +427,12 @@ impl Conn<'_> {
                 self.server_lost("server closed the connection").await
             }
             Event::ServerRead(Err(e)) | Event::ServerWrote(Err(e)) => self.server_lost(&e.to_string()).await,
-            Event::ServerRead(Ok(_)) => {
+            Event::ServerRead(Ok(n)) => {
                 if let Phase::Attached(a) = &mut self.phase {
                     a.server_io = Instant::now();
+                    if n >= a.read_reserve {
+                        a.read_reserve = READ_RESERVE;
+                    }
                 }
                 Ok(())
             }
@@ -602,6 +634,12 @@ impl Conn<'_> {
         let clean = self.quiet(&a) && self.sbuf.is_empty() && self.to_server.is_empty() && self.sscan.at_boundary();
         self.sbuf.clear();
         self.to_server.clear();
+        // An idle client keeps no large buffers: it may stay idle for hours,
+        // and 10,000 of them should fit in about 100 MB.
+        shrink(&mut self.sbuf);
+        shrink(&mut self.to_server);
+        shrink(&mut self.cbuf);
+        shrink(&mut self.to_client);
         self.expect.clear();
         self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
         if clean {
