@@ -2,12 +2,17 @@
 """Side-by-side load benchmark: pgbench against PostgreSQL directly, through PgBouncer and
 through dbproxy, interleaved (A B C A B C ...) so machine noise hits all three alike.
 
-Starts a throwaway primary (scripts/pg-cluster.sh), a release build of dbproxy and PgBouncer
-(Debian package `pgbouncer`) with the same pool size, runs each scenario ROUNDS times per
-target, and prints a Markdown table of median tps, average latency, and the ratios to direct
-and to PgBouncer. Loopback only; every run is bounded by --seconds.
+Starts a throwaway primary with two streaming replicas (scripts/pg-cluster.sh), a release
+build of dbproxy and PgBouncer (Debian package `pgbouncer`) with the same pool size, runs each
+scenario ROUNDS times per target, and prints a Markdown table of median tps, average and p99
+latency, and the ratios to direct and to PgBouncer; with --chart, also a PNG bar chart of the
+ratios (needs matplotlib; run.sh provides it). Loopback only; every run is bounded by --seconds.
 
-    benches/load/run.sh [--seconds 10] [--rounds 3] [--scenarios S,E,P,...]
+Scenario R (read-heavy mix, 9 reads to 1 TPC-B write transaction) runs dbproxy with read/write
+splitting on, and reports how the transactions spread over the primary and the replicas; every
+other scenario uses one dbproxy with splitting off, so all three targets use the primary alone.
+
+    benches/load/run.sh [--seconds 10] [--rounds 3] [--scenarios S,S500,E,P,...] [--chart out.png]
 """
 
 import argparse
@@ -35,7 +40,13 @@ SCENARIOS = {
     "S1": ("-S, 1 client (round-trip latency)", ["-S", "-c", "1", "-j", "1", "-M", "simple"]),
     "C": ("-S -C, new SCRAM connection per transaction, 10 clients", ["-S", "-C", "-c", "10", "-j", "2"]),
     "B": ("TPC-B (writes), 20 clients", ["-c", "20", "-j", "2", "-M", "simple"]),
+    "S500": ("-S, 500 clients, simple protocol", ["-S", "-c", "500", "-j", "2", "-M", "simple"]),
+    "R": ("read-heavy mix (9 -S : 1 TPC-B), 50 clients; dbproxy splits reads to 2 replicas "
+          "(read_your_writes off)",
+          ["-b", "select-only@9", "-b", "tpcb-like@1", "-c", "50", "-j", "2", "-M", "simple"]),
 }
+# Fraction of transactions pgbench logs, for the p99 latency.
+SAMPLING = "0.2"
 
 
 def free_port():
@@ -71,25 +82,42 @@ class Bench:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
         cluster = self.dir / "cluster"
         out = subprocess.run(
-            [ROOT / "scripts/pg-cluster.sh", "up", cluster, "--watch", str(os.getpid()), "--replicas", "0"],
+            [ROOT / "scripts/pg-cluster.sh", "up", cluster, "--watch", str(os.getpid()), "--replicas", "2"],
             check=True, capture_output=True, text=True,
         ).stdout
         env = dict(line.split("=", 1) for line in out.split())
         self.pg = int(env["PRIMARY_PORT"])
+        self.replicas = [int(p) for p in env["REPLICA_PORTS"].split(",") if p]
+        self.cluster = cluster
+        if "S500" in self.args.scenarios.split(","):
+            # 500 direct clients need more than the cluster's 300 connections.
+            for port in [self.pg] + self.replicas:
+                subprocess.run(["psql", "-XAtq", f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                                "-c", "ALTER SYSTEM SET max_connections = 700"], check=True)
+            for node in ["primary", "replica1", "replica2"]:
+                subprocess.run([ROOT / "scripts/pg-cluster.sh", "stop-node", cluster, node], check=True)
+                subprocess.run([ROOT / "scripts/pg-cluster.sh", "start-node", cluster, node], check=True)
         self.proxy = free_port()
+        self.split = free_port()
         self.bouncer = free_port()
-        (self.dir / "proxy.toml").write_text(
-            f'[proxy]\nlisten = "127.0.0.1:{self.proxy}"\nmax_client_conn = 20000\n'
-            f'[pool]\nmode = "transaction"\nsize = {POOL}\ncheckout_timeout = "30s"\n'
-            f'[routing]\nread_write_split = false\n'
-            f'[[databases]]\nname = "appdb"\nprimary = "127.0.0.1:{self.pg}"\n'
-            f'[[users]]\nname = "app"\npassword = "{PASSWORD}"\n'
-        )
-        log = open(self.dir / "dbproxy.log", "w")
-        self.procs.append(subprocess.Popen(
-            [ROOT / "target/release/dbproxy", "--config", self.dir / "proxy.toml"],
-            stderr=log, env={**os.environ, "RUST_LOG": "warn"},
-        ))
+        replicas = ", ".join(f'"127.0.0.1:{p}"' for p in self.replicas)
+        for name, port, split in (("proxy", self.proxy, False), ("split", self.split, True)):
+            (self.dir / f"{name}.toml").write_text(
+                f'[proxy]\nlisten = "127.0.0.1:{port}"\nmax_client_conn = 20000\n'
+                f'[pool]\nmode = "transaction"\nsize = {POOL}\ncheckout_timeout = "30s"\n'
+                f'[routing]\nread_write_split = {"true" if split else "false"}\n'
+                # Scenario R shows the spread; with read-your-writes each pgbench client's reads
+                # follow its own writes (every tenth transaction) to the primary until replayed.
+                + ('read_your_writes = false\n' if split else "")
+                + f'[[databases]]\nname = "appdb"\nprimary = "127.0.0.1:{self.pg}"\n'
+                + (f'replicas = [{replicas}]\n' if split else "")
+                + f'[[users]]\nname = "app"\npassword = "{PASSWORD}"\n'
+            )
+            log = open(self.dir / f"{name}.log", "w")
+            self.procs.append(subprocess.Popen(
+                [ROOT / "target/release/dbproxy", "--config", self.dir / f"{name}.toml"],
+                stderr=log, env={**os.environ, "RUST_LOG": "warn"},
+            ))
         (self.dir / "userlist.txt").write_text(f'"app" "{PASSWORD}"\n')
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
@@ -103,6 +131,7 @@ class Bench:
         subprocess.run(["chown", "-R", "postgres", self.dir], check=False)
         self.procs.append(subprocess.Popen(as_postgres(["pgbouncer", str(self.dir / "pgbouncer.ini")])))
         wait_port(self.proxy)
+        wait_port(self.split)
         wait_port(self.bouncer)
         subprocess.run(["pgbench", "-i", "-s", "10", "-q", self.url(self.pg)], check=True, capture_output=True)
 
@@ -121,15 +150,41 @@ class Bench:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def pgbench(self, port, extra):
-        cmd = ["pgbench", "-n", "-T", str(self.args.seconds), *extra, self.url(port)]
+        logs = Path(tempfile.mkdtemp(prefix="log-", dir=self.dir))
+        clients = int(extra[extra.index("-c") + 1])
+        # Long enough that logging every client in (a backend fork each, directly) is a small part.
+        seconds = max(self.args.seconds, clients // 50)
+        cmd = ["pgbench", "-n", "-T", str(seconds), "-l", "--sampling-rate", SAMPLING,
+               "--log-prefix", str(logs / "pgbench_log"), *extra, self.url(port)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.seconds * 4 + 60)
         tps = re.search(r"tps = ([\d.]+)", r.stdout)
         lat = re.search(r"latency average = ([\d.]+) ms", r.stdout)
         failed = re.search(r"number of failed transactions: (\d+)", r.stdout)
         if r.returncode != 0 or not tps or (failed and int(failed.group(1)) > 0):
             err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            shutil.rmtree(logs, ignore_errors=True)
             return None, err
-        return (float(tps.group(1)), float(lat.group(1)) if lat else float("nan")), None
+        # Per-transaction log lines: client, transaction, latency in us, ...
+        samples = []
+        for f in logs.iterdir():
+            for line in f.read_text().splitlines():
+                parts = line.split()
+                if len(parts) > 2 and parts[2].isdigit():
+                    samples.append(int(parts[2]))
+        shutil.rmtree(logs, ignore_errors=True)
+        samples.sort()
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000 if samples else float("nan")
+        return (float(tps.group(1)), float(lat.group(1)) if lat else float("nan"), p99), None
+
+    def commits(self):
+        """Committed transactions in appdb on each node (standbys count their own read-only ones)."""
+        out = {}
+        for name, port in [("primary", self.pg)] + [(f"replica{i + 1}", p) for i, p in enumerate(self.replicas)]:
+            r = subprocess.run(["psql", "-XAtq", f"postgresql://postgres@127.0.0.1:{port}/appdb", "-c",
+                                "SELECT xact_commit FROM pg_stat_database WHERE datname = 'appdb'"],
+                               capture_output=True, text=True)
+            out[name] = int(r.stdout.strip() or 0)
+        return out
 
 
 def ratio(a, b):
@@ -141,44 +196,96 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--chart", help="write a PNG bar chart of the ratios here")
     args = ap.parse_args()
     bench = Bench(args)
     rows = []
+    spread = None
     try:
         bench.start()
-        targets = [("direct", bench.pg), ("pgbouncer", bench.bouncer), ("dbproxy", bench.proxy)]
         for key in args.scenarios.split(","):
             desc, extra = SCENARIOS[key]
+            proxy = bench.split if key == "R" else bench.proxy
+            targets = [("direct", bench.pg), ("pgbouncer", bench.bouncer), ("dbproxy", proxy)]
             results = {name: [] for name, _ in targets}
             errors = {}
+            moved = {}
             for _ in range(args.rounds):
                 for name, port in targets:
+                    before = bench.commits() if key == "R" and name == "dbproxy" else None
                     res, err = bench.pgbench(port, extra)
+                    if before is not None:
+                        after = bench.commits()
+                        for node in after:
+                            moved[node] = moved.get(node, 0) + after[node] - before[node]
                     if res:
                         results[name].append(res)
                     else:
                         errors[name] = err
+            if moved:
+                spread = moved
             med = {
-                n: (statistics.median(t for t, _ in r), statistics.median(l for _, l in r)) if r else None
+                n: tuple(statistics.median(x[i] for x in r) for i in range(3)) if r else None
                 for n, r in results.items()
             }
-            rows.append((desc, med, errors))
+            rows.append((key, desc, med, errors))
             print(f"done: {desc}", file=sys.stderr)
     finally:
         bench.stop()
     print(f"pgbench scale 10, pool size {POOL}, transaction pooling, {args.rounds} interleaved rounds "
-          f"of {args.seconds} s; medians. Latency = pgbench's average, ms.\n")
+          f"of {args.seconds} s; medians. Latency in ms: pgbench's average, and the 99th percentile "
+          f"of a {SAMPLING} sample of transactions (pgbench -l).\n")
     print("| scenario | direct tps | PgBouncer tps | dbproxy tps | dbproxy / direct | dbproxy / PgBouncer "
-          "| latency direct | latency PgBouncer | latency dbproxy |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for desc, med, errors in rows:
+          "| avg latency direct / PgBouncer / dbproxy | p99 latency direct / PgBouncer / dbproxy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for _, desc, med, errors in rows:
         def cell(n, i):
             if med[n]:
-                return f"{med[n][i]:.0f}" if i == 0 else f"{med[n][i]:.3f}"
+                return f"{med[n][i]:.0f}" if i == 0 else f"{med[n][i]:.2f}"
             return "fails: " + errors.get(n, "?")[:60].replace("|", "/")
         d, b, p = (med[n][0] if med[n] else None for n in ("direct", "pgbouncer", "dbproxy"))
+        lat = " / ".join(cell(n, 1) for n in ("direct", "pgbouncer", "dbproxy"))
+        p99 = " / ".join(cell(n, 2) for n in ("direct", "pgbouncer", "dbproxy"))
         print(f"| {desc} | {cell('direct', 0)} | {cell('pgbouncer', 0)} | {cell('dbproxy', 0)} "
-              f"| {ratio(p, d)} | {ratio(p, b)} | {cell('direct', 1)} | {cell('pgbouncer', 1)} | {cell('dbproxy', 1)} |")
+              f"| {ratio(p, d)} | {ratio(p, b)} | {lat} | {p99} |")
+    if spread:
+        total = sum(spread.values()) or 1
+        print("\nScenario R through dbproxy, transactions committed per server: " + ", ".join(
+            f"{node} {count} ({100 * count / total:.0f} %)" for node, count in spread.items()))
+    if args.chart:
+        chart(rows, args.chart)
+
+
+def chart(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, _, med, _ in rows if med["direct"] and med["dbproxy"]]
+    meds = {k: med for k, _, med, _ in rows}
+    vs_direct = [meds[k]["dbproxy"][0] / meds[k]["direct"][0] for k in keys]
+    vs_bouncer = [meds[k]["dbproxy"][0] / meds[k]["pgbouncer"][0] if meds[k]["pgbouncer"] else 0 for k in keys]
+    bouncer_vs_direct = [meds[k]["pgbouncer"][0] / meds[k]["direct"][0] if meds[k]["pgbouncer"] else 0
+                         for k in keys]
+    x = range(len(keys))
+    w = 0.27
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.bar([i - w for i in x], bouncer_vs_direct, w, label="PgBouncer / direct", color="#9aa5b1")
+    ax.bar(list(x), vs_direct, w, label="dbproxy / direct", color="#2f6db5")
+    ax.bar([i + w for i in x], vs_bouncer, w, label="dbproxy / PgBouncer", color="#e07b39")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(keys)
+    ax.set_ylabel("throughput ratio (tps)")
+    ax.set_title("dbproxy vs PgBouncer vs direct (pgbench, interleaved medians; higher is better)")
+    ax.legend(loc="lower right", framealpha=0.95)
+    for i, v in enumerate(vs_bouncer):
+        ax.text(i + w, v + 0.03, f"{v:.2f}", ha="center", fontsize=8)
+    for i, v in enumerate(vs_direct):
+        ax.text(i, v + 0.03, f"{v:.2f}", ha="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nchart: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,4 +10,11 @@ if ! command -v pgbouncer >/dev/null; then
         exit 1
     fi
 fi
-exec python3 benches/load/run.py "$@"
+# A virtualenv with matplotlib, for --chart.
+VENV=.venv-bench
+if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check matplotlib
+fi
+ulimit -n "$(ulimit -Hn)"
+exec "$VENV/bin/python" benches/load/run.py "$@"
