@@ -162,8 +162,13 @@ impl Router {
     pub fn note_ddl(&self, sql: &str) {
         self.request_refresh();
         if classify::may_change_result_types(sql) {
-            self.schema_epoch.fetch_add(1, Ordering::AcqRel);
+            self.bump_schema_epoch();
         }
+    }
+
+    /// Starts a new schema epoch (a stale plan showed a schema change).
+    pub fn bump_schema_epoch(&self) {
+        self.schema_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The current schema epoch (see the field).

@@ -526,6 +526,10 @@ impl Conn<'_> {
                     a.conn.conn.state.prepared.remove(&name);
                     a.conn.conn.state.stale.push(name);
                 }
+                // A schema change dbproxy did not see (run directly on the server,
+                // or through another instance): statements prepared from now on
+                // get fresh server copies, on every connection.
+                self.router.bump_schema_epoch();
             }
             let verdict = self.expect.on_server_message(tag);
             match verdict {

@@ -337,6 +337,66 @@ async fn a_statement_prepared_after_ddl_never_meets_a_server_copy_planned_before
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_ddl_run_elsewhere_only_the_first_stale_copy_is_seen() {
+    let user = create_user("extddl").await;
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let sql = "SELECT * FROM extddl_t";
+    let a = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("CREATE TABLE extddl_t (a int); INSERT INTO extddl_t VALUES (1)")
+        .await
+        .unwrap();
+    // Both server connections get a copy of the statement.
+    let mut b = connect(&proxy, &user).await.unwrap();
+    let mut c = connect(&proxy, &user).await.unwrap();
+    let tb = b.transaction().await.unwrap();
+    let tc = c.transaction().await.unwrap();
+    for t in [&tb, &tc] {
+        let s = t.prepare(sql).await.unwrap();
+        assert_eq!(t.query(&s, &[]).await.unwrap()[0].len(), 1);
+    }
+    let (pb, pc) = (
+        tb.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        tc.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+    );
+    assert_ne!(pb, pc, "two server connections");
+    tb.commit().await.unwrap();
+    tc.commit().await.unwrap();
+    // A schema change dbproxy does not see.
+    superuser()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE \"{0}\".extddl_t ADD COLUMN b int DEFAULT 2",
+            user.name
+        ))
+        .await
+        .unwrap();
+    // The first client to meet a stale copy gets the error (it holds that
+    // connection in its transaction)...
+    let mut d = connect(&proxy, &user).await.unwrap();
+    let td = d.transaction().await.unwrap();
+    let first = async {
+        // Describe revalidates too: the error may come at prepare time.
+        let s = td.prepare(sql).await?;
+        td.query(&s, &[]).await
+    };
+    let err = first.await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    // ...and a statement prepared after that never meets the other connection's stale copy.
+    let e = connect(&proxy, &user).await.unwrap();
+    let s = e.prepare(sql).await.unwrap();
+    assert_eq!(s.columns().len(), 2);
+    let rows = e.query(&s, &[]).await.expect("no second stale-plan error");
+    assert_eq!(rows[0].get::<_, i32>(1), 2);
+    drop(td);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_features_can_be_rejected_instead_of_pinned() {
     let user = create_user("reject").await;
     let proxy = Setup::new(&[&user])
