@@ -202,6 +202,29 @@ impl Expectations {
         }
     }
 
+    /// The request at the front, if it is one sent to the server.
+    pub fn front_request(&self) -> Option<Request> {
+        match self.queue.front() {
+            Some(Entry::Sent { request, .. }) => Some(*request),
+            _ => None,
+        }
+    }
+
+    /// Whether the first Sync owed is the last request owed: nothing was sent
+    /// after the current batch.
+    pub fn ends_at_first_sync(&self) -> bool {
+        let first_sync = self.queue.iter().position(|e| {
+            matches!(
+                e,
+                Entry::Sent {
+                    request: Request::Sync,
+                    ..
+                }
+            )
+        });
+        first_sync.is_some_and(|i| i + 1 == self.queue.len())
+    }
+
     /// Accounts for one server message and says where it goes.
     pub fn on_server_message(&mut self, tag: u8) -> Verdict {
         if tag == b'A' {

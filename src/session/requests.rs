@@ -25,7 +25,7 @@ use crate::router::{Class, Reason, WriteReason};
 use crate::sql::{Effects, LocalCommand, analyze};
 
 /// A client's named prepared statement.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Statement {
     /// The name used on servers: the same for the same text and types, so
     /// clients share server-side statements.
@@ -59,6 +59,10 @@ impl Conn<'_> {
 
     /// Handles every complete client message that can be handled now.
     pub(super) async fn process_client(&mut self) -> Result<(), Exit> {
+        if self.retry.swallowing || self.retry.due {
+            // A batch is about to be sent again: what follows must follow it.
+            return Ok(());
+        }
         while self.to_server.len() < HIGH_WATER {
             let item = match self.cscan.next(&self.cbuf, whole_frontend) {
                 Ok(Some(item)) => item,
@@ -232,6 +236,9 @@ impl Conn<'_> {
 
     /// Handles one client message, routed or not.
     async fn dispatch(&mut self, tag: u8, msg: BytesMut) -> Result<(), Exit> {
+        if self.tracking() && !self.retry.replaying {
+            self.record_for_retry(tag, &msg);
+        }
         let body = &msg[HEADER_LEN..];
         match tag {
             b'Q' => self.on_query(&msg).await,
@@ -264,6 +271,112 @@ impl Conn<'_> {
             _ if matches!(self.phase, Phase::Idle) => Ok(()),
             _ => self.send(&msg, tag, None, Class::Neutral).await,
         }
+    }
+
+    /// Keeps what `Retry` needs of the current extended batch.
+    fn record_for_retry(&mut self, tag: u8, msg: &[u8]) {
+        let r = &mut self.retry;
+        if r.closed {
+            // The previous batch is over; this message starts the next one.
+            r.bytes.clear();
+            r.statement = None;
+            r.executed = false;
+            r.described = false;
+            r.recorded_execute = false;
+            r.closed = false;
+        }
+        if r.statement.is_none() {
+            match tag {
+                b'E' => r.executed = true,
+                b'S' => r.executed = false,
+                b'B' | b'D' if !r.executed => {
+                    let body = &msg[HEADER_LEN..];
+                    let name = match tag {
+                        b'B' => parse_bind_names(body).map(|(_, s, _)| s),
+                        _ => parse_target(body).and_then(|(k, s)| (k == b'S').then_some(s)),
+                    };
+                    let outside_block = match &self.phase {
+                        Phase::Attached(a) => a.status == TransactionStatus::Idle,
+                        _ => true,
+                    };
+                    let stmt = name
+                        .filter(|n| !n.is_empty() && outside_block)
+                        .and_then(|n| self.statements.get(n));
+                    if let Some(stmt) = stmt {
+                        r.statement = Some(stmt.server_name.clone());
+                        r.bytes.extend_from_slice(msg);
+                        r.described = tag == b'D';
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
+        if r.bytes.len() + msg.len() > super::transfer::RETRY_LIMIT {
+            // Too much to keep: no retry for this batch.
+            r.statement = None;
+            r.executed = true;
+            return;
+        }
+        r.bytes.extend_from_slice(msg);
+        match tag {
+            b'D' if !r.recorded_execute => r.described = true,
+            b'E' => r.recorded_execute = true,
+            b'S' => r.closed = true,
+            _ => {}
+        }
+    }
+
+    /// After "cached plan must not change result type" on the server copy
+    /// `name`: the client's statements using it move to the current schema
+    /// epoch's name (starting a new epoch if `name` is current, since this is
+    /// a schema change dbproxy did not see), so their next use prepares a
+    /// fresh copy. The stale copy stays on the server: other clients that
+    /// described it before the change get the error there, as directly.
+    pub(super) fn renew_statement(&mut self, name: &Arc<str>) {
+        let Some(stmt) = self.statements.values().find(|s| s.server_name == *name).cloned() else {
+            self.router.bump_schema_epoch();
+            return;
+        };
+        if server_name(&stmt.query, &stmt.param_types, self.router.schema_epoch()) == *name {
+            self.router.bump_schema_epoch();
+        }
+        let fresh = server_name(&stmt.query, &stmt.param_types, self.router.schema_epoch());
+        for s in self.statements.values_mut() {
+            if s.server_name == *name {
+                *s = Arc::new(Statement {
+                    server_name: fresh.clone(),
+                    ..(**s).clone()
+                });
+            }
+        }
+    }
+
+    /// Sends the recorded batch tail again after a stale plan (see `Retry`):
+    /// the statement's fresh Parse goes first, through the usual path.
+    pub(super) async fn send_batch_again(&mut self) -> Result<(), Exit> {
+        self.retry.due = false;
+        let bytes = std::mem::take(&mut self.retry.bytes);
+        self.retry.statement = None;
+        self.retry.closed = false;
+        self.retry.replaying = true;
+        let mut at = 0;
+        while let Some(head) = bytes.get(at..at + HEADER_LEN) {
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize + 1;
+            let Some(msg) = bytes.get(at..at + len) else { break };
+            let result = self.dispatch(head[0], BytesMut::from(msg)).await;
+            self.emit_ready();
+            if let Err(exit) = result {
+                self.retry.replaying = false;
+                return Err(exit);
+            }
+            at += len;
+        }
+        self.retry.replaying = false;
+        // Keep the buffer's allocation for the next batches.
+        self.retry.bytes = bytes;
+        self.retry.bytes.clear();
+        Ok(())
     }
 
     /// Makes sure a server connection is held. `Ok(false)`: none could be had
@@ -686,10 +799,16 @@ impl Conn<'_> {
             Some(stmt) => {
                 self.ensure_prepared(&stmt);
                 write_target(&mut self.to_server, tag, b'S', &stmt.server_name);
+                // Named, so a stale-plan error on it finds the statement.
+                self.expect
+                    .sent(Request::DescribeStatement, false, Some(stmt.server_name.clone()));
+                self.tracker_and_sync_state(tag);
             }
-            None => self.to_server.extend_from_slice(msg),
+            None => {
+                self.to_server.extend_from_slice(msg);
+                self.sent(tag, Some(Request::DescribeStatement));
+            }
         }
-        self.sent(tag, Some(Request::DescribeStatement));
         Ok(())
     }
 

@@ -188,7 +188,44 @@ pub(super) struct Conn<'a> {
     pub(super) request_started: Option<Instant>,
     /// This client in the registry (SHOW CLIENTS, KILL).
     pub(super) me: Arc<ClientInfo>,
+    /// The tail of the current extended batch, kept in case a stale plan
+    /// makes it worth sending again.
+    pub(super) retry: Retry,
 }
+
+/// A batch that may be sent again after "cached plan must not change result
+/// type": one whose first use of a named statement (Bind or Describe) failed
+/// before anything ran, outside a transaction block, and which describes what
+/// it returns (so the client learns the new shape from the second attempt,
+/// exactly as if it had prepared after the schema change). The statement is
+/// prepared afresh first. Anything else gets the error, as directly.
+#[derive(Debug, Default)]
+pub(super) struct Retry {
+    /// Client messages from that first Bind/Describe to the Sync, as sent.
+    pub(super) bytes: Vec<u8>,
+    /// Server name of the statement the recorded part starts with.
+    pub(super) statement: Option<Arc<str>>,
+    /// An Execute ran in this batch before recording could start.
+    pub(super) executed: bool,
+    /// The recorded part has a Describe before any Execute.
+    pub(super) described: bool,
+    /// The recorded part has an Execute.
+    pub(super) recorded_execute: bool,
+    /// The recorded part ends with the batch's Sync.
+    pub(super) closed: bool,
+    /// The failed attempt's answers are being swallowed up to its ReadyForQuery.
+    pub(super) swallowing: bool,
+    /// The failed attempt is over: send the batch again.
+    pub(super) due: bool,
+    /// Sending it again (nothing is recorded meanwhile).
+    pub(super) replaying: bool,
+    /// The failed request was a Describe of the statement, whose
+    /// ParameterDescription the client already has: drop the second one.
+    pub(super) drop_parameter_description: bool,
+}
+
+/// Longest batch tail kept for a retry.
+pub(super) const RETRY_LIMIT: usize = 64 * 1024;
 
 /// Greets a logged-in client and serves it until it leaves.
 pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Registration<'_>, me: &Arc<ClientInfo>) {
@@ -273,6 +310,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         stats: shared.live().stats.get(&db.name).cloned().unwrap_or_default(),
         request_started: None,
         me: me.clone(),
+        retry: Retry::default(),
     };
     let exit = conn.serve().await;
     Box::pin(conn.finish(exit)).await;
@@ -340,6 +378,11 @@ impl Conn<'_> {
     async fn serve(&mut self) -> Exit {
         loop {
             if let Err(exit) = self.process_server().await {
+                return exit;
+            }
+            if self.retry.due
+                && let Err(exit) = self.send_batch_again().await
+            {
                 return exit;
             }
             if self.release_due {
@@ -480,6 +523,8 @@ impl Conn<'_> {
         // sbuf[..start] is already handled; sbuf[start..pos] is to be forwarded.
         let (mut start, mut pos) = (0, 0);
         let mut broken = None;
+        // A statement whose server copy turned out stale.
+        let mut renew = None;
         loop {
             let item = match self.sscan.next(&self.sbuf[pos..], whole_backend) {
                 Ok(Some(item)) => item,
@@ -519,19 +564,47 @@ impl Conn<'_> {
                 break;
             }
             if tag == b'E' && is_stale_plan(body) {
-                // The server's copy of this statement predates DDL: the client
-                // sees the error, as it would directly, and the statement is
-                // closed and prepared afresh before its next use.
+                // The server's copy of this statement predates DDL. This
+                // client's statement moves to a fresh server copy (see
+                // `renew_statement`), and the batch is sent again when that is
+                // invisible to the client (see `Retry`); otherwise the client
+                // sees the error, as it would directly.
                 if let Some(name) = self.expect.front_statement() {
-                    a.conn.conn.state.prepared.remove(&name);
-                    a.conn.conn.state.stale.push(name);
+                    let r = &self.retry;
+                    if r.statement.as_deref() == Some(&*name)
+                        && r.closed
+                        && r.described
+                        && !r.replaying
+                        && a.status == TransactionStatus::Idle
+                        && self.expect.ends_at_first_sync()
+                        && self.to_server.is_empty()
+                    {
+                        tracing::info!(statement = %name, "stale plan after a schema change: preparing again and resending the batch");
+                        self.retry.swallowing = true;
+                        // PostgreSQL sends ParameterDescription before it finds the plan stale.
+                        self.retry.drop_parameter_description =
+                            self.expect.front_request() == Some(super::expect::Request::DescribeStatement);
+                    }
+                    renew = Some(name);
                 }
-                // A schema change dbproxy did not see (run directly on the server,
-                // or through another instance): statements prepared from now on
-                // get fresh server copies, on every connection.
-                self.router.bump_schema_epoch();
             }
-            let verdict = self.expect.on_server_message(tag);
+            let mut verdict = self.expect.on_server_message(tag);
+            if tag == b't' && self.retry.drop_parameter_description && !self.retry.swallowing {
+                // The resent Describe's: the client has it from the first attempt.
+                self.retry.drop_parameter_description = false;
+                verdict = Verdict::Swallow;
+            }
+            if self.retry.swallowing {
+                // The failed attempt: the client sees only the second one.
+                verdict = Verdict::Swallow;
+                if tag == b'Z' {
+                    if let Some(status) = body.first().copied().and_then(TransactionStatus::from_byte) {
+                        a.status = status;
+                    }
+                    self.retry.swallowing = false;
+                    self.retry.due = true;
+                }
+            }
             match verdict {
                 Verdict::Forward => match tag {
                     b'Z' => {
@@ -610,6 +683,9 @@ impl Conn<'_> {
                 self.release_due = true;
                 break;
             }
+        }
+        if let Some(name) = renew {
+            self.renew_statement(&name);
         }
         if start == 0 && pos == self.sbuf.len() && self.to_client.is_empty() {
             std::mem::swap(&mut self.to_client, &mut self.sbuf);

@@ -511,3 +511,51 @@ async fn extended_protocol_deallocate_and_discard_touch_only_the_clients_view() 
         ["1", "2", "D", "C:SELECT 1"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_plan_met_by_bind_describe_execute_is_resent_invisibly() {
+    // libpq's PQexecPrepared pattern: Bind, Describe portal, Execute, Sync.
+    let user = create_user("rawretry").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let addr = proxy.local_addr();
+    let mut a = login(addr, &user).await;
+    let create = message(
+        b'Q',
+        b"CREATE TABLE rawretry_t (a int); INSERT INTO rawretry_t VALUES (1)\0",
+    );
+    a.write_all(&create).await.unwrap();
+    while read_message(&mut a).await.expect("an answer").0 != b'Z' {}
+    let sql = "SELECT * FROM rawretry_t";
+    assert_eq!(round(&mut a, &[parse_msg("s1", sql)]).await, ["1"]);
+    assert_eq!(
+        round(&mut a, &[bind_msg("s1"), execute_msg()]).await,
+        ["2", "D", "C:SELECT 1"]
+    );
+    superuser()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE \"{0}\".rawretry_t ADD COLUMN b int DEFAULT 2",
+            user.name
+        ))
+        .await
+        .unwrap();
+    // B prepares after the change and executes with a portal Describe: the
+    // stale server copy is never seen, and the description has both columns.
+    let mut b = login(addr, &user).await;
+    assert_eq!(round(&mut b, &[parse_msg("b1", sql)]).await, ["1"]);
+    let describe_portal = message(b'D', b"P\0");
+    b.write_all(&[bind_msg("b1"), describe_portal, execute_msg(), message(b'S', &[])].concat())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let (tag, body) = read_message(&mut b).await.expect("an answer");
+        match tag {
+            b'T' => seen.push(format!("T:{}", i16::from_be_bytes([body[0], body[1]]))),
+            b'E' => seen.push(format!("E:{}", body_code(&body).unwrap_or_default())),
+            b'Z' => break,
+            other => seen.push(char::from(other).to_string()),
+        }
+    }
+    assert_eq!(seen, ["2", "T:2", "D", "C"]);
+}

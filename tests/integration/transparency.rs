@@ -397,6 +397,40 @@ async fn after_ddl_run_elsewhere_only_the_first_stale_copy_is_seen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_plan_met_while_preparing_is_recovered_without_the_client_seeing_it() {
+    let user = create_user("retry").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let sql = "SELECT * FROM retry_t";
+    let a = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("CREATE TABLE retry_t (a int); INSERT INTO retry_t VALUES (1)")
+        .await
+        .unwrap();
+    let old = a.prepare(sql).await.unwrap();
+    assert_eq!(a.query(&old, &[]).await.unwrap()[0].len(), 1);
+    // A schema change dbproxy does not see.
+    superuser()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE \"{0}\".retry_t ADD COLUMN b int DEFAULT 2",
+            user.name
+        ))
+        .await
+        .unwrap();
+    // B prepares after the change, on the connection holding the stale copy:
+    // its Describe fails there, and dbproxy prepares again and resends.
+    let b = connect(&proxy, &user).await.unwrap();
+    let fresh = b.prepare(sql).await.expect("the stale copy stays invisible");
+    assert_eq!(fresh.columns().len(), 2);
+    assert_eq!(b.query(&fresh, &[]).await.unwrap()[0].get::<_, i32>(1), 2);
+    // A's statement was described before the change: it fails as on a direct
+    // connection (a retry would return rows of a shape A was never told).
+    let err = a.query(&old, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    let again = a.prepare(sql).await.unwrap();
+    assert_eq!(a.query(&again, &[]).await.unwrap()[0].len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_features_can_be_rejected_instead_of_pinned() {
     let user = create_user("reject").await;
     let proxy = Setup::new(&[&user])
