@@ -162,9 +162,6 @@ impl Settings {
 #[derive(Debug, Default)]
 pub struct ServerState {
     pub prepared: Prepared,
-    /// Statements to close before anything is prepared again (their plan went
-    /// stale after DDL: "cached plan must not change result type").
-    pub stale: Vec<std::sync::Arc<str>>,
     pub settings: Settings,
     /// The proxy lost track of the session state: reset before reuse.
     pub dirty: bool,
@@ -174,7 +171,6 @@ impl ServerState {
     /// After `DISCARD ALL` ran on the connection.
     pub fn reset(&mut self) {
         self.prepared = Prepared::default();
-        self.stale.clear();
         self.settings.clear();
         self.dirty = false;
     }

@@ -715,10 +715,6 @@ impl Conn<'_> {
         let Phase::Attached(a) = &mut self.phase else {
             return;
         };
-        for stale in a.conn.conn.state.stale.drain(..) {
-            write_target(&mut self.to_server, b'C', b'S', &stale);
-            self.expect.sent(Request::Close, true, None);
-        }
         if let Some(old) = a.conn.conn.state.prepared.insert(stmt.server_name.clone(), limit) {
             write_target(&mut self.to_server, b'C', b'S', &old);
             self.expect.sent(Request::Close, true, Some(old));
