@@ -38,6 +38,24 @@ pub struct Statement {
     pub class: Class,
 }
 
+/// Why a session-only feature is refused (`pool.session_features = "reject"`).
+fn reject_message(fx: &Effects) -> String {
+    format!(
+        "{} is not available through dbproxy in transaction pooling (pool.session_features = \"reject\")",
+        fx.pins.names().join(", ")
+    )
+}
+
+/// A statement that raises [`reject_message`] on the server, where the refused
+/// statement would have run (so a transaction fails as the client is told).
+fn reject_sql(fx: &Effects) -> String {
+    format!(
+        "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
+         HINT = 'use session pooling, or pool.session_features = \"pin\"'; END $dbproxy$",
+        crate::sql::quote_literal(&reject_message(fx))
+    )
+}
+
 /// The server-side name of a statement: a digest of its text, its types and
 /// the database's schema epoch (see `Router::schema_epoch`).
 fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<str> {
@@ -513,10 +531,7 @@ impl Conn<'_> {
     /// transaction the proxy answers; inside one the server raises the error,
     /// so the transaction fails there exactly as the client is told.
     async fn reject_session_feature(&mut self, fx: &Effects) -> Result<(), Exit> {
-        let message = format!(
-            "{} is not available through dbproxy in transaction pooling (pool.session_features = \"reject\")",
-            fx.pins.names().join(", ")
-        );
+        let message = reject_message(fx);
         if matches!(self.phase, Phase::Idle) {
             let err = ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, message)
                 .with_hint("use session pooling, or pool.session_features = \"pin\"");
@@ -524,11 +539,7 @@ impl Conn<'_> {
             ready_for_query(&mut self.to_client, TransactionStatus::Idle);
             return Ok(());
         }
-        let sql = format!(
-            "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}; END $dbproxy$",
-            crate::sql::quote_literal(&message)
-        );
-        write_query(&mut self.to_server, &sql);
+        write_query(&mut self.to_server, &reject_sql(fx));
         self.sent(b'Q', Some(Request::Query));
         Ok(())
     }
@@ -650,6 +661,20 @@ impl Conn<'_> {
                 )
                 .await;
         };
+        if self.mode == PoolMode::Transaction
+            && p.param_types == [0, 0]
+            && self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject
+        {
+            let fx = analyze(p.query);
+            if !fx.pins.is_empty() {
+                // Refused where it would run: the statement becomes one that
+                // raises the error when executed (statements with parameters
+                // cannot be rewritten so, and still pin).
+                let mut rewritten = BytesMut::new();
+                crate::protocol::extended::write_parse(&mut rewritten, p.name, &reject_sql(&fx), &[0, 0]);
+                return Box::pin(self.on_parse(&rewritten)).await;
+            }
+        }
         let class = if self.split {
             self.router.classify(p.query)
         } else {

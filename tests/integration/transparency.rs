@@ -450,4 +450,21 @@ async fn session_features_can_be_rejected_instead_of_pinned() {
     assert_eq!(sqlstate(&err), "25P02", "{}", describe(&err));
     client.batch_execute("ROLLBACK").await.unwrap();
     client.batch_execute("SELECT 2").await.unwrap();
+    // Through the extended protocol too (prepared and executed, as most drivers
+    // send everything), and the client is not pinned afterwards.
+    let err = client.execute("LISTEN elsewhere", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    assert!(describe(&err).contains("reject"), "{}", describe(&err));
+    let err = client
+        .execute("CREATE TEMP TABLE rejected (a int)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
+    let other = connect(&proxy, &user).await.unwrap();
+    let _hold = other.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // With one of the two connections held by `other`, a pinned client would
+    // keep the second; an unpinned one releases it, so a third client gets in.
+    let third = connect(&proxy, &user).await.unwrap();
+    assert_eq!(third.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+    assert_eq!(client.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
 }
