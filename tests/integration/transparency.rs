@@ -461,7 +461,7 @@ async fn session_features_can_be_rejected_instead_of_pinned() {
         .unwrap_err();
     assert_eq!(sqlstate(&err), "0A000", "{}", describe(&err));
     let other = connect(&proxy, &user).await.unwrap();
-    let _hold = other.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    other.batch_execute("BEGIN; SELECT 1").await.unwrap();
     // With one of the two connections held by `other`, a pinned client would
     // keep the second; an unpinned one releases it, so a third client gets in.
     let third = connect(&proxy, &user).await.unwrap();
