@@ -26,9 +26,12 @@ pub struct ServerHealth {
     pub(super) lsn: AtomicU64,
     /// Replication lag, in milliseconds (0 for the primary).
     lag_ms: AtomicU64,
-    /// Woken each time a check times out: sessions waiting on this server
-    /// for longer than the check timeout give up on it.
+    /// Woken at each check that times out, from the second in a row on:
+    /// sessions waiting on this server for longer than the check timeout give
+    /// up on it.
     unresponsive: tokio::sync::Notify,
+    /// Checks in a row that timed out.
+    timeouts: std::sync::atomic::AtomicU32,
 }
 
 impl ServerHealth {
@@ -114,6 +117,41 @@ async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
         .unwrap_or(Verdict::Unresponsive)
 }
 
+/// Whether the server at `addr` answers at all, without logging in (so it
+/// costs no pool slot): an SSLRequest, which the server answers with one byte.
+/// Used when the pool is too busy for a check: a frozen server's clients hold
+/// every connection, and must not keep the verdict away.
+async fn answers(addr: &str, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
+}
+
+/// A busy pool gives no verdict, unless the server does not even answer a
+/// probe: then it is unresponsive.
+async fn check_or_probe(pool: Arc<Pool>, addr: String, timeout: Duration) -> Verdict {
+    match check(pool, timeout).await {
+        Verdict::Busy if !answers(&addr, timeout).await => Verdict::Unresponsive,
+        verdict => verdict,
+    }
+}
+
+/// Records a timed-out check and releases the sessions stuck on the server
+/// from the second one in a row (one slow check is not enough to drop them).
+fn timed_out(health: &ServerHealth, name: &str, timeout: Duration) {
+    let n = health.timeouts.fetch_add(1, Ordering::AcqRel) + 1;
+    tracing::warn!(server = name, ?timeout, in_a_row = n, "health check timed out");
+    if n >= 2 {
+        health.unresponsive.notify_waiters();
+    }
+}
+
 /// Watches the servers of `db` for as long as the proxy runs.
 pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<User>, router: Arc<Router>) {
     let routing = &shared.live().config.routing;
@@ -133,10 +171,15 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         // All servers at once: a frozen one must not delay the others' checks.
         let replica_checks: Vec<_> = replicas
             .iter()
-            .map(|p| tokio::spawn(check(p.clone(), timeout)))
+            .zip(&db.replicas)
+            .map(|(p, a)| tokio::spawn(check_or_probe(p.clone(), a.to_string(), timeout)))
             .collect();
         let primary_name = db.primary.to_string();
-        let primary_lsn = match check(primary.clone(), timeout).await {
+        let verdict = check_or_probe(primary.clone(), primary_name.clone(), timeout).await;
+        if !matches!(verdict, Verdict::Unresponsive | Verdict::Busy) {
+            router.primary.timeouts.store(0, Ordering::Release);
+        }
+        let primary_lsn = match verdict {
             Verdict::Up(lsn, _) => {
                 set(&router.primary, true, lsn, 0, &primary_name);
                 Some(lsn)
@@ -144,8 +187,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
             verdict @ (Verdict::Down | Verdict::Unresponsive) => {
                 set(&router.primary, false, router.primary.lsn(), 0, &primary_name);
                 if matches!(verdict, Verdict::Unresponsive) {
-                    tracing::warn!(server = primary_name, ?timeout, "health check timed out");
-                    router.primary.unresponsive.notify_waiters();
+                    timed_out(&router.primary, &primary_name, timeout);
                 }
                 None
             }
@@ -154,7 +196,11 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         for (i, handle) in replica_checks.into_iter().enumerate() {
             let health = &router.replicas[i];
             let name = db.replicas[i].to_string();
-            match handle.await.unwrap_or(Verdict::Busy) {
+            let verdict = handle.await.unwrap_or(Verdict::Busy);
+            if !matches!(verdict, Verdict::Unresponsive | Verdict::Busy) {
+                health.timeouts.store(0, Ordering::Release);
+            }
+            match verdict {
                 Verdict::Up(lsn, since_ms) => {
                     // Caught up, or the primary is unknown: no lag to hold against it.
                     let lag_ms = match primary_lsn {
@@ -173,8 +219,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
                         &name,
                     );
                     if matches!(verdict, Verdict::Unresponsive) {
-                        tracing::warn!(server = name, ?timeout, "health check timed out");
-                        health.unresponsive.notify_waiters();
+                        timed_out(health, &name, timeout);
                     }
                 }
                 Verdict::Busy => {}

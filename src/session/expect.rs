@@ -99,6 +99,9 @@ pub struct Expectations {
     in_copy_in: bool,
     /// Syncs the server ignored (sent during COPY IN), not yet reported.
     ignored_syncs: usize,
+    /// Client-visible answers completed so far (the client's own requests
+    /// and synthetic answers), a running count.
+    visible_done: u64,
 }
 
 impl Expectations {
@@ -146,6 +149,7 @@ impl Expectations {
     /// Records an answer the proxy gives itself once everything before it is answered.
     pub fn synthetic(&mut self, s: Synthetic) {
         if self.queue.is_empty() {
+            self.visible_done += 1;
             self.ready.push(s);
         } else {
             self.queue.push_back(Entry::Synthetic(s));
@@ -202,6 +206,11 @@ impl Expectations {
         }
     }
 
+    /// How many client-visible answers have completed so far.
+    pub fn visible_done(&self) -> u64 {
+        self.visible_done
+    }
+
     /// The request at the front, if it is one sent to the server.
     pub fn front_request(&self) -> Option<Request> {
         match self.queue.front() {
@@ -249,6 +258,9 @@ impl Expectations {
         if tag == b'E' && request.skipped_after_error() {
             self.fail_until_sync();
         } else if request.completed_by(tag) {
+            if !injected {
+                self.visible_done += 1;
+            }
             if let Some(Entry::Sent {
                 creates: Some(name), ..
             }) = self.queue.pop_front()
@@ -310,7 +322,10 @@ impl Expectations {
     fn release_synthetic(&mut self) {
         loop {
             match self.queue.front() {
-                Some(Entry::Synthetic(s)) => self.ready.push(*s),
+                Some(Entry::Synthetic(s)) => {
+                    self.visible_done += 1;
+                    self.ready.push(*s);
+                }
                 Some(Entry::CopyEnd) => {}
                 _ => return,
             }

@@ -293,37 +293,32 @@ impl Conn<'_> {
 
     /// Keeps what `Retry` needs of the current extended batch.
     fn record_for_retry(&mut self, tag: u8, msg: &[u8]) {
+        let visible = self.expect.visible_done();
+        let outside_block = match &self.phase {
+            Phase::Attached(a) => a.status == TransactionStatus::Idle,
+            _ => true,
+        };
         let r = &mut self.retry;
         if r.closed {
             // The previous batch is over; this message starts the next one.
-            r.bytes.clear();
-            r.statement = None;
-            r.executed = false;
-            r.described = false;
-            r.recorded_execute = false;
-            r.closed = false;
+            r.reset();
         }
         if r.statement.is_none() {
             match tag {
                 b'E' => r.executed = true,
                 b'S' => r.executed = false,
-                b'B' | b'D' if !r.executed => {
+                b'B' | b'D' if !r.executed && outside_block && msg.len() <= super::transfer::RETRY_LIMIT => {
                     let body = &msg[HEADER_LEN..];
                     let name = match tag {
                         b'B' => parse_bind_names(body).map(|(_, s, _)| s),
                         _ => parse_target(body).and_then(|(k, s)| (k == b'S').then_some(s)),
                     };
-                    let outside_block = match &self.phase {
-                        Phase::Attached(a) => a.status == TransactionStatus::Idle,
-                        _ => true,
-                    };
-                    let stmt = name
-                        .filter(|n| !n.is_empty() && outside_block)
-                        .and_then(|n| self.statements.get(n));
+                    let stmt = name.filter(|n| !n.is_empty()).and_then(|n| self.statements.get(n));
                     if let Some(stmt) = stmt {
                         r.statement = Some(stmt.server_name.clone());
                         r.bytes.extend_from_slice(msg);
                         r.described = tag == b'D';
+                        r.visible_mark = visible;
                     }
                 }
                 _ => {}
@@ -331,9 +326,9 @@ impl Conn<'_> {
             return;
         }
         if r.bytes.len() + msg.len() > super::transfer::RETRY_LIMIT {
-            // Too much to keep: no retry for this batch.
-            r.statement = None;
-            r.executed = true;
+            // Too much to keep: no retry for the rest of this batch.
+            r.reset();
+            r.executed = tag != b'S';
             return;
         }
         r.bytes.extend_from_slice(msg);
@@ -373,10 +368,10 @@ impl Conn<'_> {
     /// Sends the recorded batch tail again after a stale plan (see `Retry`):
     /// the statement's fresh Parse goes first, through the usual path.
     pub(super) async fn send_batch_again(&mut self) -> Result<(), Exit> {
-        self.retry.due = false;
         let bytes = std::mem::take(&mut self.retry.bytes);
-        self.retry.statement = None;
-        self.retry.closed = false;
+        let drop_parameter_description = self.retry.drop_parameter_description;
+        self.retry.reset();
+        self.retry.drop_parameter_description = drop_parameter_description;
         self.retry.replaying = true;
         let mut at = 0;
         while let Some(head) = bytes.get(at..at + HEADER_LEN) {
@@ -392,8 +387,10 @@ impl Conn<'_> {
         }
         self.retry.replaying = false;
         // Keep the buffer's allocation for the next batches.
-        self.retry.bytes = bytes;
-        self.retry.bytes.clear();
+        if self.retry.bytes.is_empty() {
+            self.retry.bytes = bytes;
+            self.retry.bytes.clear();
+        }
         Ok(())
     }
 
@@ -662,11 +659,15 @@ impl Conn<'_> {
                 .await;
         };
         if self.mode == PoolMode::Transaction
-            && p.param_types == [0, 0]
             && self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject
         {
             let fx = analyze(p.query);
-            if !fx.pins.is_empty() {
+            let has_params = || {
+                crate::sql::lexer::tokenize(p.query)
+                    .iter()
+                    .any(|t| t.kind == crate::sql::lexer::Kind::Param)
+            };
+            if !fx.pins.is_empty() && !has_params() {
                 // Refused where it would run: the statement becomes one that
                 // raises the error when executed (statements with parameters
                 // cannot be rewritten so, and still pin).

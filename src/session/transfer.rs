@@ -222,6 +222,24 @@ pub(super) struct Retry {
     /// The failed request was a Describe of the statement, whose
     /// ParameterDescription the client already has: drop the second one.
     pub(super) drop_parameter_description: bool,
+    /// `Expectations::visible_done` when recording started: the retry is
+    /// only invisible if no answer of the recorded part reached the client.
+    pub(super) visible_mark: u64,
+}
+
+impl Retry {
+    /// Forgets the current batch (keeping a small buffer's allocation).
+    pub(super) fn reset(&mut self) {
+        let mut bytes = std::mem::take(&mut self.bytes);
+        bytes.clear();
+        if bytes.capacity() > 4 * IDLE_KEEP {
+            bytes = Vec::new();
+        }
+        *self = Retry {
+            bytes,
+            ..Retry::default()
+        };
+    }
 }
 
 /// Longest batch tail kept for a retry.
@@ -575,6 +593,7 @@ impl Conn<'_> {
                         && r.closed
                         && r.described
                         && !r.replaying
+                        && self.expect.visible_done() == r.visible_mark
                         && a.status == TransactionStatus::Idle
                         && self.expect.ends_at_first_sync()
                         && self.to_server.is_empty()
@@ -594,15 +613,26 @@ impl Conn<'_> {
                 self.retry.drop_parameter_description = false;
                 verdict = Verdict::Swallow;
             }
-            if self.retry.swallowing {
-                // The failed attempt: the client sees only the second one.
+            if self.retry.swallowing && !matches!(tag, b'A' | b'N' | b'S') {
+                // The failed attempt: the client sees only the second one
+                // (asynchronous messages still pass).
                 verdict = Verdict::Swallow;
-                if tag == b'Z' {
-                    if let Some(status) = body.first().copied().and_then(TransactionStatus::from_byte) {
+                match tag {
+                    b'E' => self.tracker.error(),
+                    b'Z' => {
+                        let status = body.first().copied().and_then(TransactionStatus::from_byte);
+                        let Some(status) = status.filter(|_| len == 6) else {
+                            broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
+                            break;
+                        };
                         a.status = status;
+                        // Settles the failed attempt's request, as if forwarded.
+                        let settled = self.tracker.ready(status);
+                        a.conn.conn.state.dirty |= settled.uncertain;
+                        self.retry.swallowing = false;
+                        self.retry.due = true;
                     }
-                    self.retry.swallowing = false;
-                    self.retry.due = true;
+                    _ => {}
                 }
             }
             match verdict {
@@ -614,6 +644,7 @@ impl Conn<'_> {
                             break;
                         };
                         a.status = status;
+                        self.retry.drop_parameter_description = false;
                         self.stats
                             .query_count
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -721,6 +752,7 @@ impl Conn<'_> {
         shrink(&mut self.cbuf);
         shrink(&mut self.to_client);
         self.expect.clear();
+        self.retry.reset();
         self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
         if clean {
             // A client leaving while pinned leaves session state behind.
@@ -818,6 +850,7 @@ impl Conn<'_> {
             conn, unsynced, status, ..
         } = a;
         let addr = conn.conn.addr.clone();
+        self.retry.reset();
         tracing::warn!(server = %addr, reason = why, "server connection lost");
         self.shared.errors.count("server_lost");
         self.slot.clear().await;

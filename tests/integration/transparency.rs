@@ -422,6 +422,13 @@ async fn a_stale_plan_met_while_preparing_is_recovered_without_the_client_seeing
     let fresh = b.prepare(sql).await.expect("the stale copy stays invisible");
     assert_eq!(fresh.columns().len(), 2);
     assert_eq!(b.query(&fresh, &[]).await.unwrap()[0].get::<_, i32>(1), 2);
+    // The bookkeeping of settings is still in step after the resend: B's SET
+    // follows B and nobody else (one server connection for all).
+    b.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    let c = connect(&proxy, &user).await.unwrap();
+    assert_ne!(work_mem(&c).await, "7MB");
+    assert_eq!(work_mem(&b).await, "7MB");
+    assert_ne!(work_mem(&c).await, "7MB");
     // A's statement was described before the change: it fails as on a direct
     // connection (a retry would return rows of a shape A was never told).
     let err = a.query(&old, &[]).await.unwrap_err();

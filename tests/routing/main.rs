@@ -492,3 +492,28 @@ async fn a_frozen_primary_fails_writes_after_the_timeout_and_recovers() {
         "a transaction was left open"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_holding_every_connection_to_a_frozen_primary_are_released() {
+    // The health check cannot borrow a connection (the client holds the only
+    // one), so it probes the server without logging in.
+    let _alone = DISRUPTION.write().await;
+    let user = create_user("prim_frozen_full").await;
+    let mut setup = frozen_setup(&user);
+    setup.pool = "size = 1\ncheckout_timeout = \"2s\"\nserver_connect_timeout = \"1s\"".to_owned();
+    let proxy = setup.start().await;
+    let mut client = connect(&proxy, &user).await.unwrap();
+    client.batch_execute("CREATE TABLE pff (v int)").await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.execute("INSERT INTO pff VALUES (1)", &[]).await.unwrap();
+    while_frozen("primary", async {
+        let started = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(6), tx.execute("INSERT INTO pff VALUES (2)", &[]))
+            .await
+            .expect("a client holding the only connection hung on the frozen primary")
+            .expect_err("the primary is frozen");
+        assert!(sqlstate(&err).starts_with("08"), "{}", describe(&err));
+        eprintln!("released after {:?} with the pool full", started.elapsed());
+    })
+    .await;
+}
