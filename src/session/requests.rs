@@ -293,38 +293,54 @@ impl Conn<'_> {
 
     /// Keeps what `Retry` needs of the current extended batch.
     fn record_for_retry(&mut self, tag: u8, msg: &[u8]) {
-        let visible = self.expect.visible_done();
-        let outside_block = match &self.phase {
-            Phase::Attached(a) => a.status == TransactionStatus::Idle,
-            _ => true,
-        };
-        let r = &mut self.retry;
-        if r.closed {
+        if self.retry.closed {
             // The previous batch is over; this message starts the next one.
-            r.reset();
+            self.retry.reset();
         }
-        if r.statement.is_none() {
-            match tag {
-                b'E' => r.executed = true,
-                b'S' => r.executed = false,
-                b'B' | b'D' if !r.executed && outside_block && msg.len() <= super::transfer::RETRY_LIMIT => {
-                    let body = &msg[HEADER_LEN..];
-                    let name = match tag {
-                        b'B' => parse_bind_names(body).map(|(_, s, _)| s),
-                        _ => parse_target(body).and_then(|(k, s)| (k == b'S').then_some(s)),
-                    };
-                    let stmt = name.filter(|n| !n.is_empty()).and_then(|n| self.statements.get(n));
-                    if let Some(stmt) = stmt {
-                        r.statement = Some(stmt.server_name.clone());
-                        r.bytes.extend_from_slice(msg);
-                        r.described = tag == b'D';
-                        r.visible_mark = visible;
-                    }
-                }
-                _ => {}
-            }
+        if self.retry.statement.is_some() {
+            self.record_more(tag, msg);
             return;
         }
+        match tag {
+            b'E' => self.retry.executed = true,
+            b'S' => self.retry.executed = false,
+            b'B' | b'D' if !self.retry.executed => self.start_recording(tag, msg),
+            _ => {}
+        }
+    }
+
+    /// Starts recording at a Bind or Describe of one of the client's named
+    /// statements, outside a transaction block.
+    fn start_recording(&mut self, tag: u8, msg: &[u8]) {
+        let body = &msg[HEADER_LEN..];
+        let name = match tag {
+            b'B' => parse_bind_names(body).map(|(_, s, _)| s),
+            _ => parse_target(body).and_then(|(k, s)| (k == b'S').then_some(s)),
+        };
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return;
+        };
+        if let Phase::Attached(a) = &self.phase
+            && a.status != TransactionStatus::Idle
+        {
+            return;
+        }
+        if msg.len() > super::transfer::RETRY_LIMIT {
+            return;
+        }
+        let Some(stmt) = self.statements.get(name) else {
+            return;
+        };
+        let r = &mut self.retry;
+        r.statement = Some(stmt.server_name.clone());
+        r.bytes.extend_from_slice(msg);
+        r.described = tag == b'D';
+        r.visible_mark = self.expect.visible_done();
+    }
+
+    /// Adds a message of the batch being recorded.
+    fn record_more(&mut self, tag: u8, msg: &[u8]) {
+        let r = &mut self.retry;
         if r.bytes.len() + msg.len() > super::transfer::RETRY_LIMIT {
             // Too much to keep: no retry for the rest of this batch.
             r.reset();

@@ -230,15 +230,20 @@ pub(super) struct Retry {
 impl Retry {
     /// Forgets the current batch (keeping a small buffer's allocation).
     pub(super) fn reset(&mut self) {
-        let mut bytes = std::mem::take(&mut self.bytes);
-        bytes.clear();
-        if bytes.capacity() > 4 * IDLE_KEEP {
-            bytes = Vec::new();
+        self.bytes.clear();
+        if self.bytes.capacity() > 4 * IDLE_KEEP {
+            self.bytes = Vec::new();
         }
-        *self = Retry {
-            bytes,
-            ..Retry::default()
-        };
+        self.statement = None;
+        self.executed = false;
+        self.described = false;
+        self.recorded_execute = false;
+        self.closed = false;
+        self.swallowing = false;
+        self.due = false;
+        self.replaying = false;
+        self.drop_parameter_description = false;
+        self.visible_mark = 0;
     }
 }
 
