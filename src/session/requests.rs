@@ -564,10 +564,19 @@ impl Conn<'_> {
         let Phase::Attached(a) = &mut self.phase else {
             return false;
         };
+        let in_block = a.status != TransactionStatus::Idle;
         match cmd {
+            LocalCommand::DiscardAll if in_block => {
+                // PostgreSQL refuses DISCARD ALL in a transaction block: nothing changes.
+            }
             LocalCommand::Deallocate(name) => {
                 if let Some(stmt) = self.statements.remove(name) {
                     let name = &stmt.server_name;
+                    if in_block {
+                        // The block may fail (or have failed) and keep the statement
+                        // on the server: reset the connection before anyone reuses it.
+                        a.conn.conn.state.dirty = true;
+                    }
                     let sql = if a.conn.conn.state.prepared.contains(name) {
                         // Others may share it, but a client that deallocates is done
                         // with it; it is prepared again on demand.

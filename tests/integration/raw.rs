@@ -559,3 +559,50 @@ async fn a_stale_plan_met_by_bind_describe_execute_is_resent_invisibly() {
     }
     assert_eq!(seen, ["2", "T:2", "D", "C"]);
 }
+
+/// Sends a simple query; returns what came back up to ReadyForQuery.
+async fn simple(s: &mut TcpStream, sql: &str) -> Vec<String> {
+    s.write_all(&message(b'Q', format!("{sql}\0").as_bytes()))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let (tag, body) = read_message(s).await.expect("an answer");
+        match tag {
+            b'C' => seen.push(format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1]))),
+            b'E' => seen.push(format!("E:{}", body_code(&body).unwrap_or_default())),
+            b'D' => seen.push(format!("D:{}", String::from_utf8_lossy(&body[6..]))),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_and_discard_refused_in_a_transaction_block_change_nothing() {
+    let user = create_user("blockdealloc").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let addr = proxy.local_addr();
+    let mut a = login(addr, &user).await;
+    assert_eq!(round(&mut a, &[parse_msg("s1", "SELECT 41")]).await, ["1"]);
+    // DEALLOCATE in a failed block: the server refuses it and keeps the statement.
+    assert_eq!(simple(&mut a, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(simple(&mut a, "SELECT 1/0").await, ["E:22012"]);
+    assert_eq!(simple(&mut a, "DEALLOCATE s1").await, ["E:25P02"]);
+    assert_eq!(simple(&mut a, "ROLLBACK").await, ["C:ROLLBACK"]);
+    // Another client preparing the same text on that connection is not told
+    // it "already exists".
+    let mut b = login(addr, &user).await;
+    assert_eq!(
+        round(&mut b, &[parse_msg("t1", "SELECT 41"), bind_msg("t1"), execute_msg()]).await,
+        ["1", "2", "D", "C:SELECT 1"]
+    );
+    // DISCARD ALL in a block is refused, and the client's settings stay.
+    assert_eq!(simple(&mut a, "SET work_mem = '9MB'").await, ["C:SET"]);
+    assert_eq!(simple(&mut a, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(simple(&mut a, "DISCARD ALL").await, ["E:25001"]);
+    assert_eq!(simple(&mut a, "ROLLBACK").await, ["C:ROLLBACK"]);
+    assert_eq!(simple(&mut b, "SHOW work_mem").await.len(), 2);
+    assert_eq!(simple(&mut a, "SHOW work_mem").await, ["D:9MB", "C:SHOW"]);
+}
