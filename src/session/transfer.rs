@@ -845,7 +845,8 @@ impl Conn<'_> {
 
     /// Gives up a server connection that failed (`frozen`: may still exist,
     /// so it is abandoned in the background, keeping its pool slot until the
-    /// backend has gone) and tells the client as a direct connection would.
+    /// backend hangs up or `server_connect_timeout` passes) and tells the
+    /// client as a direct connection would.
     async fn server_gone(&mut self, why: &str, frozen: bool) -> Result<(), Exit> {
         let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Ok(());
