@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::sync::Notify;
-
 /// A client's relation to server connections, as SHOW CLIENTS names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientState {
@@ -40,8 +38,36 @@ pub struct ClientInfo {
     state: AtomicU8,
     /// The server connection held: (server address, backend pid).
     server: Mutex<Option<(String, i32)>>,
-    /// Wakes the session to end it (KILL, KILL_CLIENT).
-    pub kill: Notify,
+    /// Signals raised for the session ([`SIGNAL_KILL`], [`SIGNAL_SHUTDOWN`]),
+    /// not yet taken.
+    signals: AtomicU8,
+    /// The session task, to wake when a signal is raised.
+    waker: atomic_waker::AtomicWaker,
+}
+
+/// End the session (KILL, KILL_CLIENT).
+pub const SIGNAL_KILL: u8 = 1;
+/// The proxy is shutting down: finish the transaction in flight, then leave.
+pub const SIGNAL_SHUTDOWN: u8 = 2;
+
+/// Resolves with the signals raised for a session since they were last taken.
+/// Far cheaper to poll on every turn of the session loop than a `Notify`:
+/// an atomic load, and an atomic waker registration that does not clone.
+pub struct Signalled<'a>(&'a ClientInfo);
+
+impl std::future::Future for Signalled<'_> {
+    type Output = u8;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<u8> {
+        let info = self.0;
+        if info.signals.load(Ordering::Acquire) == 0 {
+            info.waker.register(cx.waker());
+            if info.signals.load(Ordering::Acquire) == 0 {
+                return std::task::Poll::Pending;
+            }
+        }
+        std::task::Poll::Ready(info.signals.swap(0, Ordering::AcqRel))
+    }
 }
 
 impl ClientInfo {
@@ -56,8 +82,20 @@ impl ClientInfo {
             connected: SystemTime::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
             server: Mutex::new(None),
-            kill: Notify::new(),
+            signals: AtomicU8::new(0),
+            waker: atomic_waker::AtomicWaker::new(),
         }
+    }
+
+    /// Raises `signal` for the session and wakes it.
+    pub fn signal(&self, signal: u8) {
+        self.signals.fetch_or(signal, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The session's signals, for its event loop (see [`Signalled`]).
+    pub fn signalled(&self) -> Signalled<'_> {
+        Signalled(self)
     }
 
     pub fn state(&self) -> ClientState {
@@ -120,7 +158,7 @@ impl Clients {
     pub fn kill(&self, id: u64) -> bool {
         match self.map().get(&id) {
             Some(c) => {
-                c.kill.notify_one();
+                c.signal(SIGNAL_KILL);
                 true
             }
             None => false,
@@ -131,7 +169,7 @@ impl Clients {
     pub fn kill_database(&self, database: &str) -> usize {
         let map = self.map();
         let victims: Vec<_> = map.values().filter(|c| c.database == database).collect();
-        victims.iter().for_each(|c| c.kill.notify_one());
+        victims.iter().for_each(|c| c.signal(SIGNAL_KILL));
         victims.len()
     }
 }

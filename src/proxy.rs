@@ -158,6 +158,15 @@ impl Shared {
         }
     }
 
+    /// Starts a graceful shutdown: the listener and logins see the watch,
+    /// logged-in sessions their signal.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+        for client in self.registry.all() {
+            client.signal(crate::clients::SIGNAL_SHUTDOWN);
+        }
+    }
+
     /// Whether new clients of `db` are refused (DISABLE).
     pub fn is_disabled(&self, db: &str) -> bool {
         self.disabled.lock().unwrap_or_else(|e| e.into_inner()).contains(db)
@@ -271,7 +280,7 @@ impl Proxy {
     /// close idle clients with 57P01, and return once every client is gone or
     /// `proxy.shutdown_timeout` has passed. Returns whether all clients left.
     pub async fn shutdown(self) -> bool {
-        let _ = self.shared.shutdown_tx.send(true);
+        self.shared.begin_shutdown();
         let timeout = self.shared.live().config.proxy.shutdown_timeout;
         let drained = tokio::time::timeout(timeout, self.shared.clients.wait_zero())
             .await

@@ -244,7 +244,7 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
         }
         ["SHUTDOWN"] => {
             tracing::info!("SHUTDOWN from the admin console");
-            let _ = shared.shutdown_tx.send(true);
+            shared.begin_shutdown();
             command_complete(out, "SHUTDOWN");
             Outcome::Shutdown
         }

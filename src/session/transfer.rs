@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{ReadHalf as ServerRead, WriteHalf as ServerWrite};
-use tokio::sync::watch;
 
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
@@ -30,7 +29,7 @@ use super::requests::Statement;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
 use super::{ClientStream, send_fatal};
-use crate::clients::{ClientInfo, ClientState};
+use crate::clients::{ClientInfo, ClientState, SIGNAL_KILL, SIGNAL_SHUTDOWN};
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, Role};
 use crate::protocol::backend::{
@@ -144,7 +143,6 @@ pub(super) struct Conn<'a> {
     pub(super) slot: &'a CancelSlot,
     rd: ReadHalf<ClientStream>,
     pub(super) wr: WriteHalf<ClientStream>,
-    shutdown: watch::Receiver<bool>,
     pub(super) cbuf: BytesMut,
     pub(super) cscan: Scanner,
     /// Whether the streamed client message in progress goes to the server.
@@ -298,6 +296,11 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     ready_for_query(&mut to_client, TransactionStatus::Idle);
     let (rd, wr) = tokio::io::split(stream);
     let max = shared.live().config.proxy.max_message_size;
+    // The registry entry exists already: a shutdown that began before it
+    // did is seen here, one that begins after it signals the entry.
+    if *shared.shutdown.borrow() {
+        me.signal(SIGNAL_SHUTDOWN);
+    }
     let mut conn = Conn {
         shared,
         mode: shared.live().config.pool.mode,
@@ -305,7 +308,6 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         slot: &registration.slot,
         rd,
         wr,
-        shutdown: shared.shutdown.clone(),
         cbuf: BytesMut::new(),
         cscan: Scanner::new(max),
         stream_to_server: false,
@@ -368,11 +370,6 @@ fn is_stale_plan(body: &[u8]) -> bool {
     };
     field(b'C') == Some(b"0A000")
         && field(b'M').is_some_and(|m| m.starts_with(b"cached plan must not change result type"))
-}
-
-/// Resolves once a graceful shutdown has begun.
-async fn shutdown_started(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|&s| s).await;
 }
 
 async fn read_server(half: Option<ServerRead<'_>>, buf: &mut BytesMut) -> io::Result<usize> {
@@ -456,14 +453,14 @@ impl Conn<'_> {
             }
             _ => (None, None, None),
         };
-        let draining = self.draining;
         let event = tokio::select! {
             r = self.rd.read_buf(&mut self.cbuf), if want_client => Event::ClientRead(r),
             r = read_server(srd, &mut self.sbuf), if want_server => Event::ServerRead(r),
             r = self.wr.write(&self.to_client), if !self.to_client.is_empty() => Event::ClientWrote(r),
             r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
-            _ = shutdown_started(&mut self.shutdown), if !draining => Event::Shutdown,
-            _ = self.me.kill.notified() => Event::Killed,
+            signals = self.me.signalled() => {
+                if signals & SIGNAL_KILL != 0 { Event::Killed } else { Event::Shutdown }
+            }
             _ = unresponsive(health), if awaiting => Event::Unresponsive,
         };
         match event {
