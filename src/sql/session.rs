@@ -159,23 +159,51 @@ const TRIGGERS: [&[u8]; 14] = [
 fn may_have_effects(sql: &str) -> bool {
     let b = sql.as_bytes();
     let mut in_word = false;
-    for i in 0..b.len() {
-        let c = b[i];
-        let word_char = c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
-        if word_char && !in_word {
-            let first = c | 0x20;
-            if matches!(first, b's' | b'l' | b'p' | b't' | b'h' | b'd' | b'c' | b'r' | b'u')
-                && TRIGGERS
+    for (i, &c) in b.iter().enumerate() {
+        match BYTE_CLASS[usize::from(c)] {
+            NOT_WORD => in_word = false,
+            TRIGGER_START if !in_word => {
+                let first = c | 0x20;
+                if TRIGGERS
                     .iter()
                     .any(|w| w[0] == first && b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w))
-            {
-                return true;
+                {
+                    return true;
+                }
+                in_word = true;
             }
+            _ => in_word = true,
         }
-        in_word = word_char;
     }
     false
 }
+
+const NOT_WORD: u8 = 0;
+const WORD: u8 = 1;
+const TRIGGER_START: u8 = 2;
+
+/// Per byte: not part of a word, part of one, or part of one and the first
+/// letter of some trigger word (either case). One table lookup per byte keeps
+/// the pre-check cheap on every simple query.
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [NOT_WORD; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80 {
+            t[c] = WORD;
+        }
+        c += 1;
+    }
+    let mut i = 0;
+    while i < TRIGGERS.len() {
+        let first = TRIGGERS[i][0];
+        t[first as usize] = TRIGGER_START;
+        t[first.to_ascii_uppercase() as usize] = TRIGGER_START;
+        i += 1;
+    }
+    t
+};
 
 /// Analyses a query string (one or more statements).
 pub fn analyze(sql: &str) -> Effects {
