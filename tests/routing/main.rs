@@ -401,7 +401,7 @@ async fn a_frozen_replica_leaves_rotation_and_nobody_hangs() {
     })
     .await;
     assert!(failed <= 1, "{failed} reads failed ({ok} succeeded)");
-    assert!(slowest < Duration::from_secs(2), "a read took {slowest:?}");
+    assert!(slowest < Duration::from_secs(3), "a read took {slowest:?}");
     let back = Instant::now();
     while port_of(&client, PORT_SQL).await != c.replicas[0] {
         assert!(back.elapsed() < Duration::from_secs(15), "the replica never rejoined");
