@@ -437,24 +437,35 @@ fn execute_msg() -> Vec<u8> {
     message(b'E', &[0, 0, 0, 0, 0])
 }
 
-/// Sends `msgs` and a Sync; returns what came back up to ReadyForQuery, with
-/// CommandComplete tags and error codes spelled out.
+/// Reads messages up to (not including) ReadyForQuery.
+async fn until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let (tag, body) = read_message(s).await.expect("an answer");
+        if tag == b'Z' {
+            return out;
+        }
+        out.push((tag, body));
+    }
+}
+
+/// A message as the tests compare it: CommandComplete tags, error codes and
+/// ParameterStatus spelled out, anything else by its type.
+fn spelled(tag: u8, body: &[u8]) -> String {
+    match tag {
+        b'C' => format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1])),
+        b'E' => format!("E:{}", body_code(body).unwrap_or_default()),
+        b'S' => format!("S:{}", String::from_utf8_lossy(body).replace('\0', "=")),
+        other => char::from(other).to_string(),
+    }
+}
+
+/// Sends `msgs` and a Sync; returns what came back up to ReadyForQuery.
 async fn round(s: &mut TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
     let mut out: Vec<u8> = msgs.concat();
     out.extend_from_slice(&message(b'S', &[]));
     s.write_all(&out).await.unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let (tag, body) = read_message(s).await.expect("an answer");
-        match tag {
-            b'C' => seen.push(format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1]))),
-            b'E' => seen.push(format!("E:{}", body_code(&body).unwrap_or_default())),
-            b'Z' => break,
-            b'S' => seen.push(format!("S:{}", String::from_utf8_lossy(&body).replace('\0', "="))),
-            other => seen.push(char::from(other).to_string()),
-        }
-    }
-    seen
+    until_ready(s).await.iter().map(|(t, b)| spelled(*t, b)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,36 +558,32 @@ async fn a_stale_plan_met_by_bind_describe_execute_is_resent_invisibly() {
     b.write_all(&[bind_msg("b1"), describe_portal, execute_msg(), message(b'S', &[])].concat())
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let (tag, body) = read_message(&mut b).await.expect("an answer");
-        match tag {
-            b'T' => seen.push(format!("T:{}", i16::from_be_bytes([body[0], body[1]]))),
-            b'E' => seen.push(format!("E:{}", body_code(&body).unwrap_or_default())),
-            b'Z' => break,
-            other => seen.push(char::from(other).to_string()),
-        }
-    }
-    assert_eq!(seen, ["2", "T:2", "D", "C"]);
+    let seen: Vec<String> = until_ready(&mut b)
+        .await
+        .iter()
+        .map(|(tag, body)| match tag {
+            b'T' => format!("T:{}", i16::from_be_bytes([body[0], body[1]])),
+            _ => spelled(*tag, body),
+        })
+        .collect();
+    assert_eq!(seen, ["2", "T:2", "D", "C:SELECT 1"]);
 }
 
-/// Sends a simple query; returns what came back up to ReadyForQuery.
+/// Sends a simple query; returns its CommandComplete tags, error codes and
+/// the first value of each row.
 async fn simple(s: &mut TcpStream, sql: &str) -> Vec<String> {
     s.write_all(&message(b'Q', format!("{sql}\0").as_bytes()))
         .await
         .unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let (tag, body) = read_message(s).await.expect("an answer");
-        match tag {
-            b'C' => seen.push(format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1]))),
-            b'E' => seen.push(format!("E:{}", body_code(&body).unwrap_or_default())),
-            b'D' => seen.push(format!("D:{}", String::from_utf8_lossy(&body[6..]))),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    seen
+    let answers = until_ready(s).await;
+    answers
+        .iter()
+        .filter_map(|(tag, body)| match tag {
+            b'C' | b'E' => Some(spelled(*tag, body)),
+            b'D' => Some(format!("D:{}", String::from_utf8_lossy(&body[6..]))),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
