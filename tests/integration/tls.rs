@@ -96,14 +96,7 @@ async fn tls_require_and_verify_full() {
         "verify-full must reject a host the certificate does not name"
     );
     // Plaintext clients are still allowed unless configured otherwise.
-    let out = Command::new("psql")
-        .args([
-            &format!("{}?sslmode=disable", url_plain(&user, port)),
-            "-XAtc",
-            "SELECT 2",
-        ])
-        .output()
-        .expect("psql runs");
+    let out = psql_plain(&user, port, "disable", "SELECT 2");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop(proxy);
 
@@ -112,27 +105,21 @@ async fn tls_require_and_verify_full() {
     setup.tls_lines = "client_mode = \"require\"".into();
     let proxy = setup.start().await;
     let port = proxy.local_addr().port();
-    let out = Command::new("psql")
-        .args([
-            &format!("{}?sslmode=disable", url_plain(&user, port)),
-            "-XAtc",
-            "SELECT 2",
-        ])
-        .output()
-        .expect("psql runs");
+    let out = psql_plain(&user, port, "disable", "SELECT 2");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a plaintext client got in");
     assert!(stderr.contains("requires TLS"), "{stderr}");
-    let out = Command::new("psql")
-        .args([
-            &format!("{}?sslmode=require", url_plain(&user, port)),
-            "-XAtc",
-            "SELECT 3",
-        ])
-        .output()
-        .expect("psql runs");
+    let out = psql_plain(&user, port, "require", "SELECT 3");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+}
+
+/// Runs `sql` with psql over 127.0.0.1 with `sslmode`.
+fn psql_plain(user: &TestUser, port: u16, sslmode: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args([&format!("{}?sslmode={sslmode}", url_plain(user, port)), "-XAtc", sql])
+        .output()
+        .expect("psql runs")
 }
 
 fn url_plain(user: &TestUser, port: u16) -> String {
