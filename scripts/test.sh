@@ -64,16 +64,8 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
-# Recreate the virtualenv when it is missing or broken (e.g. the system python changed).
-if ! "$VENV/bin/python" -c 'pass' 2>/dev/null; then
-    banner "creating $VENV"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c 'import pytest, psycopg, asyncpg' 2>/dev/null; then
-    banner "installing Python test dependencies into $VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check pytest 'psycopg[binary]' asyncpg
-fi
+# The Python drivers for the pytest suite, in a virtualenv of their own.
+scripts/venv.sh "$VENV" 'pytest, psycopg, asyncpg' pytest 'psycopg[binary]' asyncpg
 
 # --- the tests ------------------------------------------------------------------------------
 step "cargo fmt --check" cargo fmt --all -- --check

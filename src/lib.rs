@@ -14,10 +14,13 @@
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication
 //!   (`session/startup.rs`), the login greeting and the settings a startup packet
-//!   asks for (`session/greeting.rs`), the forwarding loop, release and the read-your-writes
-//!   position after a write (`session/transfer.rs`), client messages: batch staging
-//!   and routing, statement renaming, settings carry, pinning, local answers
-//!   (`session/requests.rs`), the queue of answers owed by the server
+//!   asks for (`session/greeting.rs`), the forwarding loop (`session/transfer.rs`),
+//!   giving a server connection back or up, the read-your-writes position after a
+//!   write, and the end of a session (`session/release.rs`), client messages: batch
+//!   staging and routing, statement renaming, settings carry, pinning
+//!   (`session/requests.rs`), DEALLOCATE/DISCARD ALL and refused session features
+//!   (`session/local.rs`), resending a batch after a stale plan
+//!   (`session/retry.rs`), the queue of answers owed by the server
 //!   (`session/expect.rs`), confirming setting changes (`session/settings.rs`),
 //!   cancel keys (`session/cancel.rs`), plain or TLS client stream
 //!   (`session/stream.rs`).

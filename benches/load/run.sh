@@ -12,9 +12,6 @@ if ! command -v pgbouncer >/dev/null; then
 fi
 # A virtualenv with matplotlib, for --chart.
 VENV=.venv-bench
-if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check matplotlib
-fi
+scripts/venv.sh "$VENV" matplotlib matplotlib
 ulimit -n "$(ulimit -Hn)"
 exec "$VENV/bin/python" benches/load/run.py "$@"

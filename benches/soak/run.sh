@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.."
 VENV=.venv-test
-if ! "$VENV/bin/python" -c 'import asyncpg' 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check asyncpg
-fi
+scripts/venv.sh "$VENV" asyncpg asyncpg
 # One fd per client in this process and in dbproxy.
 ulimit -n "$(ulimit -Hn)"
 exec "$VENV/bin/python" benches/soak/soak.py "$@"

@@ -318,53 +318,50 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
     for c in shared.registry.all() {
         if let Some((addr, pid)) = c.server() {
             let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, ""));
-            rows.push(vec![
-                s("S"),
-                s(&c.user),
-                s(&c.database),
-                s("active"),
-                s(host),
-                s(port),
-                None,
-                None,
-                None,
-                None,
-                s(0),
-                s(0),
-                s(0),
-                s(pid),
+            rows.push(server_row(
+                [&c.user, &c.database, "active", host, port, &c.application_name],
+                pid,
                 s(c.id),
-                s(pid),
-                s(""),
-                s(&c.application_name),
-            ]);
+            ));
         }
     }
     for p in shared.pools.all() {
         for pid in p.idle_backends() {
-            rows.push(vec![
-                s("S"),
-                s(&p.key.user),
-                s(&p.key.database),
-                s("idle"),
-                s(&p.key.addr.host),
-                s(p.key.addr.port),
+            let port = p.key.addr.port.to_string();
+            rows.push(server_row(
+                [&p.key.user, &p.key.database, "idle", &p.key.addr.host, &port, ""],
+                pid,
                 None,
-                None,
-                None,
-                None,
-                s(0),
-                s(0),
-                s(0),
-                s(pid),
-                None,
-                s(pid),
-                s(""),
-                s(""),
-            ]);
+            ));
         }
     }
     table(out, &CONNECTION_COLUMNS, &rows);
+}
+
+/// A SHOW SERVERS row: `[user, database, state, addr, port, application_name]`,
+/// the backend pid, and the client using it (`link`).
+fn server_row(text: [&str; 6], pid: i32, link: Option<String>) -> Vec<Option<String>> {
+    let [user, database, state, addr, port, app] = text;
+    vec![
+        s("S"),
+        s(user),
+        s(database),
+        s(state),
+        s(addr),
+        s(port),
+        None,
+        None,
+        None,
+        None,
+        s(0),
+        s(0),
+        s(0),
+        s(pid),
+        link,
+        s(pid),
+        s(""),
+        s(app),
+    ]
 }
 
 fn lists(shared: &Shared, out: &mut BytesMut) {

@@ -142,13 +142,20 @@ async fn check_or_probe(pool: Arc<Pool>, addr: String, timeout: Duration) -> Ver
     }
 }
 
-/// Records a timed-out check and releases the sessions stuck on the server
-/// from the second one in a row (one slow check is not enough to drop them).
-fn timed_out(health: &ServerHealth, name: &str, timeout: Duration) {
-    let n = health.timeouts.fetch_add(1, Ordering::AcqRel) + 1;
-    tracing::warn!(server = name, ?timeout, in_a_row = n, "health check timed out");
-    if n >= 2 {
-        health.unresponsive.notify_waiters();
+/// Counts timed-out checks in a row and, from the second one, releases the
+/// sessions stuck on the server (one slow check is not enough to drop them).
+/// A check with an answer ends the run; a busy pool gives no verdict.
+fn count_timeouts(health: &ServerHealth, verdict: &Verdict, name: &str, timeout: Duration) {
+    match verdict {
+        Verdict::Unresponsive => {
+            let n = health.timeouts.fetch_add(1, Ordering::AcqRel) + 1;
+            tracing::warn!(server = name, ?timeout, in_a_row = n, "health check timed out");
+            if n >= 2 {
+                health.unresponsive.notify_waiters();
+            }
+        }
+        Verdict::Up(..) | Verdict::Down => health.timeouts.store(0, Ordering::Release),
+        Verdict::Busy => {}
     }
 }
 
@@ -176,19 +183,14 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
             .collect();
         let primary_name = db.primary.to_string();
         let verdict = check_or_probe(primary.clone(), primary_name.clone(), timeout).await;
-        if !matches!(verdict, Verdict::Unresponsive | Verdict::Busy) {
-            router.primary.timeouts.store(0, Ordering::Release);
-        }
+        count_timeouts(&router.primary, &verdict, &primary_name, timeout);
         let primary_lsn = match verdict {
             Verdict::Up(lsn, _) => {
                 set(&router.primary, true, lsn, 0, &primary_name);
                 Some(lsn)
             }
-            verdict @ (Verdict::Down | Verdict::Unresponsive) => {
+            Verdict::Down | Verdict::Unresponsive => {
                 set(&router.primary, false, router.primary.lsn(), 0, &primary_name);
-                if matches!(verdict, Verdict::Unresponsive) {
-                    timed_out(&router.primary, &primary_name, timeout);
-                }
                 None
             }
             Verdict::Busy => None,
@@ -197,9 +199,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
             let health = &router.replicas[i];
             let name = db.replicas[i].to_string();
             let verdict = handle.await.unwrap_or(Verdict::Busy);
-            if !matches!(verdict, Verdict::Unresponsive | Verdict::Busy) {
-                health.timeouts.store(0, Ordering::Release);
-            }
+            count_timeouts(health, &verdict, &name, timeout);
             match verdict {
                 Verdict::Up(lsn, since_ms) => {
                     // Caught up, or the primary is unknown: no lag to hold against it.
@@ -210,18 +210,13 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
                     let ok = Duration::from_millis(lag_ms) <= max_lag;
                     set(health, ok, lsn, lag_ms, &name);
                 }
-                verdict @ (Verdict::Down | Verdict::Unresponsive) => {
-                    set(
-                        health,
-                        false,
-                        health.lsn(),
-                        health.lag_ms.load(Ordering::Relaxed),
-                        &name,
-                    );
-                    if matches!(verdict, Verdict::Unresponsive) {
-                        timed_out(health, &name, timeout);
-                    }
-                }
+                Verdict::Down | Verdict::Unresponsive => set(
+                    health,
+                    false,
+                    health.lsn(),
+                    health.lag_ms.load(Ordering::Relaxed),
+                    &name,
+                ),
                 Verdict::Busy => {}
             }
         }

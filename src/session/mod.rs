@@ -5,7 +5,10 @@
 mod cancel;
 mod expect;
 mod greeting;
+mod local;
+mod release;
 mod requests;
+mod retry;
 mod settings;
 mod startup;
 mod stream;

@@ -1,8 +1,10 @@
 //! What the client sends, translated for whichever server connection serves
 //! it: named prepared statements renamed to shared server-side names (and
 //! prepared on the spot where missing), session settings carried over on
-//! attach, session-only features pinning the client, and the few requests the
-//! proxy answers itself (Close of a statement, DEALLOCATE, DISCARD ALL).
+//! attach, session-only features pinning the client, and routing to a server
+//! connection. A client's Close of a statement is answered here; DEALLOCATE,
+//! DISCARD ALL and refused session features are in `local.rs`, the stale-plan
+//! resend in `retry.rs`.
 
 use std::sync::Arc;
 
@@ -11,18 +13,19 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::expect::{Request, Synthetic};
+use super::local::reject_sql;
 use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
 use crate::config::PoolMode;
 use crate::pool::{CheckoutError, Role};
 use crate::protocol::backend::{ErrorFields, error_response, ready_for_query};
 use crate::protocol::extended::{
-    close_complete, command_complete, parse_bind_names, parse_complete, parse_parse, parse_target, write_bind_renamed,
-    write_parse, write_query, write_target,
+    close_complete, parse_bind_names, parse_complete, parse_parse, parse_target, write_bind_renamed, write_parse,
+    write_query, write_target,
 };
 use crate::protocol::framing::{HEADER_LEN, read_cstr};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, Reason, WriteReason};
-use crate::sql::{Effects, LocalCommand, analyze};
+use crate::sql::{Effects, analyze};
 
 /// A client's named prepared statement.
 #[derive(Debug, Clone)]
@@ -38,27 +41,9 @@ pub struct Statement {
     pub class: Class,
 }
 
-/// Why a session-only feature is refused (`pool.session_features = "reject"`).
-fn reject_message(fx: &Effects) -> String {
-    format!(
-        "{} is not available through dbproxy in transaction pooling (pool.session_features = \"reject\")",
-        fx.pins.names().join(", ")
-    )
-}
-
-/// A statement that raises [`reject_message`] on the server, where the refused
-/// statement would have run (so a transaction fails as the client is told).
-fn reject_sql(fx: &Effects) -> String {
-    format!(
-        "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
-         HINT = 'use session pooling, or pool.session_features = \"pin\"'; END $dbproxy$",
-        crate::sql::quote_literal(&reject_message(fx))
-    )
-}
-
 /// The server-side name of a statement: a digest of its text, its types and
 /// the database's schema epoch (see `Router::schema_epoch`).
-fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<str> {
+pub(super) fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<str> {
     let mut h = Sha256::new();
     h.update(query.as_bytes());
     h.update([0]);
@@ -136,7 +121,7 @@ impl Conn<'_> {
     }
 
     /// Writes the proxy's own answers that are due now.
-    fn emit_ready(&mut self) {
+    pub(super) fn emit_ready(&mut self) {
         for s in self.expect.take_ready() {
             match s {
                 Synthetic::ParseComplete => parse_complete(&mut self.to_client),
@@ -145,7 +130,7 @@ impl Conn<'_> {
         }
     }
 
-    fn attached(&mut self) -> Option<&mut Attached> {
+    pub(super) fn attached(&mut self) -> Option<&mut Attached> {
         match &mut self.phase {
             Phase::Attached(a) => Some(a),
             _ => None,
@@ -253,7 +238,7 @@ impl Conn<'_> {
     }
 
     /// Handles one client message, routed or not.
-    async fn dispatch(&mut self, tag: u8, msg: BytesMut) -> Result<(), Exit> {
+    pub(super) async fn dispatch(&mut self, tag: u8, msg: BytesMut) -> Result<(), Exit> {
         if self.tracking() && !self.retry.replaying {
             self.record_for_retry(tag, &msg);
         }
@@ -289,125 +274,6 @@ impl Conn<'_> {
             _ if matches!(self.phase, Phase::Idle) => Ok(()),
             _ => self.send(&msg, tag, None, Class::Neutral).await,
         }
-    }
-
-    /// Keeps what `Retry` needs of the current extended batch.
-    fn record_for_retry(&mut self, tag: u8, msg: &[u8]) {
-        if self.retry.closed {
-            // The previous batch is over; this message starts the next one.
-            self.retry.reset();
-        }
-        if self.retry.statement.is_some() {
-            self.record_more(tag, msg);
-            return;
-        }
-        match tag {
-            b'E' => self.retry.executed = true,
-            b'S' => self.retry.executed = false,
-            b'B' | b'D' if !self.retry.executed => self.start_recording(tag, msg),
-            _ => {}
-        }
-    }
-
-    /// Starts recording at a Bind or Describe of one of the client's named
-    /// statements, outside a transaction block.
-    fn start_recording(&mut self, tag: u8, msg: &[u8]) {
-        let body = &msg[HEADER_LEN..];
-        let name = match tag {
-            b'B' => parse_bind_names(body).map(|(_, s, _)| s),
-            _ => parse_target(body).and_then(|(k, s)| (k == b'S').then_some(s)),
-        };
-        let Some(name) = name.filter(|n| !n.is_empty()) else {
-            return;
-        };
-        if let Phase::Attached(a) = &self.phase
-            && a.status != TransactionStatus::Idle
-        {
-            return;
-        }
-        if msg.len() > super::transfer::RETRY_LIMIT {
-            return;
-        }
-        let Some(stmt) = self.statements.get(name) else {
-            return;
-        };
-        let r = &mut self.retry;
-        r.statement = Some(stmt.server_name.clone());
-        r.bytes.extend_from_slice(msg);
-        r.described = tag == b'D';
-        r.visible_mark = self.expect.visible_done();
-    }
-
-    /// Adds a message of the batch being recorded.
-    fn record_more(&mut self, tag: u8, msg: &[u8]) {
-        let r = &mut self.retry;
-        if r.bytes.len() + msg.len() > super::transfer::RETRY_LIMIT {
-            // Too much to keep: no retry for the rest of this batch.
-            r.reset();
-            r.executed = tag != b'S';
-            return;
-        }
-        r.bytes.extend_from_slice(msg);
-        match tag {
-            b'D' if !r.recorded_execute => r.described = true,
-            b'E' => r.recorded_execute = true,
-            b'S' => r.closed = true,
-            _ => {}
-        }
-    }
-
-    /// After "cached plan must not change result type" on the server copy
-    /// `name`: the client's statements using it move to the current schema
-    /// epoch's name (starting a new epoch if `name` is current, since this is
-    /// a schema change dbproxy did not see), so their next use prepares a
-    /// fresh copy. The stale copy stays on the server: other clients that
-    /// described it before the change get the error there, as directly.
-    pub(super) fn renew_statement(&mut self, name: &Arc<str>) {
-        let Some(stmt) = self.statements.values().find(|s| s.server_name == *name).cloned() else {
-            self.router.bump_schema_epoch();
-            return;
-        };
-        if server_name(&stmt.query, &stmt.param_types, self.router.schema_epoch()) == *name {
-            self.router.bump_schema_epoch();
-        }
-        let fresh = server_name(&stmt.query, &stmt.param_types, self.router.schema_epoch());
-        for s in self.statements.values_mut() {
-            if s.server_name == *name {
-                *s = Arc::new(Statement {
-                    server_name: fresh.clone(),
-                    ..(**s).clone()
-                });
-            }
-        }
-    }
-
-    /// Sends the recorded batch tail again after a stale plan (see `Retry`):
-    /// the statement's fresh Parse goes first, through the usual path.
-    pub(super) async fn send_batch_again(&mut self) -> Result<(), Exit> {
-        let bytes = std::mem::take(&mut self.retry.bytes);
-        let drop_parameter_description = self.retry.drop_parameter_description;
-        self.retry.reset();
-        self.retry.drop_parameter_description = drop_parameter_description;
-        self.retry.replaying = true;
-        let mut at = 0;
-        while let Some(head) = bytes.get(at..at + HEADER_LEN) {
-            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize + 1;
-            let Some(msg) = bytes.get(at..at + len) else { break };
-            let result = self.dispatch(head[0], BytesMut::from(msg)).await;
-            self.emit_ready();
-            if let Err(exit) = result {
-                self.retry.replaying = false;
-                return Err(exit);
-            }
-            at += len;
-        }
-        self.retry.replaying = false;
-        // Keep the buffer's allocation for the next batches.
-        if self.retry.bytes.is_empty() {
-            self.retry.bytes = bytes;
-            self.retry.bytes.clear();
-        }
-        Ok(())
     }
 
     /// Makes sure a server connection is held. `Ok(false)`: none could be had
@@ -449,7 +315,7 @@ impl Conn<'_> {
     }
 
     /// Accounts for a request written to the server on the client's behalf.
-    fn sent(&mut self, tag: u8, request: Option<Request>) {
+    pub(super) fn sent(&mut self, tag: u8, request: Option<Request>) {
         if let Some(r) = request {
             self.expect.sent(r, false, None);
         }
@@ -540,137 +406,6 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// `pool.session_features = "reject"`: the statement is refused. Outside a
-    /// transaction the proxy answers; inside one the server raises the error,
-    /// so the transaction fails there exactly as the client is told.
-    async fn reject_session_feature(&mut self, fx: &Effects) -> Result<(), Exit> {
-        let message = reject_message(fx);
-        if matches!(self.phase, Phase::Idle) {
-            let err = ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, message)
-                .with_hint("use session pooling, or pool.session_features = \"pin\"");
-            error_response(&mut self.to_client, &err);
-            ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-            return Ok(());
-        }
-        write_query(&mut self.to_server, &reject_sql(fx));
-        self.sent(b'Q', Some(Request::Query));
-        Ok(())
-    }
-
-    /// A DEALLOCATE or DISCARD ALL that reaches the held server connection:
-    /// names translated to the server's, records kept true. Returns whether
-    /// it wrote the query itself.
-    fn forward_local_command(&mut self, cmd: &LocalCommand, msg: &[u8]) -> bool {
-        let Phase::Attached(a) = &mut self.phase else {
-            return false;
-        };
-        let in_block = a.status != TransactionStatus::Idle;
-        match cmd {
-            LocalCommand::DiscardAll if in_block => {
-                // PostgreSQL refuses DISCARD ALL in a transaction block: nothing changes.
-            }
-            LocalCommand::Deallocate(name) => {
-                if let Some(stmt) = self.statements.remove(name) {
-                    let name = &stmt.server_name;
-                    if in_block {
-                        // The block may fail (or have failed) and keep the statement
-                        // on the server: reset the connection before anyone reuses it.
-                        a.conn.conn.state.dirty = true;
-                    }
-                    let sql = if a.conn.conn.state.prepared.contains(name) {
-                        // Others may share it, but a client that deallocates is done
-                        // with it; it is prepared again on demand.
-                        a.conn.conn.state.prepared.remove(name);
-                        format!("DEALLOCATE \"{name}\"")
-                    } else {
-                        // Never prepared on this connection: still answer as the
-                        // server would, without touching anyone else's statements.
-                        format!("PREPARE \"{name}\" AS SELECT; DEALLOCATE \"{name}\"")
-                    };
-                    write_query(&mut self.to_server, &sql);
-                    return true;
-                }
-            }
-            LocalCommand::DeallocateAll => {
-                self.statements.clear();
-                // Prepare afresh from now on; whether it succeeds or not, reset before reuse.
-                a.conn.conn.state.prepared = Default::default();
-                a.conn.conn.state.dirty = true;
-            }
-            LocalCommand::DiscardAll => {
-                self.statements.clear();
-                self.unnamed = Effects::default();
-                self.settings = self.startup.clone();
-                self.pins = Default::default();
-                a.conn.conn.state.prepared = Default::default();
-                a.conn.conn.state.dirty = true;
-            }
-        }
-        self.to_server.extend_from_slice(msg);
-        true
-    }
-
-    /// An unnamed Parse of DEALLOCATE or DISCARD ALL, on the held server
-    /// connection. `DEALLOCATE name` must only drop the client's own name,
-    /// never a server statement other clients share: the Parse becomes a
-    /// DEALLOCATE of a throwaway statement prepared just before it (so the
-    /// client still gets exactly `DEALLOCATE`, or the server's error for a
-    /// name it never prepared). DEALLOCATE ALL and DISCARD ALL go as they
-    /// are, with the records of [`Self::forward_local_command`].
-    fn forward_local_parse(&mut self, cmd: &LocalCommand, msg: &[u8]) {
-        const THROWAWAY: &str = "dbp_deallocate";
-        match cmd {
-            LocalCommand::Deallocate(name) if self.statements.remove(name).is_some() => {
-                // Close first: a throwaway left by a batch that failed before its Execute.
-                write_target(&mut self.to_server, b'C', b'S', THROWAWAY);
-                self.expect.sent(Request::Close, true, None);
-                crate::protocol::extended::write_parse(&mut self.to_server, THROWAWAY, "SELECT", &[0, 0]);
-                self.expect.sent(Request::Parse, true, None);
-                crate::protocol::extended::write_parse(
-                    &mut self.to_server,
-                    "",
-                    &format!("DEALLOCATE {THROWAWAY}"),
-                    &[0, 0],
-                );
-            }
-            LocalCommand::Deallocate(_) => self.to_server.extend_from_slice(msg),
-            LocalCommand::DeallocateAll | LocalCommand::DiscardAll => {
-                self.forward_local_command(cmd, msg);
-            }
-        }
-        self.sent(b'P', Some(Request::Parse));
-        if let Some(a) = self.attached() {
-            a.unsynced = true;
-        }
-    }
-
-    /// DEALLOCATE and DISCARD ALL outside a transaction touch only the
-    /// client's own view, never a shared server connection.
-    fn answer_locally(&mut self, cmd: LocalCommand) {
-        match &cmd {
-            LocalCommand::DeallocateAll => self.statements.clear(),
-            LocalCommand::Deallocate(name) => {
-                if self.statements.remove(name).is_none() {
-                    let err = ErrorFields::error(
-                        SqlState::INVALID_SQL_STATEMENT_NAME,
-                        format!("prepared statement \"{name}\" does not exist"),
-                    );
-                    error_response(&mut self.to_client, &err);
-                    ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-                    return;
-                }
-            }
-            LocalCommand::DiscardAll => {
-                self.statements.clear();
-                self.unnamed = Effects::default();
-                self.settings = self.startup.clone();
-                self.pins = Default::default();
-            }
-        }
-        command_complete(&mut self.to_client, cmd.tag());
-        ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-    }
-
     async fn on_parse(&mut self, msg: &[u8]) -> Result<(), Exit> {
         let Some(p) = parse_parse(&msg[HEADER_LEN..]) else {
             // Let the server judge a malformed Parse.
@@ -683,23 +418,24 @@ impl Conn<'_> {
                 )
                 .await;
         };
-        if self.mode == PoolMode::Transaction
+        // What running it does to the session: needed in transaction mode only.
+        let fx = if self.mode == PoolMode::Transaction {
+            analyze(p.query)
+        } else {
+            Effects::default()
+        };
+        if !fx.pins.is_empty()
             && self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject
+            && !crate::sql::lexer::tokenize(p.query)
+                .iter()
+                .any(|t| t.kind == crate::sql::lexer::Kind::Param)
         {
-            let fx = analyze(p.query);
-            let has_params = || {
-                crate::sql::lexer::tokenize(p.query)
-                    .iter()
-                    .any(|t| t.kind == crate::sql::lexer::Kind::Param)
-            };
-            if !fx.pins.is_empty() && !has_params() {
-                // Refused where it would run: the statement becomes one that
-                // raises the error when executed (statements with parameters
-                // cannot be rewritten so, and still pin).
-                let mut rewritten = BytesMut::new();
-                crate::protocol::extended::write_parse(&mut rewritten, p.name, &reject_sql(&fx), &[0, 0]);
-                return Box::pin(self.on_parse(&rewritten)).await;
-            }
+            // Refused where it would run: the statement becomes one that
+            // raises the error when executed (statements with parameters
+            // cannot be rewritten so, and still pin).
+            let mut rewritten = BytesMut::new();
+            write_parse(&mut rewritten, p.name, &reject_sql(&fx), &[0, 0]);
+            return Box::pin(self.on_parse(&rewritten)).await;
         }
         let class = if self.split {
             self.router.classify(p.query)
@@ -711,7 +447,7 @@ impl Conn<'_> {
         }
         if p.name.is_empty() || !self.tracking() {
             if p.name.is_empty() && self.mode == PoolMode::Transaction {
-                self.unnamed = analyze(p.query);
+                self.unnamed = fx;
                 self.unnamed_class = class;
                 if self.tracking()
                     && let Some(cmd) = self.unnamed.local.take()
@@ -729,7 +465,7 @@ impl Conn<'_> {
             server_name: server_name(p.query, p.param_types, self.router.schema_epoch()),
             query: p.query.into(),
             param_types: p.param_types.into(),
-            effects: analyze(p.query),
+            effects: fx,
             class,
         });
         if matches!(self.phase, Phase::Idle) && self.pool.knows_statement(&stmt.server_name) {

@@ -11,34 +11,34 @@
 //! needs one arrives and checked back in once everything sent has been
 //! answered (see `expect.rs`), the last ReadyForQuery says idle, and the client
 //! holds no session-only feature; in session mode it is kept until the client
-//! leaves. What the client sends is translated in `requests.rs`.
+//! leaves. What the client sends is translated in `requests.rs`; giving the
+//! server connection back or up is in `release.rs`.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{ReadHalf as ServerRead, WriteHalf as ServerWrite};
 
+use super::ClientStream;
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::greeting::{server_params, startup_settings};
 use super::requests::Statement;
+use super::retry::Retry;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
-use super::{ClientStream, send_fatal};
-use crate::clients::{ClientInfo, ClientState, SIGNAL_KILL, SIGNAL_SHUTDOWN};
+use crate::clients::{ClientInfo, SIGNAL_KILL, SIGNAL_SHUTDOWN};
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, Role};
-use crate::protocol::backend::{
-    ErrorFields, authentication_ok, backend_key_data, error_response, parameter_status, ready_for_query,
-};
+use crate::protocol::backend::{ErrorFields, authentication_ok, backend_key_data, parameter_status, ready_for_query};
 use crate::protocol::extended::{close_complete, parse_complete};
 use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
-use crate::router::health::{ServerHealth, parse_lsn};
+use crate::router::health::ServerHealth;
 use crate::router::{Class, Router, WriteMark};
 use crate::server_state::Settings;
 use crate::sql::{Effects, Pins};
@@ -59,13 +59,11 @@ pub(super) const SMALL_READ_RESERVE: usize = 2048;
 const IDLE_KEEP: usize = 1024;
 
 /// Frees an empty buffer's large allocation (the next use allocates again).
-fn shrink(buf: &mut BytesMut) {
+pub(super) fn shrink(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > IDLE_KEEP {
         *buf = BytesMut::new();
     }
 }
-/// Longest a rollback or reset of a returned connection may take.
-const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Client messages returned whole; CopyData streams through.
 pub(super) fn whole_frontend(tag: u8) -> bool {
@@ -147,8 +145,8 @@ pub(super) struct Conn<'a> {
     pub(super) cscan: Scanner,
     /// Whether the streamed client message in progress goes to the server.
     pub(super) stream_to_server: bool,
-    sbuf: BytesMut,
-    sscan: Scanner,
+    pub(super) sbuf: BytesMut,
+    pub(super) sscan: Scanner,
     /// The streamed server message in progress answers the proxy: drop it.
     swallow_stream: bool,
     pub(super) to_client: BytesMut,
@@ -190,63 +188,6 @@ pub(super) struct Conn<'a> {
     /// makes it worth sending again.
     pub(super) retry: Retry,
 }
-
-/// A batch that may be sent again after "cached plan must not change result
-/// type": one whose first use of a named statement (Bind or Describe) failed
-/// before anything ran, outside a transaction block, and which describes what
-/// it returns (so the client learns the new shape from the second attempt,
-/// exactly as if it had prepared after the schema change). The statement is
-/// prepared afresh first. Anything else gets the error, as directly.
-#[derive(Debug, Default)]
-pub(super) struct Retry {
-    /// Client messages from that first Bind/Describe to the Sync, as sent.
-    pub(super) bytes: Vec<u8>,
-    /// Server name of the statement the recorded part starts with.
-    pub(super) statement: Option<Arc<str>>,
-    /// An Execute ran in this batch before recording could start.
-    pub(super) executed: bool,
-    /// The recorded part has a Describe before any Execute.
-    pub(super) described: bool,
-    /// The recorded part has an Execute.
-    pub(super) recorded_execute: bool,
-    /// The recorded part ends with the batch's Sync.
-    pub(super) closed: bool,
-    /// The failed attempt's answers are being swallowed up to its ReadyForQuery.
-    pub(super) swallowing: bool,
-    /// The failed attempt is over: send the batch again.
-    pub(super) due: bool,
-    /// Sending it again (nothing is recorded meanwhile).
-    pub(super) replaying: bool,
-    /// The failed request was a Describe of the statement, whose
-    /// ParameterDescription the client already has: drop the second one.
-    pub(super) drop_parameter_description: bool,
-    /// `Expectations::visible_done` when recording started: the retry is
-    /// only invisible if no answer of the recorded part reached the client.
-    pub(super) visible_mark: u64,
-}
-
-impl Retry {
-    /// Forgets the current batch (keeping a small buffer's allocation).
-    pub(super) fn reset(&mut self) {
-        self.bytes.clear();
-        if self.bytes.capacity() > 4 * IDLE_KEEP {
-            self.bytes = Vec::new();
-        }
-        self.statement = None;
-        self.executed = false;
-        self.described = false;
-        self.recorded_execute = false;
-        self.closed = false;
-        self.swallowing = false;
-        self.due = false;
-        self.replaying = false;
-        self.drop_parameter_description = false;
-        self.visible_mark = 0;
-    }
-}
-
-/// Longest batch tail kept for a retry.
-pub(super) const RETRY_LIMIT: usize = 64 * 1024;
 
 /// Greets a logged-in client and serves it until it leaves.
 pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Registration<'_>, me: &Arc<ClientInfo>) {
@@ -422,7 +363,7 @@ impl Conn<'_> {
     }
 
     /// Nothing sent to the server is waiting for an answer.
-    fn quiet(&self, a: &Attached) -> bool {
+    pub(super) fn quiet(&self, a: &Attached) -> bool {
         self.expect.is_empty() && !a.unsynced
     }
 
@@ -583,6 +524,17 @@ impl Conn<'_> {
                 broken = Some(message);
                 break;
             }
+            // ReadyForQuery's status, checked once for what follows.
+            let ready = match tag {
+                b'Z' => match body.first().copied().and_then(TransactionStatus::from_byte) {
+                    Some(status) if len == 6 => Some(status),
+                    _ => {
+                        broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
+                        break;
+                    }
+                },
+                _ => None,
+            };
             if tag == b'E' && is_stale_plan(body) {
                 // The server's copy of this statement predates DDL. This
                 // client's statement moves to a fresh server copy (see
@@ -590,12 +542,7 @@ impl Conn<'_> {
                 // invisible to the client (see `Retry`); otherwise the client
                 // sees the error, as it would directly.
                 if let Some(name) = self.expect.front_statement() {
-                    let r = &self.retry;
-                    if r.statement.as_deref() == Some(&*name)
-                        && r.closed
-                        && r.described
-                        && !r.replaying
-                        && self.expect.visible_done() == r.visible_mark
+                    if self.retry.covers(&name, self.expect.visible_done())
                         && a.status == TransactionStatus::Idle
                         && self.expect.ends_at_first_sync()
                         && self.to_server.is_empty()
@@ -619,32 +566,21 @@ impl Conn<'_> {
                 // The failed attempt: the client sees only the second one
                 // (asynchronous messages still pass).
                 verdict = Verdict::Swallow;
-                match tag {
-                    b'E' => self.tracker.error(),
-                    b'Z' => {
-                        let status = body.first().copied().and_then(TransactionStatus::from_byte);
-                        let Some(status) = status.filter(|_| len == 6) else {
-                            broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
-                            break;
-                        };
-                        a.status = status;
-                        // Settles the failed attempt's request, as if forwarded.
-                        let settled = self.tracker.ready(status);
-                        a.conn.conn.state.dirty |= settled.uncertain;
-                        self.retry.swallowing = false;
-                        self.retry.due = true;
-                    }
-                    _ => {}
+                if tag == b'E' {
+                    self.tracker.error();
+                }
+                if let Some(status) = ready {
+                    a.status = status;
+                    // Settles the failed attempt's request, as if forwarded.
+                    let settled = self.tracker.ready(status);
+                    a.conn.conn.state.dirty |= settled.uncertain;
+                    self.retry.swallowing = false;
+                    self.retry.due = true;
                 }
             }
             match verdict {
-                Verdict::Forward => match tag {
-                    b'Z' => {
-                        let status = body.first().copied().and_then(TransactionStatus::from_byte);
-                        let Some(status) = status.filter(|_| len == 6) else {
-                            broken = Some("server broke the protocol: invalid ReadyForQuery".to_owned());
-                            break;
-                        };
+                Verdict::Forward => match (tag, ready) {
+                    (_, Some(status)) => {
                         a.status = status;
                         self.retry.drop_parameter_description = false;
                         self.stats
@@ -666,8 +602,8 @@ impl Conn<'_> {
                         }
                         a.conn.conn.state.dirty |= settled.uncertain;
                     }
-                    b'E' => self.tracker.error(),
-                    b'C' if self.tracker.waiting() => self.tracker.command_complete(body),
+                    (b'E', _) => self.tracker.error(),
+                    (b'C', _) if self.tracker.waiting() => self.tracker.command_complete(body),
                     _ => {}
                 },
                 Verdict::Swallow | Verdict::Demote => {
@@ -729,179 +665,6 @@ impl Conn<'_> {
         match broken {
             Some(why) => self.server_lost(&why).await,
             None => Ok(()),
-        }
-    }
-
-    /// Gives the server connection back (or closes it if it is not clean).
-    pub(super) async fn detach(&mut self) {
-        let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            return;
-        };
-        let held = a.since.elapsed();
-        self.me.set(ClientState::Idle, None);
-        self.stats.xact_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        DbStats::add_time(&self.stats.xact_time_us, held);
-        self.stats.xact.observe(held);
-        self.request_started = None;
-        self.slot.clear().await;
-        let clean = self.quiet(&a) && self.sbuf.is_empty() && self.to_server.is_empty() && self.sscan.at_boundary();
-        self.sbuf.clear();
-        self.to_server.clear();
-        // An idle client keeps no large buffers: it may stay idle for hours,
-        // and 10,000 of them should fit in about 100 MB.
-        shrink(&mut self.sbuf);
-        shrink(&mut self.to_server);
-        shrink(&mut self.cbuf);
-        shrink(&mut self.to_client);
-        self.expect.clear();
-        self.retry.reset();
-        self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
-        if clean {
-            // A client leaving while pinned leaves session state behind.
-            let reset = self.mode == PoolMode::Session || !self.pins.is_empty() || a.conn.conn.state.dirty;
-            let committed_write = a.role == Role::Primary && a.wrote && a.status == TransactionStatus::Idle;
-            let mark = (committed_write && self.split && self.shared.live().config.routing.read_your_writes)
-                .then(|| self.mark.clone());
-            self.retire(a, reset, mark);
-        } else {
-            // Closing alone would leave the backend running until it next writes.
-            tracing::debug!(server = %a.conn.conn.addr, "cancelling and closing a server connection left mid-request");
-            tokio::spawn(a.conn.abandon(self.shared.live().config.pool.server_connect_timeout));
-        }
-    }
-
-    /// Returns a quiet connection to its pool, first rolling back an open
-    /// transaction and, when asked, running the reset query. With `mark`, also
-    /// reads the primary's WAL position (after the client's commit, off the
-    /// client's path) for read-your-writes.
-    fn retire(&self, a: Attached, reset: bool, mark: Option<Arc<WriteMark>>) {
-        let rollback = a.status != TransactionStatus::Idle;
-        let query = self.shared.live().config.pool.server_reset_query.clone();
-        // Session state we cannot clear: nobody else may inherit the connection.
-        let close = reset && query.trim().is_empty();
-        let reset = (reset && !close).then_some(query);
-        if close && mark.is_none() {
-            tracing::debug!(server = %a.conn.conn.addr, "closing a server connection with session state and no reset query");
-            return;
-        }
-        if !rollback && reset.is_none() && mark.is_none() {
-            a.conn.checkin();
-            return;
-        }
-        let mut conn = a.conn;
-        if let Some(m) = &mark {
-            m.begin();
-        }
-        tokio::spawn(async move {
-            if let Some(m) = mark {
-                let rows = tokio::time::timeout(
-                    RETIRE_TIMEOUT,
-                    conn.conn.query_rows("SELECT pg_current_wal_insert_lsn()"),
-                )
-                .await;
-                let lsn = match rows {
-                    Ok(Ok(rows)) => rows
-                        .first()
-                        .and_then(|r| r.first())
-                        .and_then(|v| v.as_deref())
-                        .and_then(parse_lsn),
-                    _ => None,
-                };
-                m.finish(lsn);
-                if lsn.is_none() {
-                    return; // the connection did not answer: do not reuse it
-                }
-            }
-            let work = async {
-                let mut status = TransactionStatus::Idle;
-                if rollback {
-                    status = conn.conn.run_discarding("ROLLBACK").await?;
-                }
-                if let Some(q) = &reset {
-                    status = conn.conn.run_discarding(q).await?;
-                    if q.trim().trim_end_matches(';').eq_ignore_ascii_case("DISCARD ALL") {
-                        conn.conn.state.reset();
-                    }
-                }
-                Ok::<_, io::Error>(status)
-            };
-            match tokio::time::timeout(RETIRE_TIMEOUT, work).await {
-                Ok(Ok(TransactionStatus::Idle)) if !conn.conn.state.dirty && !close => conn.checkin(),
-                outcome => {
-                    tracing::info!(?outcome, server = %conn.conn.addr, "closing server connection that could not be reset")
-                }
-            }
-        });
-    }
-
-    /// The server connection failed. The client learns of it; what it was
-    /// doing decides whether it can go on.
-    async fn server_lost(&mut self, why: &str) -> Result<(), Exit> {
-        self.server_gone(why, false).await
-    }
-
-    /// Gives up a server connection that failed (`frozen`: may still exist,
-    /// so it is abandoned in the background, keeping its pool slot until the
-    /// backend hangs up or `server_connect_timeout` passes) and tells the
-    /// client as a direct connection would.
-    async fn server_gone(&mut self, why: &str, frozen: bool) -> Result<(), Exit> {
-        let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            return Ok(());
-        };
-        let outstanding = self.expect.client_syncs();
-        let Attached {
-            conn, unsynced, status, ..
-        } = a;
-        let addr = conn.conn.addr.clone();
-        self.retry.reset();
-        tracing::warn!(server = %addr, reason = why, "server connection lost");
-        self.shared.errors.count("server_lost");
-        self.slot.clear().await;
-        if frozen {
-            self.shared.errors.count("server_unresponsive");
-            tokio::spawn(conn.abandon(self.shared.live().config.pool.server_connect_timeout));
-        } else {
-            drop(conn);
-        }
-        let mid_message = !self.sscan.at_boundary();
-        self.sbuf.clear();
-        self.to_server.clear();
-        self.expect.clear();
-        self.tracker = Tracker::default();
-        self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
-        if mid_message {
-            return Err(Exit::Abort);
-        }
-        let message = format!("server connection to {addr} was lost: {why}");
-        let session_lost = self.mode == PoolMode::Session || !self.pins.is_empty();
-        if session_lost || status != TransactionStatus::Idle || (outstanding == 0 && !unsynced) {
-            // Session state or an open transaction is gone: the client must start over.
-            return Err(Exit::Fatal(ErrorFields::fatal(SqlState::CONNECTION_FAILURE, message)));
-        }
-        let err = ErrorFields::error(SqlState::CONNECTION_FAILURE, message);
-        for _ in 0..outstanding {
-            error_response(&mut self.to_client, &err);
-            ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-        }
-        if unsynced {
-            error_response(&mut self.to_client, &err);
-            self.phase = Phase::SkipToSync;
-        }
-        Ok(())
-    }
-
-    /// Ends the session: settles the server connection, tells the client why
-    /// if there is something to tell, and closes.
-    async fn finish(mut self, exit: Exit) {
-        self.detach().await;
-        match exit {
-            Exit::Fatal(err) => {
-                let _ = self.wr.write_all(&self.to_client).await;
-                send_fatal(&mut self.wr, &err).await;
-            }
-            Exit::Terminated | Exit::ClientLeft | Exit::Abort => {
-                let _ = self.wr.shutdown().await;
-            }
         }
     }
 }

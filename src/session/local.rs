@@ -1,0 +1,163 @@
+//! Requests the proxy answers or rewrites itself instead of passing them on:
+//! `DEALLOCATE` and `DISCARD ALL` (which must touch only the client's own
+//! view of shared server connections), and session-only features refused
+//! under `pool.session_features = "reject"`.
+
+use super::expect::Request;
+use super::transfer::{Conn, Exit, Phase};
+use crate::protocol::SqlState;
+use crate::protocol::TransactionStatus;
+use crate::protocol::backend::{ErrorFields, command_complete, error_response, ready_for_query};
+use crate::protocol::extended::{write_query, write_target};
+use crate::sql::{Effects, LocalCommand};
+
+/// Why a session-only feature is refused (`pool.session_features = "reject"`).
+fn reject_message(fx: &Effects) -> String {
+    format!(
+        "{} is not available through dbproxy in transaction pooling (pool.session_features = \"reject\")",
+        fx.pins.names().join(", ")
+    )
+}
+
+/// A statement that raises [`reject_message`] on the server, where the refused
+/// statement would have run (so a transaction fails as the client is told).
+pub(super) fn reject_sql(fx: &Effects) -> String {
+    format!(
+        "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
+         HINT = 'use session pooling, or pool.session_features = \"pin\"'; END $dbproxy$",
+        crate::sql::quote_literal(&reject_message(fx))
+    )
+}
+
+impl Conn<'_> {
+    /// `pool.session_features = "reject"`: the statement is refused. Outside a
+    /// transaction the proxy answers; inside one the server raises the error,
+    /// so the transaction fails there exactly as the client is told.
+    pub(super) async fn reject_session_feature(&mut self, fx: &Effects) -> Result<(), Exit> {
+        let message = reject_message(fx);
+        if matches!(self.phase, Phase::Idle) {
+            let err = ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, message)
+                .with_hint("use session pooling, or pool.session_features = \"pin\"");
+            error_response(&mut self.to_client, &err);
+            ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+            return Ok(());
+        }
+        write_query(&mut self.to_server, &reject_sql(fx));
+        self.sent(b'Q', Some(Request::Query));
+        Ok(())
+    }
+
+    /// A DEALLOCATE or DISCARD ALL that reaches the held server connection:
+    /// names translated to the server's, records kept true. Returns whether
+    /// it wrote the query itself.
+    pub(super) fn forward_local_command(&mut self, cmd: &LocalCommand, msg: &[u8]) -> bool {
+        let Phase::Attached(a) = &mut self.phase else {
+            return false;
+        };
+        let in_block = a.status != TransactionStatus::Idle;
+        match cmd {
+            LocalCommand::DiscardAll if in_block => {
+                // PostgreSQL refuses DISCARD ALL in a transaction block: nothing changes.
+            }
+            LocalCommand::Deallocate(name) => {
+                if let Some(stmt) = self.statements.remove(name) {
+                    let name = &stmt.server_name;
+                    if in_block {
+                        // The block may fail (or have failed) and keep the statement
+                        // on the server: reset the connection before anyone reuses it.
+                        a.conn.conn.state.dirty = true;
+                    }
+                    let sql = if a.conn.conn.state.prepared.contains(name) {
+                        // Others may share it, but a client that deallocates is done
+                        // with it; it is prepared again on demand.
+                        a.conn.conn.state.prepared.remove(name);
+                        format!("DEALLOCATE \"{name}\"")
+                    } else {
+                        // Never prepared on this connection: still answer as the
+                        // server would, without touching anyone else's statements.
+                        format!("PREPARE \"{name}\" AS SELECT; DEALLOCATE \"{name}\"")
+                    };
+                    write_query(&mut self.to_server, &sql);
+                    return true;
+                }
+            }
+            LocalCommand::DeallocateAll => {
+                self.statements.clear();
+                // Prepare afresh from now on; whether it succeeds or not, reset before reuse.
+                a.conn.conn.state.prepared = Default::default();
+                a.conn.conn.state.dirty = true;
+            }
+            LocalCommand::DiscardAll => {
+                self.statements.clear();
+                self.unnamed = Effects::default();
+                self.settings = self.startup.clone();
+                self.pins = Default::default();
+                a.conn.conn.state.prepared = Default::default();
+                a.conn.conn.state.dirty = true;
+            }
+        }
+        self.to_server.extend_from_slice(msg);
+        true
+    }
+
+    /// An unnamed Parse of DEALLOCATE or DISCARD ALL, on the held server
+    /// connection. `DEALLOCATE name` must only drop the client's own name,
+    /// never a server statement other clients share: the Parse becomes a
+    /// DEALLOCATE of a throwaway statement prepared just before it (so the
+    /// client still gets exactly `DEALLOCATE`, or the server's error for a
+    /// name it never prepared). DEALLOCATE ALL and DISCARD ALL go as they
+    /// are, with the records of [`Self::forward_local_command`].
+    pub(super) fn forward_local_parse(&mut self, cmd: &LocalCommand, msg: &[u8]) {
+        const THROWAWAY: &str = "dbp_deallocate";
+        match cmd {
+            LocalCommand::Deallocate(name) if self.statements.remove(name).is_some() => {
+                // Close first: a throwaway left by a batch that failed before its Execute.
+                write_target(&mut self.to_server, b'C', b'S', THROWAWAY);
+                self.expect.sent(Request::Close, true, None);
+                crate::protocol::extended::write_parse(&mut self.to_server, THROWAWAY, "SELECT", &[0, 0]);
+                self.expect.sent(Request::Parse, true, None);
+                crate::protocol::extended::write_parse(
+                    &mut self.to_server,
+                    "",
+                    &format!("DEALLOCATE {THROWAWAY}"),
+                    &[0, 0],
+                );
+            }
+            LocalCommand::Deallocate(_) => self.to_server.extend_from_slice(msg),
+            LocalCommand::DeallocateAll | LocalCommand::DiscardAll => {
+                self.forward_local_command(cmd, msg);
+            }
+        }
+        self.sent(b'P', Some(Request::Parse));
+        if let Some(a) = self.attached() {
+            a.unsynced = true;
+        }
+    }
+
+    /// DEALLOCATE and DISCARD ALL outside a transaction touch only the
+    /// client's own view, never a shared server connection.
+    pub(super) fn answer_locally(&mut self, cmd: LocalCommand) {
+        match &cmd {
+            LocalCommand::DeallocateAll => self.statements.clear(),
+            LocalCommand::Deallocate(name) => {
+                if self.statements.remove(name).is_none() {
+                    let err = ErrorFields::error(
+                        SqlState::INVALID_SQL_STATEMENT_NAME,
+                        format!("prepared statement \"{name}\" does not exist"),
+                    );
+                    error_response(&mut self.to_client, &err);
+                    ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+                    return;
+                }
+            }
+            LocalCommand::DiscardAll => {
+                self.statements.clear();
+                self.unnamed = Effects::default();
+                self.settings = self.startup.clone();
+                self.pins = Default::default();
+            }
+        }
+        command_complete(&mut self.to_client, cmd.tag());
+        ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+    }
+}
