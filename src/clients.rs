@@ -37,9 +37,9 @@ pub struct ClientInfo {
     pub connected: SystemTime,
     state: AtomicU8,
     /// The server connection held: (server address, backend pid).
-    server: Mutex<Option<(String, i32)>>,
-    /// Signals raised for the session ([`SIGNAL_KILL`], [`SIGNAL_SHUTDOWN`]),
-    /// not yet taken.
+    server: Mutex<Option<(Arc<str>, i32)>>,
+    /// Signals raised for the session ([`SIGNAL_KILL`], [`SIGNAL_SHUTDOWN`],
+    /// [`SIGNAL_SERVER_STUCK`]), not yet taken.
     signals: AtomicU8,
     /// The session task, to wake when a signal is raised.
     waker: atomic_waker::AtomicWaker,
@@ -49,6 +49,10 @@ pub struct ClientInfo {
 pub const SIGNAL_KILL: u8 = 1;
 /// The proxy is shutting down: finish the transaction in flight, then leave.
 pub const SIGNAL_SHUTDOWN: u8 = 2;
+/// A server of the session's database stopped answering health checks: give
+/// it up if it is the one the session waits on (see
+/// [`crate::router::health::ServerHealth::is_stuck`]).
+pub const SIGNAL_SERVER_STUCK: u8 = 4;
 
 /// Resolves with the signals raised for a session since they were last taken.
 /// Far cheaper to poll on every turn of the session loop than a `Notify`:
@@ -107,13 +111,13 @@ impl ClientInfo {
     }
 
     /// Records what the client is doing, and with which server connection.
-    pub fn set(&self, state: ClientState, server: Option<(String, i32)>) {
+    pub fn set(&self, state: ClientState, server: Option<(Arc<str>, i32)>) {
         self.state.store(state as u8, Ordering::Relaxed);
         *self.server.lock().unwrap_or_else(|e| e.into_inner()) = server;
     }
 
     /// The server connection held, if any.
-    pub fn server(&self) -> Option<(String, i32)> {
+    pub fn server(&self) -> Option<(Arc<str>, i32)> {
         self.server.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -167,9 +171,14 @@ impl Clients {
 
     /// Ends every client of `database`; how many.
     pub fn kill_database(&self, database: &str) -> usize {
+        self.signal_database(database, SIGNAL_KILL)
+    }
+
+    /// Raises `signal` for every client of `database`; how many.
+    pub fn signal_database(&self, database: &str, signal: u8) -> usize {
         let map = self.map();
-        let victims: Vec<_> = map.values().filter(|c| c.database == database).collect();
-        victims.iter().for_each(|c| c.signal(SIGNAL_KILL));
-        victims.len()
+        let clients: Vec<_> = map.values().filter(|c| c.database == database).collect();
+        clients.iter().for_each(|c| c.signal(signal));
+        clients.len()
     }
 }

@@ -45,7 +45,7 @@ impl std::fmt::Debug for LoginTarget {
 /// Where and how to cancel the query running on one server connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelKey {
-    pub addr: ServerAddr,
+    pub addr: Arc<ServerAddr>,
     pub process_id: i32,
     pub secret_key: i32,
 }
@@ -86,7 +86,10 @@ impl ServerError {
 #[derive(Debug)]
 pub struct ServerConn {
     pub stream: TcpStream,
-    pub addr: ServerAddr,
+    pub addr: Arc<ServerAddr>,
+    /// `addr` as text, made once (SHOW CLIENTS and SHOW SERVERS name it on
+    /// every checkout).
+    pub label: Arc<str>,
     /// ParameterStatus values reported at login, in order.
     pub params: ServerParams,
     pub process_id: i32,
@@ -156,7 +159,8 @@ impl ServerConn {
         let now = Instant::now();
         Ok(ServerConn {
             stream: login.stream,
-            addr: addr.clone(),
+            addr: Arc::new(addr.clone()),
+            label: Arc::from(addr.to_string()),
             params: Arc::new(params),
             process_id: key.0,
             secret_key: key.1,

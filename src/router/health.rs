@@ -26,11 +26,10 @@ pub struct ServerHealth {
     pub(super) lsn: AtomicU64,
     /// Replication lag, in milliseconds (0 for the primary).
     lag_ms: AtomicU64,
-    /// Woken at each check that times out, from the second in a row on:
-    /// sessions waiting on this server for longer than the check timeout give
-    /// up on it.
-    unresponsive: tokio::sync::Notify,
-    /// Checks in a row that timed out.
+    /// Checks in a row that timed out. From the second on, the monitor
+    /// signals the database's sessions ([`crate::clients::SIGNAL_SERVER_STUCK`])
+    /// at each check, and those waiting on this server for longer than the
+    /// check timeout give up on it (see [`ServerHealth::is_stuck`]).
     timeouts: std::sync::atomic::AtomicU32,
 }
 
@@ -50,9 +49,9 @@ impl ServerHealth {
         Duration::from_millis(self.lag_ms.load(Ordering::Relaxed))
     }
 
-    /// Resolves the next time a health check of this server times out.
-    pub async fn unresponsive(&self) {
-        self.unresponsive.notified().await
+    /// Its last two checks or more timed out.
+    pub fn is_stuck(&self) -> bool {
+        self.timeouts.load(Ordering::Acquire) >= 2
     }
 
     /// Takes the server out of rotation (a connection to it just failed).
@@ -142,20 +141,22 @@ async fn check_or_probe(pool: Arc<Pool>, addr: String, timeout: Duration) -> Ver
     }
 }
 
-/// Counts timed-out checks in a row and, from the second one, releases the
-/// sessions stuck on the server (one slow check is not enough to drop them).
-/// A check with an answer ends the run; a busy pool gives no verdict.
-fn count_timeouts(health: &ServerHealth, verdict: &Verdict, name: &str, timeout: Duration) {
+/// Counts timed-out checks in a row; whether the sessions stuck on the server
+/// are to be released now, as they are from the second one on (one slow check
+/// is not enough to drop them). A check with an answer ends the run; a busy
+/// pool gives no verdict.
+fn count_timeouts(health: &ServerHealth, verdict: &Verdict, name: &str, timeout: Duration) -> bool {
     match verdict {
         Verdict::Unresponsive => {
             let n = health.timeouts.fetch_add(1, Ordering::AcqRel) + 1;
             tracing::warn!(server = name, ?timeout, in_a_row = n, "health check timed out");
-            if n >= 2 {
-                health.unresponsive.notify_waiters();
-            }
+            n >= 2
         }
-        Verdict::Up(..) | Verdict::Down => health.timeouts.store(0, Ordering::Release),
-        Verdict::Busy => {}
+        Verdict::Up(..) | Verdict::Down => {
+            health.timeouts.store(0, Ordering::Release);
+            false
+        }
+        Verdict::Busy => false,
     }
 }
 
@@ -183,7 +184,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
             .collect();
         let primary_name = db.primary.to_string();
         let verdict = check_or_probe(primary.clone(), primary_name.clone(), timeout).await;
-        count_timeouts(&router.primary, &verdict, &primary_name, timeout);
+        let mut stuck = count_timeouts(&router.primary, &verdict, &primary_name, timeout);
         let primary_lsn = match verdict {
             Verdict::Up(lsn, _) => {
                 set(&router.primary, true, lsn, 0, &primary_name);
@@ -199,7 +200,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
             let health = &router.replicas[i];
             let name = db.replicas[i].to_string();
             let verdict = handle.await.unwrap_or(Verdict::Busy);
-            count_timeouts(health, &verdict, &name, timeout);
+            stuck |= count_timeouts(health, &verdict, &name, timeout);
             match verdict {
                 Verdict::Up(lsn, since_ms) => {
                     // Caught up, or the primary is unknown: no lag to hold against it.
@@ -219,6 +220,12 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
                 ),
                 Verdict::Busy => {}
             }
+        }
+        if stuck {
+            // Each session checks whether it waits on a stuck server.
+            shared
+                .registry
+                .signal_database(&db.name, crate::clients::SIGNAL_SERVER_STUCK);
         }
         let due = functions_loaded.is_none_or(|t| t.elapsed() > FUNCTION_REFRESH) || router.take_refresh_request();
         if due && load_functions(&router, std::iter::once(&primary).chain(replicas.iter()), timeout).await {

@@ -69,10 +69,14 @@ impl Conn<'_> {
     /// client's path) for read-your-writes.
     fn retire(&self, a: Attached, reset: bool, mark: Option<Arc<WriteMark>>) {
         let rollback = a.status != TransactionStatus::Idle;
-        let query = self.shared.live().config.pool.server_reset_query.clone();
-        // Session state we cannot clear: nobody else may inherit the connection.
-        let close = reset && query.trim().is_empty();
-        let reset = (reset && !close).then_some(query);
+        // Session state we cannot clear (no reset query): nobody else may inherit the connection.
+        let (close, reset) = match reset {
+            true => match &self.shared.live().config.pool.server_reset_query {
+                q if q.trim().is_empty() => (true, None),
+                q => (false, Some(q.clone())),
+            },
+            false => (false, None),
+        };
         if close && mark.is_none() {
             tracing::debug!(server = %a.conn.conn.addr, "closing a server connection with session state and no reset query");
             return;

@@ -610,7 +610,9 @@ impl Conn<'_> {
         }
         let waiting_since = std::time::Instant::now();
         self.me.set(crate::clients::ClientState::Waiting, None);
-        if let Some(paused) = self.shared.live().paused.get(&self.pool.key.database) {
+        if let Some(paused) = self.shared.live().paused.get(&self.pool.key.database)
+            && *paused.borrow()
+        {
             let mut paused = paused.subscribe();
             if *paused.borrow() {
                 tracing::info!("database paused: the client's next transaction waits for RESUME");
@@ -671,7 +673,7 @@ impl Conn<'_> {
             Role::Replica => &self.stats.routed_replica,
         };
         routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let server = (conn.conn.addr.to_string(), conn.conn.process_id);
+        let server = (conn.conn.label.clone(), conn.conn.process_id);
         self.me.set(crate::clients::ClientState::Active, Some(server));
         self.phase = Phase::Attached(Attached {
             conn,

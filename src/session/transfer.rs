@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{ReadHalf as ServerRead, WriteHalf as ServerWrite};
 
 use super::ClientStream;
@@ -320,14 +320,6 @@ async fn read_server(half: Option<ServerRead<'_>>, buf: &mut BytesMut) -> io::Re
     }
 }
 
-/// Resolves when the monitor finds `health`'s server unresponsive.
-async fn unresponsive(health: Option<&Arc<ServerHealth>>) {
-    match health {
-        Some(h) => h.unresponsive().await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn write_server(half: Option<ServerWrite<'_>>, buf: &[u8]) -> io::Result<usize> {
     match half {
         Some(mut w) => w.write(buf).await,
@@ -367,6 +359,14 @@ impl Conn<'_> {
         self.expect.is_empty() && !a.unsynced
     }
 
+    /// What the health monitor knows of the held server.
+    fn health(&self, a: &Attached) -> Option<&Arc<ServerHealth>> {
+        match a.replica {
+            Some(i) => self.router.replicas.get(i),
+            None => Some(&self.router.primary),
+        }
+    }
+
     /// Waits for the next I/O event and applies it to the buffers.
     async fn wait(&mut self) -> Result<(), Exit> {
         let want_client = self.cbuf.len() < HIGH_WATER || self.cscan.bytes_wanted(&self.cbuf) > 0;
@@ -381,28 +381,47 @@ impl Conn<'_> {
                 self.cbuf.reserve(READ_RESERVE);
             }
         }
-        let awaiting = matches!(&self.phase, Phase::Attached(a) if !self.quiet(a));
-        let (srd, swr, health) = match &mut self.phase {
+        let (srd, swr) = match &mut self.phase {
             Phase::Attached(a) => {
                 self.sbuf.reserve(a.read_reserve);
                 let (r, w) = a.conn.conn.stream.split();
-                let health = match a.replica {
-                    Some(i) => self.router.replicas.get(i),
-                    None => Some(&self.router.primary),
-                };
-                (Some(r), Some(w), health)
+                (Some(r), Some(w))
             }
-            _ => (None, None, None),
+            _ => (None, None),
         };
-        let event = tokio::select! {
-            r = self.rd.read_buf(&mut self.cbuf), if want_client => Event::ClientRead(r),
-            r = read_server(srd, &mut self.sbuf), if want_server => Event::ServerRead(r),
-            r = self.wr.write(&self.to_client), if !self.to_client.is_empty() => Event::ClientWrote(r),
-            r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
-            signals = self.me.signalled() => {
-                if signals & SIGNAL_KILL != 0 { Event::Killed } else { Event::Shutdown }
+        // Output is written at once when the socket takes it, as it nearly
+        // always does: a round through the select below polls every source.
+        let eager = match (srd.is_some(), self.to_server.is_empty(), self.to_client.is_empty()) {
+            (true, false, _) => swr.as_ref().and_then(|w| match w.try_write(&self.to_server) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                r => Some(Event::ServerWrote(r)),
+            }),
+            (_, _, false) => {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match std::pin::Pin::new(&mut self.wr).poll_write(&mut cx, &self.to_client) {
+                    std::task::Poll::Ready(r) => Some(Event::ClientWrote(r)),
+                    std::task::Poll::Pending => None,
+                }
             }
-            _ = unresponsive(health), if awaiting => Event::Unresponsive,
+            _ => None,
+        };
+        let event = match eager {
+            Some(event) => event,
+            // Biased: signals, then output, then input, so a peer that keeps
+            // sending cannot hold back what is owed to the other (buffers are
+            // bounded, so input is never starved for long either).
+            None => tokio::select! {
+                biased;
+                signals = self.me.signalled() => match signals {
+                    s if s & SIGNAL_KILL != 0 => Event::Killed,
+                    s if s & SIGNAL_SHUTDOWN != 0 => Event::Shutdown,
+                    _ => Event::Unresponsive,
+                },
+                r = self.wr.write(&self.to_client), if !self.to_client.is_empty() => Event::ClientWrote(r),
+                r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
+                r = read_server(srd, &mut self.sbuf), if want_server => Event::ServerRead(r),
+                r = self.rd.read_buf(&mut self.cbuf), if want_client => Event::ClientRead(r),
+            },
         };
         match event {
             Event::ClientRead(Ok(0) | Err(_)) | Event::ClientWrote(Ok(0) | Err(_)) => Err(Exit::ClientLeft),
@@ -450,7 +469,11 @@ impl Conn<'_> {
             Event::Unresponsive => {
                 let limit = self.shared.live().config.routing.health_check_timeout;
                 match &self.phase {
-                    Phase::Attached(a) if a.server_io.elapsed() >= limit => {
+                    Phase::Attached(a)
+                        if !self.quiet(a)
+                            && self.health(a).is_some_and(|h| h.is_stuck())
+                            && a.server_io.elapsed() >= limit =>
+                    {
                         let why = format!(
                             "server stopped responding (no answer for {limit:?}, and its health check timed out); \
                              a statement in flight outside a transaction may still take effect when it resumes"

@@ -155,27 +155,47 @@ const TRIGGERS: [&[u8]; 14] = [
 ];
 
 /// Cheap pre-check: could `sql` contain any statement with session effects?
-/// Looks only at the starts of words, with one table lookup per byte.
+/// Looks only at the starts of words: one table lookup per byte, and a
+/// comparison with the trigger words only at a word that starts with one of
+/// their first letters.
 fn may_have_effects(sql: &str) -> bool {
     let b = sql.as_bytes();
-    let mut in_word = false;
-    for (i, &c) in b.iter().enumerate() {
-        match BYTE_CLASS[usize::from(c)] {
-            NOT_WORD => in_word = false,
-            TRIGGER_START if !in_word => {
-                let first = c | 0x20;
-                if TRIGGERS
-                    .iter()
-                    .any(|w| w[0] == first && b.len() - i >= w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w))
-                {
-                    return true;
-                }
-                in_word = true;
-            }
-            _ => in_word = true,
+    let mut i = 0;
+    while i < b.len() {
+        let class = BYTE_CLASS[usize::from(b[i])];
+        if class == NOT_WORD {
+            i += 1;
+            continue;
+        }
+        if class == TRIGGER_START && starts_with_trigger(&b[i..]) {
+            return true;
+        }
+        // The rest of the word.
+        i += 1;
+        while i < b.len() && BYTE_CLASS[usize::from(b[i])] != NOT_WORD {
+            i += 1;
         }
     }
     false
+}
+
+/// Whether `word` (at least one byte long) starts with one of [`TRIGGERS`].
+fn starts_with_trigger(word: &[u8]) -> bool {
+    let candidates: &[&[u8]] = match word[0] | 0x20 {
+        b's' => &[b"set", b"savepoint"],
+        b'r' => &[b"reset", b"rollback", b"release"],
+        b'l' => &[b"listen"],
+        b'u' => &[b"unlisten"],
+        b'p' => &[b"pg_advisory", b"prepare"],
+        b't' => &[b"temp"],
+        b'h' => &[b"hold"],
+        b'd' => &[b"deallocate", b"discard"],
+        b'c' => &[b"close"],
+        _ => &[],
+    };
+    candidates
+        .iter()
+        .any(|w| word.len() >= w.len() && word[1..w.len()].eq_ignore_ascii_case(&w[1..]))
 }
 
 const NOT_WORD: u8 = 0;
@@ -505,6 +525,16 @@ mod tests {
             "RESET x",
         ] {
             assert!(may_have_effects(sql), "{sql}");
+        }
+        // The per-letter lists hold every trigger word, in any case, and
+        // only at the start of a word.
+        for w in TRIGGERS {
+            let text = std::str::from_utf8(w).unwrap();
+            for sql in [format!("x; {text}"), format!("x ({})", text.to_uppercase())] {
+                assert!(may_have_effects(&sql), "{sql}");
+            }
+            assert!(!may_have_effects(&format!("x x{text}")), "{text}");
+            assert!(!may_have_effects(&text[..text.len() - 1]), "{text}");
         }
     }
 
