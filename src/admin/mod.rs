@@ -82,12 +82,21 @@ pub async fn run(shared: &Arc<Shared>, mut stream: ClientStream, user: &User, ke
             b'X' => return,
             b'Q' => {
                 let sql = read_cstr(&msg[5..]).map(|(s, _)| s).unwrap_or_default();
-                let done = execute(shared, sql, &mut out);
-                ready_for_query(&mut out, TransactionStatus::Idle);
-                if done == Outcome::Shutdown {
-                    let _ = stream.write_all(&out).await;
-                    return;
+                match execute(shared, sql, &mut out) {
+                    Outcome::Done => {}
+                    Outcome::Shutdown => {
+                        ready_for_query(&mut out, TransactionStatus::Idle);
+                        let _ = stream.write_all(&out).await;
+                        return;
+                    }
+                    Outcome::Paused(databases) => {
+                        if !until_released(shared, &databases, &mut stream, &mut buf).await {
+                            return;
+                        }
+                        command_complete(&mut out, "PAUSE");
+                    }
                 }
+                ready_for_query(&mut out, TransactionStatus::Idle);
             }
             b'S' => {
                 skipping = false;
@@ -120,6 +129,71 @@ pub async fn run(shared: &Arc<Shared>, mut stream: ClientStream, user: &User, ke
 enum Outcome {
     Done,
     Shutdown,
+    /// These databases were paused: the command completes once they hold no
+    /// server connection (see [`until_released`]).
+    Paused(Vec<String>),
+}
+
+/// How often PAUSE looks whether the transactions in flight have finished.
+const PAUSE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Waits, as PgBouncer's PAUSE does, until no server connection of
+/// `databases` is in use (transactions in flight have finished; in session
+/// mode, the clients have left), then closes their idle server connections.
+/// Stops waiting early when they are resumed or dbproxy shuts down. False when
+/// the console's client left meanwhile (what it sends is kept in `buf`).
+async fn until_released(
+    shared: &Arc<Shared>,
+    databases: &[String],
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> bool {
+    let pools = || {
+        shared
+            .pools
+            .all()
+            .into_iter()
+            .filter(|p| databases.contains(&p.key.database))
+            .collect::<Vec<_>>()
+    };
+    let in_use = || {
+        pools()
+            .iter()
+            .map(|p| p.stats.active.load(std::sync::atomic::Ordering::Acquire))
+            .sum::<usize>()
+    };
+    let paused = || {
+        let live = shared.live();
+        databases
+            .iter()
+            .any(|d| live.paused.get(d).is_some_and(|p| *p.borrow()))
+    };
+    // Twice in a row, so a checkout that passed the pause check just before it
+    // was set has shown up.
+    let mut quiet = 0;
+    let mut logged = false;
+    while quiet < 2 && paused() && !*shared.shutdown.borrow() {
+        if in_use() == 0 {
+            quiet += 1;
+        } else {
+            quiet = 0;
+            if !logged {
+                tracing::info!(databases = ?databases, in_use = in_use(), "PAUSE waits for the transactions in flight");
+                logged = true;
+            }
+        }
+        buf.reserve(1024);
+        tokio::select! {
+            r = stream.read_buf(buf) => if matches!(r, Ok(0) | Err(_)) { return false },
+            _ = tokio::time::sleep(PAUSE_POLL) => {}
+        }
+    }
+    if paused() {
+        for pool in pools() {
+            pool.close_idle();
+        }
+    }
+    true
 }
 
 /// Runs one console command, writing its result or error to `out`.
@@ -158,9 +232,12 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
                 },
                 None => live.paused.keys().collect(),
             };
-            for name in targets {
+            for name in &targets {
                 tracing::info!(database = %name, "{} from the admin console", words[0]);
-                live.paused[name].send_replace(pause);
+                live.paused[*name].send_replace(pause);
+            }
+            if pause {
+                return Outcome::Paused(targets.into_iter().cloned().collect());
             }
             command_complete(out, words[0]);
             Outcome::Done

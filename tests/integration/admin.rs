@@ -298,6 +298,49 @@ async fn pause_holds_new_transactions_until_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_returns_once_transactions_in_flight_finish_and_closes_server_connections() {
+    let user = create_user("adm_pause_wait").await;
+    let admin = console_admin("console_admin9");
+    let proxy = admin_setup(&user, &admin).start().await;
+    let console = std::sync::Arc::new(admin_client(&proxy, &admin).await);
+    let busy = connect(&proxy, &user).await.unwrap();
+    let idle = connect(&proxy, &user).await.unwrap();
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    idle.batch_execute("SELECT 1").await.unwrap();
+    assert_eq!(
+        backends(&user.name, None).await,
+        2,
+        "one in a transaction, one idle in the pool"
+    );
+    let pause = {
+        let console = console.clone();
+        tokio::spawn(async move { console.simple_query("PAUSE appdb").await.map(|_| ()) })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(!pause.is_finished(), "PAUSE waits for the transaction in flight");
+    let committed = std::time::Instant::now();
+    busy.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), pause)
+        .await
+        .expect("PAUSE returns once the transaction ended")
+        .unwrap()
+        .unwrap();
+    assert!(committed.elapsed() < std::time::Duration::from_secs(2));
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            backends(&user.name, None).await == 0
+        })
+        .await,
+        "PAUSE closed the database's server connections"
+    );
+    let (_, servers) = show(&console, "SHOW SERVERS").await;
+    assert!(servers.iter().all(|r| r[1] != user.name), "{servers:?}");
+    console.simple_query("RESUME appdb").await.unwrap();
+    busy.batch_execute("SELECT 2").await.unwrap();
+    idle.batch_execute("SELECT 3").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_a_new_file_and_refuses_an_invalid_one() {
     let user = create_user("adm_reload").await;
     let newcomer = create_user("adm_newcomer").await;
