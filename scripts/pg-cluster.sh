@@ -8,6 +8,9 @@
 #   pg-cluster.sh start-node DIR NODE
 #   pg-cluster.sh freeze-node DIR NODE                  SIGSTOP the postmaster and every backend
 #   pg-cluster.sh thaw-node DIR NODE                    SIGCONT them
+#   pg-cluster.sh add-replica DIR NODE                  NODE = replicaK, new: base backup, start,
+#                                                       wait until it streams; prints its port
+#   pg-cluster.sh promote-node DIR NODE                 pg_ctl promote (a failover)
 #
 # Layout of DIR: primary/ replica1/ ... (data directories), <node>.log (server logs), the unix
 # sockets, cluster.env, and .pg-cluster (marker that makes `down` willing to delete DIR).
@@ -24,7 +27,7 @@ log() { printf 'pg-cluster: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '5,8p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,13p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -283,6 +286,27 @@ SQL
     log "up: primary on 127.0.0.1:$primary_port${list:+, replicas on $list}"
 }
 
+# One more streaming replica of a running primary, for tests that promote or lose it.
+cmd_add_replica() {
+    local node=$1 primary_port i streaming=0
+    [[ $node =~ ^replica[0-9]+$ ]] || die "a new node's name must be replicaK, got '$node'"
+    [[ ! -e $DIR/$node ]] || die "$node already exists in $DIR"
+    primary_port=$(node_port primary)
+    as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$primary_port" -U postgres \
+        -D "$DIR/$node" -R -X stream -c fast --no-sync >"$DIR/basebackup-$node.log" 2>&1 ||
+        { tail -n 25 "$DIR/basebackup-$node.log" >&2; die "pg_basebackup of $node failed"; }
+    write_node_conf "$node" "$(free_ports 1)"
+    start_new_node "$node"
+    for ((i = 0; i < 300; i++)); do
+        streaming=$(node_psql "$primary_port" -At -c \
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = '$node' AND state = 'streaming'")
+        ((streaming >= 1)) && break
+        sleep 0.1
+    done
+    ((streaming >= 1)) || die "$node is not streaming after 30 s"
+    node_port "$node"
+}
+
 cmd_down() {
     [[ -e $DIR ]] || return 0
     # Refuse to delete a directory this script did not create.
@@ -306,7 +330,15 @@ unset PGHOST PGPORT PGUSER PGDATABASE PGPASSWORD PGSERVICE PGSSLMODE PGOPTIONS
 case $cmd in
 up) cmd_up "$@" ;;
 down) [[ $# -eq 0 ]] || usage; DIR=$(readlink -m "$DIR"); cmd_down ;;
-stop-node | start-node | freeze-node | thaw-node)
+add-replica)
+    [[ $# -eq 1 ]] || usage
+    DIR=$(readlink -f "$DIR")
+    [[ -f $DIR/$MARKER ]] || die "$DIR is not a pg-cluster directory"
+    PGBIN=${PGBIN:-$(sed -n 's/^PGBIN=//p' "$DIR/cluster.env" 2>/dev/null)}
+    find_pgbin
+    cmd_add_replica "$1"
+    ;;
+stop-node | start-node | freeze-node | thaw-node | promote-node)
     [[ $# -eq 1 ]] || usage
     DIR=$(readlink -f "$DIR")
     [[ -f $DIR/$MARKER ]] || die "$DIR is not a pg-cluster directory"
@@ -318,6 +350,7 @@ stop-node | start-node | freeze-node | thaw-node)
     start-node) start_node "$1" ;;
     freeze-node) signal_node "$1" STOP ;;
     thaw-node) signal_node "$1" CONT ;;
+    promote-node) as_pg "$PGBIN/pg_ctl" promote -w -t 60 -D "$DIR/$1" >/dev/null ;;
     esac
     ;;
 *) usage ;;

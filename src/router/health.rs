@@ -26,6 +26,9 @@ pub struct ServerHealth {
     pub(super) lsn: AtomicU64,
     /// Replication lag, in milliseconds (0 for the primary).
     lag_ms: AtomicU64,
+    /// The server's role is not the configured one: a replica that left
+    /// recovery (promoted), or a primary in recovery.
+    wrong_role: AtomicBool,
     /// Checks in a row that timed out. From the second on, the monitor
     /// signals the database's sessions ([`crate::clients::SIGNAL_SERVER_STUCK`])
     /// at each check, and those waiting on this server for longer than the
@@ -67,12 +70,14 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 const CHECK_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
-     COALESCE((EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0)";
+     COALESCE((EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0), \
+     pg_is_in_recovery()";
 
 /// What one check found.
 enum Verdict {
-    /// Answered: WAL position and ms since the last replayed transaction.
-    Up(u64, u64),
+    /// Answered: WAL position, ms since the last replayed transaction, and
+    /// whether the server is a standby.
+    Up(u64, u64, bool),
     /// Refused connections or failed the query.
     Down,
     /// Did not answer within the timeout (frozen, or far too slow).
@@ -100,8 +105,9 @@ async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
                 let field = |i: usize| row.and_then(|r| r.get(i)).and_then(|v| v.as_deref());
                 let lsn = field(0).and_then(parse_lsn).unwrap_or(0);
                 let since = field(1).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0).max(0) as u64;
+                let standby = field(2) == Some("t");
                 conn.checkin();
-                Verdict::Up(lsn, since)
+                Verdict::Up(lsn, since, standby)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "health check query failed");
@@ -186,7 +192,14 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         let verdict = check_or_probe(primary.clone(), primary_name.clone(), timeout).await;
         let mut stuck = count_timeouts(&router.primary, &verdict, &primary_name, timeout);
         let primary_lsn = match verdict {
-            Verdict::Up(lsn, _) => {
+            Verdict::Up(lsn, _, standby) => {
+                if router.primary.wrong_role.swap(standby, Ordering::AcqRel) != standby {
+                    if standby {
+                        tracing::error!(server = %primary_name, "the primary is in recovery (a standby): writes fail until it is promoted or the configuration names the new primary");
+                    } else {
+                        tracing::info!(server = %primary_name, "the primary accepts writes again");
+                    }
+                }
                 set(&router.primary, true, lsn, 0, &primary_name);
                 Some(lsn)
             }
@@ -202,7 +215,18 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
             let verdict = handle.await.unwrap_or(Verdict::Busy);
             stuck |= count_timeouts(health, &verdict, &name, timeout);
             match verdict {
-                Verdict::Up(lsn, since_ms) => {
+                Verdict::Up(lsn, _, false) => {
+                    // Promoted (a failover), or never a standby: it does not
+                    // follow the primary, so reads there may miss its writes.
+                    if !health.wrong_role.swap(true, Ordering::AcqRel) {
+                        tracing::error!(server = %name, "replica is not in recovery (promoted?): out of read rotation until it is a standby again");
+                    }
+                    set(health, false, lsn, 0, &name);
+                }
+                Verdict::Up(lsn, since_ms, true) => {
+                    if health.wrong_role.swap(false, Ordering::AcqRel) {
+                        tracing::info!(server = %name, "replica is a standby again");
+                    }
                     // Caught up, or the primary is unknown: no lag to hold against it.
                     let lag_ms = match primary_lsn {
                         Some(p) if lsn < p => since_ms,

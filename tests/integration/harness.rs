@@ -40,7 +40,18 @@ impl Cluster {
         self.node("thaw-node", node);
     }
 
-    fn node(&self, action: &str, node: &str) {
+    /// Promotes a replica: it leaves recovery and takes writes (a failover).
+    pub fn promote_node(&self, node: &str) {
+        self.node("promote-node", node);
+    }
+
+    /// Adds a streaming replica (`replicaK`, not one of the shared ones); its port.
+    pub fn add_replica(&self, node: &str) -> u16 {
+        let out = self.node("add-replica", node);
+        out.trim().parse().expect("add-replica prints the port")
+    }
+
+    fn node(&self, action: &str, node: &str) -> String {
         let out = Command::new(repo_root().join("scripts/pg-cluster.sh"))
             .args([action.as_ref(), self.dir.as_os_str(), node.as_ref()])
             .output()
@@ -50,6 +61,7 @@ impl Cluster {
             "{action} {node}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -172,6 +184,8 @@ pub struct Setup {
     pub listen: String,
     /// Lines of the `[routing]` section.
     pub routing: String,
+    /// Overrides the replica ports (default: the cluster's replicas).
+    pub replicas: Option<Vec<u16>>,
 }
 
 impl Setup {
@@ -185,6 +199,7 @@ impl Setup {
             tls_lines: String::new(),
             listen: "127.0.0.1:0".to_owned(),
             routing: "read_write_split = false".to_owned(),
+            replicas: None,
         }
     }
 
@@ -199,7 +214,13 @@ impl Setup {
             .primary
             .clone()
             .unwrap_or_else(|| format!("127.0.0.1:{}", c.primary));
-        let replicas: Vec<String> = c.replicas.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let replicas: Vec<String> = self
+            .replicas
+            .as_ref()
+            .unwrap_or(&c.replicas)
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect();
         let mut text = format!(
             "[proxy]\nlisten = \"{}\"\n{}\n\n[pool]\n{}\n\n[routing]\n{}\n\n[[databases]]\nname = \"appdb\"\nprimary = \"{primary}\"\nreplicas = [{}]\n",
             self.listen,

@@ -517,3 +517,43 @@ async fn clients_holding_every_connection_to_a_frozen_primary_are_released() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_leaves_the_read_rotation() {
+    let _alone = DISRUPTION.write().await;
+    let c = cluster();
+    let user = create_user("repl_promoted").await;
+    // A replica of this test's own: promoting it must not disturb the others.
+    let port = c.add_replica("replica3");
+    let mut setup = split_setup(&user);
+    setup.replicas = Some(vec![port]);
+    let proxy = setup.start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let start = Instant::now();
+    while port_of(&client, PORT_SQL).await != port {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new replica never served reads"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.promote_node("replica3");
+    let promoted = Instant::now();
+    // It answers still, but is no replica of the primary any more: reads
+    // written on the primary would not show there.
+    while port_of(&client, PORT_SQL).await != c.primary {
+        assert!(
+            promoted.elapsed() < Duration::from_secs(10),
+            "reads stayed on the promoted server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(port_of(&client, PORT_SQL).await, c.primary, "it stays out of rotation");
+    }
+    eprintln!(
+        "a promoted replica left the rotation {:?} after the promotion",
+        promoted.elapsed()
+    );
+    c.stop_node("replica3");
+}
