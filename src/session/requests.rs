@@ -27,6 +27,11 @@ use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, Reason, WriteReason};
 use crate::sql::{Effects, analyze};
 
+/// Bytes of an extended-protocol batch held back, with read/write splitting,
+/// until its Sync shows where it may run. A larger batch goes to the primary
+/// as it comes, so memory stays bounded.
+const STAGED_LIMIT: usize = 1024 * 1024;
+
 /// A client's named prepared statement.
 #[derive(Debug, Clone)]
 pub struct Statement {
@@ -159,7 +164,17 @@ impl Conn<'_> {
         if self.split && matches!(self.phase, Phase::Idle) {
             if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
                 // Which server a batch needs is known once it is complete.
+                self.staged_bytes += msg.len();
                 self.staged.push((tag, msg));
+                if self.staged_bytes > STAGED_LIMIT {
+                    // Held no longer: the batch goes to the primary, which is
+                    // safe for whatever the rest of it holds.
+                    tracing::debug!(
+                        bytes = self.staged_bytes,
+                        "large batch before Sync: sent to the primary unseen"
+                    );
+                    self.flush_staged(true).await?;
+                }
                 return Ok(());
             }
             if !self.staged.is_empty() {
@@ -174,6 +189,7 @@ impl Conn<'_> {
     /// Routes the staged batch by everything in it, then handles its messages.
     async fn flush_staged(&mut self, primary: bool) -> Result<(), Exit> {
         let staged = std::mem::take(&mut self.staged);
+        self.staged_bytes = 0;
         let mut class = if primary {
             Class::Primary(WriteReason::Transaction)
         } else {

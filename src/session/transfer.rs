@@ -176,6 +176,8 @@ pub(super) struct Conn<'a> {
     pub(super) mark: Arc<WriteMark>,
     /// Extended-protocol messages held until Sync or Flush decides the server.
     pub(super) staged: Vec<(u8, BytesMut)>,
+    /// Bytes in `staged`.
+    pub(super) staged_bytes: usize,
     /// Class of the client's last unnamed Parse.
     pub(super) unnamed_class: Class,
     /// Traffic counters of the client's database.
@@ -272,6 +274,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         replica_pools,
         mark: Arc::new(WriteMark::default()),
         staged: Vec::new(),
+        staged_bytes: 0,
         unnamed_class: Class::Neutral,
         stats: shared.live().stats.get(&db.name).cloned().unwrap_or_default(),
         request_started: None,

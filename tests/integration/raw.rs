@@ -613,3 +613,56 @@ async fn deallocate_and_discard_refused_in_a_transaction_block_change_nothing() 
     assert_eq!(simple(&mut b, "SHOW work_mem").await.len(), 2);
     assert_eq!(simple(&mut a, "SHOW work_mem").await, ["D:9MB", "C:SHOW"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_batch_before_sync_is_not_held_back_with_splitting_on() {
+    let user = create_user("hugebatch").await;
+    let mut setup = Setup::new(&[&user]);
+    setup.routing = "read_write_split = true".to_owned();
+    let proxy = setup.start().await;
+    let s = login(proxy.local_addr(), &user).await;
+    let (mut rd, mut wr) = s.into_split();
+    // About 1.4 MB of Bind + Execute, more than a batch is held for routing.
+    const PAIRS: usize = 60_000;
+    let mut batch = parse_msg("", "SELECT 1");
+    for _ in 0..PAIRS {
+        batch.extend_from_slice(&bind_msg(""));
+        batch.extend_from_slice(&execute_msg());
+    }
+    let (sync_tx, sync_rx) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&batch).await.unwrap();
+        // No Sync until the reader has seen answers: they must come without one.
+        let _ = sync_rx.await;
+        wr.write_all(&message(b'S', &[])).await.unwrap();
+        wr
+    });
+    let mut sync_tx = Some(sync_tx);
+    let mut completes = 0;
+    loop {
+        let mut head = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), rd.read_exact(&mut head))
+            .await
+            .expect("answers arrive before the Sync (the batch is not held back whole)")
+            .unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        rd.read_exact(&mut body).await.unwrap();
+        match head[0] {
+            b'C' => {
+                completes += 1;
+                if let Some(tx) = sync_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+            b'E' => panic!("error: {:?}", body_code(&body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(completes, PAIRS);
+    let wr = writer.await.unwrap();
+    // The session goes on as usual.
+    let mut s = rd.reunite(wr).unwrap();
+    assert_eq!(simple(&mut s, "SELECT 2").await, ["D:2", "C:SELECT 1"]);
+}
