@@ -41,8 +41,9 @@
 //!   counters and a pause switch per database), swapped as a whole by a reload.
 //! - [`proxy`]: the shared state (pools, the [`live`] snapshot) and the handle that
 //!   starts (listener, maintenance, metrics endpoint, a health monitor per database
-//!   with replicas when `read_write_split` is on in transaction mode), reloads
-//!   (RELOAD, SIGHUP) and stops a proxy.
+//!   with replicas when `read_write_split` is on in transaction mode, a probe of
+//!   the primary for every other database), reloads (RELOAD, SIGHUP) and stops a
+//!   proxy.
 //! - [`admin`]: the admin console on database `dbproxy`: session and commands
 //!   (`admin/mod.rs`), the SHOW tables (`admin/show.rs`).
 //! - [`stats`]: per-database counters and histograms (SHOW STATS, `/metrics`).

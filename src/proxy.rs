@@ -136,24 +136,33 @@ impl Shared {
         *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
     }
 
-    /// Starts health monitors for databases that need one and did not have
-    /// one under `previous`. They log in as the first configured user and run
-    /// where reads may go to replicas.
+    /// Starts a watch for each database that did not have one under
+    /// `previous`. Where reads may go to replicas, a health monitor that logs
+    /// in as the first configured user and checks every server; elsewhere a
+    /// probe of the primary that does not log in, to release the sessions
+    /// stuck on it when it freezes.
     fn spawn_monitors(self: &Arc<Self>, live: &Arc<Live>, previous: Option<&Live>) {
-        let monitored = live.config.routing.read_write_split && live.config.pool.mode == PoolMode::Transaction;
+        let split = live.config.routing.read_write_split && live.config.pool.mode == PoolMode::Transaction;
         let user = live.config.users.first().and_then(|u| live.users.get(&u.name)).cloned();
-        let (true, Some(user)) = (monitored, user) else {
-            return;
-        };
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        for (name, db) in live.databases.iter().filter(|(_, db)| !db.replicas.is_empty()) {
+        for (name, db) in live.databases.iter() {
             let router = live.routers[name].clone();
             let had = previous
                 .and_then(|p| p.routers.get(name))
                 .is_some_and(|r| Arc::ptr_eq(r, &router));
-            if !had {
-                let monitor = crate::router::health::monitor(self.clone(), db.clone(), user.clone(), router);
-                tasks.push(tokio::spawn(monitor));
+            if had {
+                continue;
+            }
+            match &user {
+                Some(user) if split && !db.replicas.is_empty() => {
+                    let monitor = crate::router::health::monitor(self.clone(), db.clone(), user.clone(), router);
+                    tasks.push(tokio::spawn(monitor));
+                }
+                _ => tasks.push(tokio::spawn(crate::router::health::watch_primary(
+                    self.clone(),
+                    db.clone(),
+                    router,
+                ))),
             }
         }
     }

@@ -127,15 +127,48 @@ async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
 /// Used when the pool is too busy for a check: a frozen server's clients hold
 /// every connection, and must not keep the verdict away.
 async fn answers(addr: &str, timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, probe(addr)).await, Ok(Ok(())))
+}
+
+/// An SSLRequest to the server at `addr`, and its one-byte answer.
+async fn probe(addr: &str) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let probe = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
-        let mut answer = [0u8; 1];
-        s.read_exact(&mut answer).await?;
-        Ok::<_, std::io::Error>(())
-    };
-    matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(())))
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await?;
+    Ok(())
+}
+
+/// Shortest time between two probes of [`watch_primary`]: each one costs
+/// the server a process start.
+const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(1);
+
+/// Watches the primary of a database that no [`monitor`] watches (read/write
+/// splitting off, or no replicas), without logging in: an SSLRequest every
+/// `health_check_interval` (at least a second). From the second probe in a
+/// row without an answer within `health_check_timeout`, the sessions stuck
+/// on the primary are released, as the monitor does. A refused connection
+/// is no verdict of frozenness: those sessions' own sockets report it.
+pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router: Arc<Router>) {
+    let name = db.primary.to_string();
+    loop {
+        let (interval, timeout) = {
+            let routing = &shared.live().config.routing;
+            (routing.health_check_interval, routing.health_check_timeout)
+        };
+        let verdict = match tokio::time::timeout(timeout, probe(&name)).await {
+            Ok(Ok(())) => Verdict::Up(0, 0, false),
+            Ok(Err(_)) => Verdict::Down,
+            Err(_) => Verdict::Unresponsive,
+        };
+        if count_timeouts(&router.primary, &verdict, &name, timeout) {
+            shared
+                .registry
+                .signal_database(&db.name, crate::clients::SIGNAL_SERVER_STUCK);
+        }
+        tokio::time::sleep(interval.max(PROBE_INTERVAL_MIN)).await;
+    }
 }
 
 /// A busy pool gives no verdict, unless the server does not even answer a

@@ -557,3 +557,51 @@ async fn a_promoted_replica_leaves_the_read_rotation() {
     );
     c.stop_node("replica3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_splitting_clients_stuck_on_a_frozen_primary_are_released() {
+    // No health monitor runs without splitting; a probe of the primary that
+    // does not log in watches it instead.
+    let _alone = DISRUPTION.write().await;
+    let user = create_user("prim_frozen_nosplit").await;
+    let mut setup = frozen_setup(&user);
+    setup.routing = "read_write_split = false\nhealth_check_timeout = \"500ms\"".to_owned();
+    let proxy = setup.start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let mut in_tx = connect(&proxy, &user).await.unwrap();
+    let tx = in_tx.transaction().await.unwrap();
+    tx.batch_execute("SELECT 1").await.unwrap();
+    while_frozen("primary", async {
+        let started = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(8), tx.batch_execute("SELECT 2"))
+            .await
+            .expect("a query hung on the frozen primary")
+            .expect_err("the primary is frozen");
+        assert!(sqlstate(&err).starts_with("08"), "{}", describe(&err));
+        assert!(describe(&err).contains("stopped responding"), "{}", describe(&err));
+        eprintln!(
+            "in-transaction query failed after {:?}: {}",
+            started.elapsed(),
+            describe(&err)
+        );
+    })
+    .await;
+    drop(tx);
+    drop(in_tx);
+    let back = Instant::now();
+    while let Err(e) = client.batch_execute("SELECT 3").await {
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "never recovered: {}",
+            describe(&e)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backends(&user.name, Some("idle in transaction")).await == 0
+        })
+        .await,
+        "a transaction was left open"
+    );
+}
