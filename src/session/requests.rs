@@ -691,15 +691,16 @@ impl Conn<'_> {
         routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let server = (conn.conn.label.clone(), conn.conn.process_id);
         self.me.set(crate::clients::ClientState::Active, Some(server));
+        let now = std::time::Instant::now();
         self.phase = Phase::Attached(Attached {
             conn,
             role,
             wrote: role == Role::Primary && matches!(class, Class::Primary(_)),
             unsynced: false,
             status: TransactionStatus::Idle,
-            since: std::time::Instant::now(),
+            since: now,
             replica,
-            server_io: std::time::Instant::now(),
+            server_io: now,
             read_reserve: super::transfer::SMALL_READ_RESERVE,
         });
     }

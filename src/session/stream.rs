@@ -52,3 +52,65 @@ impl AsyncWrite for ClientStream {
         }
     }
 }
+
+/// The read side of a client connection (see [`ClientStream::into_split`]).
+pub enum ClientReader {
+    Plain(tokio::net::tcp::OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<Box<TlsStream<TcpStream>>>),
+}
+
+/// The write side of a client connection (see [`ClientStream::into_split`]).
+pub enum ClientWriter {
+    Plain(tokio::net::tcp::OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<Box<TlsStream<TcpStream>>>),
+}
+
+impl ClientStream {
+    /// Halves to read and write at once. Plain TCP needs no lock between
+    /// them; TLS, one state machine for both directions, goes through
+    /// `tokio::io::split`.
+    pub fn into_split(self) -> (ClientReader, ClientWriter) {
+        match self {
+            ClientStream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (ClientReader::Plain(r), ClientWriter::Plain(w))
+            }
+            ClientStream::Tls(s) => {
+                let (r, w) = tokio::io::split(s);
+                (ClientReader::Tls(r), ClientWriter::Tls(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientReader {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientReader::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientReader::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientWriter {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientWriter::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientWriter::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientWriter::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientWriter::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientWriter::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientWriter::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -20,10 +20,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf as ServerRead, WriteHalf as ServerWrite};
 
-use super::ClientStream;
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::greeting::{server_params, startup_settings};
@@ -31,6 +30,7 @@ use super::requests::Statement;
 use super::retry::Retry;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
+use super::stream::{ClientReader, ClientWriter};
 use crate::clients::{ClientInfo, SIGNAL_KILL, SIGNAL_SHUTDOWN};
 use crate::config::PoolMode;
 use crate::pool::{Checkout, Pool, Role};
@@ -130,8 +130,9 @@ enum Event {
     ServerWrote(io::Result<usize>),
     Shutdown,
     Killed,
-    /// The health monitor found the held server unresponsive.
-    Unresponsive,
+    /// A server of the client's database stopped answering health checks
+    /// (perhaps the one it waits on).
+    ServerStuck,
 }
 
 pub(super) struct Conn<'a> {
@@ -139,8 +140,8 @@ pub(super) struct Conn<'a> {
     pub(super) mode: PoolMode,
     pub(super) pool: Arc<Pool>,
     pub(super) slot: &'a CancelSlot,
-    rd: ReadHalf<ClientStream>,
-    pub(super) wr: WriteHalf<ClientStream>,
+    rd: ClientReader,
+    pub(super) wr: ClientWriter,
     pub(super) cbuf: BytesMut,
     pub(super) cscan: Scanner,
     /// Whether the streamed client message in progress goes to the server.
@@ -237,7 +238,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     }
     backend_key_data(&mut to_client, registration.process_id, registration.secret_key);
     ready_for_query(&mut to_client, TransactionStatus::Idle);
-    let (rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = stream.into_split();
     let max = shared.live().config.proxy.max_message_size;
     // The registry entry exists already: a shutdown that began before it
     // did is seen here, one that begins after it signals the entry.
@@ -418,7 +419,7 @@ impl Conn<'_> {
                 signals = self.me.signalled() => match signals {
                     s if s & SIGNAL_KILL != 0 => Event::Killed,
                     s if s & SIGNAL_SHUTDOWN != 0 => Event::Shutdown,
-                    _ => Event::Unresponsive,
+                    _ => Event::ServerStuck,
                 },
                 r = self.wr.write(&self.to_client), if !self.to_client.is_empty() => Event::ClientWrote(r),
                 r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
@@ -469,7 +470,7 @@ impl Conn<'_> {
                 }
                 Ok(())
             }
-            Event::Unresponsive => {
+            Event::ServerStuck => {
                 let limit = self.shared.live().config.routing.health_check_timeout;
                 match &self.phase {
                     Phase::Attached(a)
@@ -613,13 +614,14 @@ impl Conn<'_> {
                             .query_count
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if let Some(t) = self.request_started.take() {
-                            let took = t.elapsed();
+                            // Up to the read that brought this ReadyForQuery.
+                            let took = a.server_io.saturating_duration_since(t);
                             DbStats::add_time(&self.stats.query_time_us, took);
                             self.stats.query.observe(took);
                         }
                         if !self.expect.is_empty() {
                             // Pipelined requests are still being answered.
-                            self.request_started = Some(Instant::now());
+                            self.request_started = Some(a.server_io);
                         }
                         let settled = self.tracker.ready(status);
                         for change in &settled.confirmed {
