@@ -35,6 +35,8 @@
 //! - [`pool`]: bounded, fair pools of server connections per (database, user, server),
 //!   bound shared per (server, user); registry of statements the servers accepted.
 //! - [`server_conn`]: one server connection: connect, log in, cancel, liveness.
+//! - [`server_stream`]: the byte stream to a server, TCP or a unix-domain
+//!   socket.
 //! - [`server_state`]: what a server connection holds for clients: prepared
 //!   statements (LRU) and applied settings.
 //! - [`live`]: the reloadable state (configuration, users, databases, TLS, a router,
@@ -66,6 +68,7 @@ pub mod proxy;
 pub mod router;
 pub mod server_conn;
 pub mod server_state;
+pub mod server_stream;
 pub mod session;
 pub mod sql;
 pub mod stats;

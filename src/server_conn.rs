@@ -14,11 +14,11 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::config::ServerAddr;
 use crate::protocol::{SqlState, TransactionStatus};
 use crate::server_state::ServerState;
+use crate::server_stream::ServerStream;
 
 /// ParameterStatus values a server reported at login, in order.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -85,7 +85,7 @@ impl ServerError {
 /// An established, logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     pub addr: Arc<ServerAddr>,
     /// `addr` as text, made once (SHOW CLIENTS and SHOW SERVERS name it on
     /// every checkout).
@@ -116,13 +116,12 @@ impl ServerConn {
 
     async fn connect_inner(target: &LoginTarget) -> Result<ServerConn, ServerError> {
         let addr = &target.addr;
-        let stream = TcpStream::connect((addr.host.as_str(), addr.port))
+        let stream = ServerStream::connect(addr)
             .await
             .map_err(|source| ServerError::Connect {
                 addr: addr.clone(),
                 source,
             })?;
-        let _ = stream.set_nodelay(true);
         let mut login = Login {
             stream,
             addr,
@@ -246,7 +245,7 @@ impl ServerConn {
 /// (the postmaster closes the connection after signalling the backend).
 pub async fn send_cancel(key: &CancelKey, timeout: Duration) -> io::Result<()> {
     let work = async {
-        let mut stream = TcpStream::connect((key.addr.host.as_str(), key.addr.port)).await?;
+        let mut stream = ServerStream::connect(&key.addr).await?;
         let mut out = BytesMut::new();
         frontend::cancel_request(key.process_id, key.secret_key, &mut out);
         stream.write_all(&out).await?;
@@ -261,7 +260,7 @@ pub async fn send_cancel(key: &CancelKey, timeout: Duration) -> io::Result<()> {
 
 /// The login conversation on a fresh connection.
 struct Login<'a> {
-    stream: TcpStream,
+    stream: ServerStream,
     addr: &'a ServerAddr,
     buf: BytesMut,
 }

@@ -11,6 +11,8 @@ ratios (needs matplotlib; run.sh provides it). Loopback only; every run is bound
 Scenario R (read-heavy mix, 9 reads to 1 TPC-B write transaction) runs dbproxy with read/write
 splitting on, and reports how the transactions spread over the primary and the replicas; every
 other scenario uses one dbproxy with splitting off, so all three targets use the primary alone.
+Scenario U runs a second dbproxy and a second PgBouncer that both reach the primary through its
+unix-domain socket instead of TCP (clients, and the direct target, still use TCP).
 
     benches/load/run.sh [--seconds 10] [--rounds 3] [--scenarios S,S500,E,P,...] [--chart out.png]
 """
@@ -41,6 +43,8 @@ SCENARIOS = {
     "C": ("-S -C, new SCRAM connection per transaction, 10 clients", ["-S", "-C", "-c", "10", "-j", "2"]),
     "B": ("TPC-B (writes), 20 clients", ["-c", "20", "-j", "2", "-M", "simple"]),
     "S500": ("-S, 500 clients, simple protocol", ["-S", "-c", "500", "-j", "2", "-M", "simple"]),
+    "U": ("-S, 50 clients; both proxies reach the server by its unix socket (clients: TCP)",
+          ["-S", "-c", "50", "-j", "2", "-M", "simple"]),
     "R": ("read-heavy mix (9 -S : 1 TPC-B), 50 clients; dbproxy splits reads to 2 replicas "
           "(read_your_writes off)",
           ["-b", "select-only@9", "-b", "tpcb-like@1", "-c", "50", "-j", "2", "-M", "simple"]),
@@ -99,9 +103,13 @@ class Bench:
                 subprocess.run([ROOT / "scripts/pg-cluster.sh", "start-node", cluster, node], check=True)
         self.proxy = free_port()
         self.split = free_port()
+        self.unix = free_port()
         self.bouncer = free_port()
+        self.bouncer_unix = free_port()
         replicas = ", ".join(f'"127.0.0.1:{p}"' for p in self.replicas)
-        for name, port, split in (("proxy", self.proxy, False), ("split", self.split, True)):
+        for name, port, split in (("proxy", self.proxy, False), ("split", self.split, True),
+                                  ("unix", self.unix, False)):
+            primary = f"{cluster}:{self.pg}" if name == "unix" else f"127.0.0.1:{self.pg}"
             (self.dir / f"{name}.toml").write_text(
                 f'[proxy]\nlisten = "127.0.0.1:{port}"\nmax_client_conn = 20000\n'
                 f'[pool]\nmode = "transaction"\nsize = {POOL}\ncheckout_timeout = "30s"\n'
@@ -109,7 +117,7 @@ class Bench:
                 # Scenario R shows the spread; with read-your-writes each pgbench client's reads
                 # follow its own writes (every tenth transaction) to the primary until replayed.
                 + ('read_your_writes = false\n' if split else "")
-                + f'[[databases]]\nname = "appdb"\nprimary = "127.0.0.1:{self.pg}"\n'
+                + f'[[databases]]\nname = "appdb"\nprimary = "{primary}"\n'
                 + (f'replicas = [{replicas}]\n' if split else "")
                 + f'[[users]]\nname = "app"\npassword = "{PASSWORD}"\n'
             )
@@ -119,20 +127,22 @@ class Bench:
                 stderr=log, env={**os.environ, "RUST_LOG": "warn"},
             ))
         (self.dir / "userlist.txt").write_text(f'"app" "{PASSWORD}"\n')
-        (self.dir / "pgbouncer.ini").write_text(
-            "[databases]\n"
-            f"appdb = host=127.0.0.1 port={self.pg} dbname=appdb\n"
-            "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {self.bouncer}\nunix_socket_dir =\n"
-            f"auth_type = scram-sha-256\nauth_file = {self.dir}/userlist.txt\n"
-            f"pool_mode = transaction\ndefault_pool_size = {POOL}\nmax_client_conn = 20000\n"
-            f"logfile = {self.dir}/pgbouncer.log\npidfile = {self.dir}/pgbouncer.pid\n"
-        )
+        for name, port, host in (("pgbouncer", self.bouncer, "127.0.0.1"),
+                                 ("pgbouncer-unix", self.bouncer_unix, cluster)):
+            (self.dir / f"{name}.ini").write_text(
+                "[databases]\n"
+                f"appdb = host={host} port={self.pg} dbname=appdb\n"
+                "[pgbouncer]\n"
+                f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+                f"auth_type = scram-sha-256\nauth_file = {self.dir}/userlist.txt\n"
+                f"pool_mode = transaction\ndefault_pool_size = {POOL}\nmax_client_conn = 20000\n"
+                f"logfile = {self.dir}/{name}.log\npidfile = {self.dir}/{name}.pid\n"
+            )
         subprocess.run(["chown", "-R", "postgres", self.dir], check=False)
-        self.procs.append(subprocess.Popen(as_postgres(["pgbouncer", str(self.dir / "pgbouncer.ini")])))
-        wait_port(self.proxy)
-        wait_port(self.split)
-        wait_port(self.bouncer)
+        for name in ("pgbouncer", "pgbouncer-unix"):
+            self.procs.append(subprocess.Popen(as_postgres(["pgbouncer", str(self.dir / f"{name}.ini")])))
+        for port in (self.proxy, self.split, self.unix, self.bouncer, self.bouncer_unix):
+            wait_port(port)
         subprocess.run(["pgbench", "-i", "-s", "10", "-q", self.url(self.pg)], check=True, capture_output=True)
 
     def url(self, port):
@@ -205,8 +215,9 @@ def main():
         bench.start()
         for key in args.scenarios.split(","):
             desc, extra = SCENARIOS[key]
-            proxy = bench.split if key == "R" else bench.proxy
-            targets = [("direct", bench.pg), ("pgbouncer", bench.bouncer), ("dbproxy", proxy)]
+            proxy = {"R": bench.split, "U": bench.unix}.get(key, bench.proxy)
+            bouncer = bench.bouncer_unix if key == "U" else bench.bouncer
+            targets = [("direct", bench.pg), ("pgbouncer", bouncer), ("dbproxy", proxy)]
             results = {name: [] for name, _ in targets}
             errors = {}
             moved = {}

@@ -17,11 +17,22 @@ pub fn format_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// A `host:port` address of a PostgreSQL server (`[v6]:port` for IPv6 literals).
+/// A `host:port` address of a PostgreSQL server (`[v6]:port` for IPv6 literals;
+/// a host that starts with `/` is the directory of the server's unix socket).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerAddr {
     pub host: String,
     pub port: u16,
+}
+
+impl ServerAddr {
+    /// The unix-domain socket to use when the host is a directory (starts
+    /// with `/`): `<host>/.s.PGSQL.<port>`, as libpq names it.
+    pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| std::path::Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
+    }
 }
 
 impl std::str::FromStr for ServerAddr {
@@ -159,5 +170,12 @@ mod tests {
         for bad in ["nohost", ":5432", "h:0", "h:99999", "h:x"] {
             assert!(bad.parse::<ServerAddr>().is_err(), "{bad}");
         }
+        let unix: ServerAddr = "/var/run/postgresql:5433".parse().unwrap();
+        assert_eq!(
+            unix.unix_socket().unwrap(),
+            std::path::Path::new("/var/run/postgresql/.s.PGSQL.5433")
+        );
+        assert_eq!(unix.to_string(), "/var/run/postgresql:5433");
+        assert!(v6.unix_socket().is_none());
     }
 }

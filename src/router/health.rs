@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{Router, Volatility};
 use crate::auth::User;
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, ServerAddr};
 use crate::pool::{CheckoutError, Pool, Role};
 use crate::proxy::Shared;
 
@@ -126,14 +126,14 @@ async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
 /// costs no pool slot): an SSLRequest, which the server answers with one byte.
 /// Used when the pool is too busy for a check: a frozen server's clients hold
 /// every connection, and must not keep the verdict away.
-async fn answers(addr: &str, timeout: Duration) -> bool {
+async fn answers(addr: &ServerAddr, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, probe(addr)).await, Ok(Ok(())))
 }
 
 /// An SSLRequest to the server at `addr`, and its one-byte answer.
-async fn probe(addr: &str) -> std::io::Result<()> {
+async fn probe(addr: &ServerAddr) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut s = crate::server_stream::ServerStream::connect(addr).await?;
     s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
     let mut answer = [0u8; 1];
     s.read_exact(&mut answer).await?;
@@ -157,7 +157,7 @@ pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router:
             let routing = &shared.live().config.routing;
             (routing.health_check_interval, routing.health_check_timeout)
         };
-        let verdict = match tokio::time::timeout(timeout, probe(&name)).await {
+        let verdict = match tokio::time::timeout(timeout, probe(&db.primary)).await {
             Ok(Ok(())) => Verdict::Up(0, 0, false),
             Ok(Err(_)) => Verdict::Down,
             Err(_) => Verdict::Unresponsive,
@@ -173,7 +173,7 @@ pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router:
 
 /// A busy pool gives no verdict, unless the server does not even answer a
 /// probe: then it is unresponsive.
-async fn check_or_probe(pool: Arc<Pool>, addr: String, timeout: Duration) -> Verdict {
+async fn check_or_probe(pool: Arc<Pool>, addr: ServerAddr, timeout: Duration) -> Verdict {
     match check(pool, timeout).await {
         Verdict::Busy if !answers(&addr, timeout).await => Verdict::Unresponsive,
         verdict => verdict,
@@ -219,10 +219,10 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         let replica_checks: Vec<_> = replicas
             .iter()
             .zip(&db.replicas)
-            .map(|(p, a)| tokio::spawn(check_or_probe(p.clone(), a.to_string(), timeout)))
+            .map(|(p, a)| tokio::spawn(check_or_probe(p.clone(), a.clone(), timeout)))
             .collect();
         let primary_name = db.primary.to_string();
-        let verdict = check_or_probe(primary.clone(), primary_name.clone(), timeout).await;
+        let verdict = check_or_probe(primary.clone(), db.primary.clone(), timeout).await;
         let mut stuck = count_timeouts(&router.primary, &verdict, &primary_name, timeout);
         let primary_lsn = match verdict {
             Verdict::Up(lsn, _, standby) => {

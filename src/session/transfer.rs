@@ -21,7 +21,6 @@ use std::time::Instant;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf as ServerRead, WriteHalf as ServerWrite};
 
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
@@ -41,6 +40,7 @@ use crate::proxy::Shared;
 use crate::router::health::ServerHealth;
 use crate::router::{Class, Router, WriteMark};
 use crate::server_state::Settings;
+use crate::server_stream::{ServerRead, ServerWrite};
 use crate::sql::{Effects, Pins};
 use crate::stats::DbStats;
 

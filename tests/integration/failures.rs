@@ -32,6 +32,34 @@ async fn cancel_stops_a_long_query_and_the_connection_stays_usable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_reached_by_its_unix_socket_serves_queries_and_cancels() {
+    let user = create_user("unixsock").await;
+    let c = cluster();
+    let mut setup = Setup::new(&[&user]);
+    // The cluster's socket directory, as libpq and PgBouncer spell it.
+    setup.primary = Some(format!("{}:{}", c.dir.display(), c.primary));
+    let proxy = setup.start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let row = client
+        .query_one("SELECT inet_client_addr() IS NULL, current_setting('port')", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the server sees a unix-socket client");
+    assert_eq!(row.get::<_, String>(1), c.primary.to_string());
+    let statement = client.prepare("SELECT $1::int + 1").await.unwrap();
+    assert_eq!(client.query_one(&statement, &[&41]).await.unwrap().get::<_, i32>(0), 42);
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(NoTls).await
+    });
+    let err = client.query_one("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{}", describe(&err));
+    canceller.await.unwrap().unwrap();
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_an_idle_client_hits_nobody_else() {
     let user = create_user("cancel_idle").await;
     let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
