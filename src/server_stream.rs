@@ -69,6 +69,34 @@ impl ServerStream {
     }
 }
 
+/// Where a server listens, with its name looked up.
+pub enum Endpoint {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl Endpoint {
+    /// Looks `addr` up (its first address, for a name).
+    pub async fn lookup(addr: &ServerAddr) -> io::Result<Endpoint> {
+        if let Some(path) = addr.unix_socket() {
+            return Ok(Endpoint::Unix(path));
+        }
+        tokio::net::lookup_host((addr.host.as_str(), addr.port))
+            .await?
+            .next()
+            .map(Endpoint::Tcp)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} has no address")))
+    }
+
+    /// Connects, without a name lookup.
+    pub async fn connect(&self) -> io::Result<ServerStream> {
+        match self {
+            Endpoint::Tcp(a) => TcpStream::connect(a).await.map(ServerStream::Tcp),
+            Endpoint::Unix(p) => UnixStream::connect(p).await.map(ServerStream::Unix),
+        }
+    }
+}
+
 impl ServerWrite<'_> {
     /// A write that does not wait (`WouldBlock` when the socket is full).
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {

@@ -138,62 +138,78 @@ enum Outcome {
 const PAUSE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Waits, as PgBouncer's PAUSE does, until no server connection of
-/// `databases` is in use (transactions in flight have finished; in session
-/// mode, the clients have left), then closes their idle server connections.
-/// Stops waiting early when they are resumed or dbproxy shuts down. False when
-/// the console's client left meanwhile (what it sends is kept in `buf`).
+/// `databases` is in use or about to be (transactions in flight have
+/// finished, in session mode the clients have left, and nobody who passed the
+/// pause check before it was set still waits for a slot or a new
+/// connection), then closes their idle server connections. A database
+/// resumed meanwhile (from another console) is no longer waited for; the wait
+/// ends when none is paused or dbproxy shuts down. False when the console's
+/// client left meanwhile (what it sends is kept in `buf`, up to a command's
+/// size).
 async fn until_released(
     shared: &Arc<Shared>,
     databases: &[String],
     stream: &mut ClientStream,
     buf: &mut BytesMut,
 ) -> bool {
-    let pools = || {
+    let still_paused = || {
+        let live = shared.live();
+        databases
+            .iter()
+            .filter(|d| live.paused.get(*d).is_some_and(|p| *p.borrow()))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let pools = |of: &[String]| {
         shared
             .pools
             .all()
             .into_iter()
-            .filter(|p| databases.contains(&p.key.database))
+            .filter(|p| of.contains(&p.key.database))
             .collect::<Vec<_>>()
     };
-    let in_use = || {
-        pools()
+    let in_use = |of: &[String]| {
+        use std::sync::atomic::Ordering::Acquire;
+        pools(of)
             .iter()
-            .map(|p| p.stats.active.load(std::sync::atomic::Ordering::Acquire))
+            .map(|p| p.stats.active.load(Acquire) + p.stats.waiting.load(Acquire) + p.stats.connecting.load(Acquire))
             .sum::<usize>()
     };
-    let paused = || {
-        let live = shared.live();
-        databases
-            .iter()
-            .any(|d| live.paused.get(d).is_some_and(|p| *p.borrow()))
-    };
-    // Twice in a row, so a checkout that passed the pause check just before it
-    // was set has shown up.
+    // Twice in a row, so a checkout between the pause check and its pool's
+    // counters (no await in between, but another thread) has shown up.
     let mut quiet = 0;
     let mut logged = false;
-    while quiet < 2 && paused() && !*shared.shutdown.borrow() {
-        if in_use() == 0 {
+    loop {
+        let paused = still_paused();
+        if paused.is_empty() || *shared.shutdown.borrow() {
+            return true;
+        }
+        if quiet >= 2 {
+            for pool in pools(&paused) {
+                pool.close_idle();
+            }
+            return true;
+        }
+        let n = in_use(&paused);
+        if n == 0 {
             quiet += 1;
         } else {
             quiet = 0;
             if !logged {
-                tracing::info!(databases = ?databases, in_use = in_use(), "PAUSE waits for the transactions in flight");
+                tracing::info!(databases = ?paused, in_use = n, "PAUSE waits for the transactions in flight");
                 logged = true;
             }
         }
-        buf.reserve(1024);
-        tokio::select! {
-            r = stream.read_buf(buf) => if matches!(r, Ok(0) | Err(_)) { return false },
-            _ = tokio::time::sleep(PAUSE_POLL) => {}
+        if buf.len() < MAX_COMMAND {
+            buf.reserve(1024);
+            tokio::select! {
+                r = stream.read_buf(buf) => if matches!(r, Ok(0) | Err(_)) { return false },
+                _ = tokio::time::sleep(PAUSE_POLL) => {}
+            }
+        } else {
+            tokio::time::sleep(PAUSE_POLL).await;
         }
     }
-    if paused() {
-        for pool in pools() {
-            pool.close_idle();
-        }
-    }
-    true
 }
 
 /// Runs one console command, writing its result or error to `out`.

@@ -14,6 +14,7 @@ use crate::auth::User;
 use crate::config::{DatabaseConfig, ServerAddr};
 use crate::pool::{CheckoutError, Pool, Role};
 use crate::proxy::Shared;
+use crate::server_stream::Endpoint;
 
 /// How often the function catalog is re-read without a reason to.
 const FUNCTION_REFRESH: Duration = Duration::from_secs(60);
@@ -123,44 +124,90 @@ async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
 }
 
 /// Whether the server at `addr` answers at all, without logging in (so it
-/// costs no pool slot): an SSLRequest, which the server answers with one byte.
-/// Used when the pool is too busy for a check: a frozen server's clients hold
-/// every connection, and must not keep the verdict away.
+/// costs no pool slot; see [`probe`]). Used when the pool is too busy for a
+/// check: a frozen server's clients hold every connection, and must not keep
+/// the verdict away.
 async fn answers(addr: &ServerAddr, timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, probe(addr)).await, Ok(Ok(())))
+    matches!(probe(addr, timeout).await, Ok(true))
 }
 
-/// An SSLRequest to the server at `addr`, and its one-byte answer.
-async fn probe(addr: &ServerAddr) -> std::io::Result<()> {
+/// Longest a name lookup of a probe may take; it is not part of the probe's
+/// time limit, which judges the server alone.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A CancelRequest for no backend (pid 0) to the server at `addr`, which
+/// PostgreSQL reads and then hangs up on, without a line in its log (an
+/// SSLRequest would log an aborted handshake where TLS is on).
+/// `Ok(true)`: it answered within `timeout`; `Ok(false)`: it did not (it
+/// accepted the connection, or queued it, and then nothing); `Err`: the
+/// name lookup or the connection failed (the server is down, not frozen).
+async fn probe(addr: &ServerAddr, timeout: Duration) -> std::io::Result<bool> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = crate::server_stream::ServerStream::connect(addr).await?;
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await?;
-    Ok(())
+    let endpoint = match tokio::time::timeout(LOOKUP_TIMEOUT, Endpoint::lookup(addr)).await {
+        Ok(found) => found?,
+        Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+    };
+    let work = async {
+        let mut s = endpoint.connect().await?;
+        s.write_all(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 0, 0, 0, 0, 0])
+            .await?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(())) => Ok(true),
+        // A unix socket whose listen queue is full: nobody accepts any more.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Shortest time between two probes of [`watch_primary`]: each one costs
 /// the server a process start.
 const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
+/// Whether a watch over `router` is still needed: it is the database's
+/// current router, or sessions still use it (they keep the router of the
+/// configuration they logged in under).
+fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>) -> bool {
+    let current = shared
+        .live()
+        .routers
+        .get(&db.name)
+        .is_some_and(|r| Arc::ptr_eq(r, router));
+    // This task holds one reference.
+    current || Arc::strong_count(router) > 1
+}
+
 /// Watches the primary of a database that no [`monitor`] watches (read/write
-/// splitting off, or no replicas), without logging in: an SSLRequest every
-/// `health_check_interval` (at least a second). From the second probe in a
-/// row without an answer within `health_check_timeout`, the sessions stuck
-/// on the primary are released, as the monitor does. A refused connection
-/// is no verdict of frozenness: those sessions' own sockets report it.
+/// splitting off, or no replicas), without logging in: a [`probe`] every
+/// `health_check_interval` (at least a second) while some server connection
+/// of the database is in use (nobody can be stuck otherwise). From the
+/// second probe in a row without an answer within `health_check_timeout`,
+/// the sessions stuck on the primary are released, as the monitor does. A
+/// refused connection is no verdict of frozenness: those sessions' own
+/// sockets report it.
 pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router: Arc<Router>) {
     let name = db.primary.to_string();
-    loop {
+    while still_watched(&shared, &db, &router) {
         let (interval, timeout) = {
             let routing = &shared.live().config.routing;
             (routing.health_check_interval, routing.health_check_timeout)
         };
-        let verdict = match tokio::time::timeout(timeout, probe(&db.primary)).await {
-            Ok(Ok(())) => Verdict::Up(0, 0, false),
-            Ok(Err(_)) => Verdict::Down,
-            Err(_) => Verdict::Unresponsive,
+        let busy = shared
+            .pools
+            .all()
+            .iter()
+            .any(|p| p.key.database == db.name && p.stats.active.load(Ordering::Relaxed) > 0);
+        let verdict = match busy {
+            false => Verdict::Down,
+            true => match probe(&db.primary, timeout).await {
+                Ok(true) => Verdict::Up(0, 0, false),
+                Ok(false) => Verdict::Unresponsive,
+                Err(_) => Verdict::Down,
+            },
         };
         if count_timeouts(&router.primary, &verdict, &name, timeout) {
             shared
@@ -169,6 +216,7 @@ pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router:
         }
         tokio::time::sleep(interval.max(PROBE_INTERVAL_MIN)).await;
     }
+    tracing::debug!(database = %db.name, "primary watch ends: its servers were replaced by a reload");
 }
 
 /// A busy pool gives no verdict, unless the server does not even answer a
@@ -214,7 +262,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         .map(|a| shared.pool(&db, &user, Role::Replica, a))
         .collect();
     let mut functions_loaded: Option<Instant> = None;
-    loop {
+    while still_watched(&shared, &db, &router) {
         // All servers at once: a frozen one must not delay the others' checks.
         let replica_checks: Vec<_> = replicas
             .iter()

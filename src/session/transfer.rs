@@ -411,11 +411,9 @@ impl Conn<'_> {
         };
         let event = match eager {
             Some(event) => event,
-            // Biased: signals, then output, then input, so a peer that keeps
-            // sending cannot hold back what is owed to the other (buffers are
-            // bounded, so input is never starved for long either).
+            // Unbiased (a random first branch each turn), so neither peer can
+            // keep the other's input or output waiting while it streams.
             None => tokio::select! {
-                biased;
                 signals = self.me.signalled() => match signals {
                     s if s & SIGNAL_KILL != 0 => Event::Killed,
                     s if s & SIGNAL_SHUTDOWN != 0 => Event::Shutdown,
@@ -473,8 +471,11 @@ impl Conn<'_> {
             Event::ServerStuck => {
                 let limit = self.shared.live().config.routing.health_check_timeout;
                 match &self.phase {
+                    // Silence is the server's only while we read what it sends
+                    // (not while a slow client holds its output back).
                     Phase::Attached(a)
                         if !self.quiet(a)
+                            && want_server
                             && self.health(a).is_some_and(|h| h.is_stuck())
                             && a.server_io.elapsed() >= limit =>
                     {
