@@ -55,7 +55,7 @@ pub const REASONS: [&str; 10] = [
 ];
 
 /// Kinds of error the proxy reports (not the servers' own errors).
-pub const ERROR_KINDS: [&str; 8] = [
+pub const ERROR_KINDS: [&str; 9] = [
     "checkout_timeout",
     "server_connect",
     "server_lost",
@@ -64,6 +64,7 @@ pub const ERROR_KINDS: [&str; 8] = [
     "auth_failed",
     "too_many_clients",
     "login_timeout",
+    "idle_transaction_timeout",
 ];
 
 /// Errors the proxy reported, by kind (indexes into `ERROR_KINDS`).

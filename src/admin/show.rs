@@ -425,6 +425,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         ("pool.checkout_timeout", dur(c.pool.checkout_timeout)),
         ("pool.server_connect_timeout", dur(c.pool.server_connect_timeout)),
         ("pool.server_idle_timeout", dur(c.pool.server_idle_timeout)),
+        ("pool.idle_transaction_timeout", dur(c.pool.idle_transaction_timeout)),
         ("pool.server_reset_query", c.pool.server_reset_query.clone()),
         (
             "pool.max_prepared_statements",

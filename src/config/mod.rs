@@ -76,6 +76,10 @@ pub struct PoolConfig {
     /// Idle server connections older than this are closed.
     #[serde(deserialize_with = "types::duration")]
     pub server_idle_timeout: Duration,
+    /// A client idle inside a transaction for longer is disconnected (its
+    /// transaction rolled back, its server connection returned). 0: never.
+    #[serde(deserialize_with = "types::duration")]
+    pub idle_transaction_timeout: Duration,
     /// Run on a server connection a session-mode client gave back.
     pub server_reset_query: String,
     /// Named prepared statements kept per server connection (least recently
@@ -94,6 +98,7 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
             server_connect_timeout: Duration::from_secs(5),
             server_idle_timeout: Duration::from_secs(600),
+            idle_transaction_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
             session_features: SessionFeatures::Pin,

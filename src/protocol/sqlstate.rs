@@ -25,6 +25,8 @@ impl SqlState {
         std::str::from_utf8(&self.0).unwrap_or("XX000")
     }
 
+    /// 25P03: a client stayed idle inside a transaction for too long.
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: SqlState = SqlState::new("25P03");
     /// 08006: the server connection failed while in use.
     pub const CONNECTION_FAILURE: SqlState = SqlState::new("08006");
     /// 08001: could not establish a connection to the server.

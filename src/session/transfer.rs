@@ -133,6 +133,9 @@ enum Event {
     /// A server of the client's database stopped answering health checks
     /// (perhaps the one it waits on).
     ServerStuck,
+    /// The client stayed idle inside a transaction for
+    /// `pool.idle_transaction_timeout`.
+    IdleInTransaction,
 }
 
 pub(super) struct Conn<'a> {
@@ -324,6 +327,14 @@ async fn read_server(half: Option<ServerRead<'_>>, buf: &mut BytesMut) -> io::Re
     }
 }
 
+/// Resolves at `deadline`, if there is one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn write_server(half: Option<ServerWrite<'_>>, buf: &[u8]) -> io::Result<usize> {
     match half {
         Some(mut w) => w.write(buf).await,
@@ -385,6 +396,22 @@ impl Conn<'_> {
                 self.cbuf.reserve(READ_RESERVE);
             }
         }
+        // Idle in a transaction: everything answered and delivered, nothing
+        // more from the client. Counted from the answer that ended its last
+        // request.
+        let idle_deadline = match &self.phase {
+            Phase::Attached(a)
+                if a.status != TransactionStatus::Idle
+                    && self.quiet(a)
+                    && self.cbuf.is_empty()
+                    && self.to_server.is_empty()
+                    && self.to_client.is_empty() =>
+            {
+                let limit = self.shared.live().config.pool.idle_transaction_timeout;
+                (!limit.is_zero()).then(|| a.server_io + limit)
+            }
+            _ => None,
+        };
         let (srd, swr) = match &mut self.phase {
             Phase::Attached(a) => {
                 self.sbuf.reserve(a.read_reserve);
@@ -423,6 +450,7 @@ impl Conn<'_> {
                 r = write_server(swr, &self.to_server), if !self.to_server.is_empty() => Event::ServerWrote(r),
                 r = read_server(srd, &mut self.sbuf), if want_server => Event::ServerRead(r),
                 r = self.rd.read_buf(&mut self.cbuf), if want_client => Event::ClientRead(r),
+                _ = until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
             },
         };
         match event {
@@ -487,6 +515,16 @@ impl Conn<'_> {
                     }
                     _ => Ok(()),
                 }
+            }
+            Event::IdleInTransaction => {
+                tracing::info!(
+                    "client idle in a transaction for longer than pool.idle_transaction_timeout: disconnecting it"
+                );
+                self.shared.errors.count("idle_transaction_timeout");
+                Err(Exit::Fatal(ErrorFields::fatal(
+                    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                    "terminating connection due to idle-in-transaction timeout",
+                )))
             }
             Event::Killed => Err(Exit::Fatal(ErrorFields::fatal(
                 SqlState::ADMIN_SHUTDOWN,

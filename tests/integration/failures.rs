@@ -405,3 +405,46 @@ async fn a_thousand_connect_and_drop_cycles_leak_no_descriptors() {
     eprintln!("proxy descriptors: {before} before, {after} after 1000 connect/drop cycles");
     assert!(settled, "descriptors grew from {before} to {after}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_idle_in_a_transaction_is_disconnected_and_its_connection_freed() {
+    let user = create_user("idle_tx").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 1\ncheckout_timeout = \"5s\"\nidle_transaction_timeout = \"500ms\"")
+        .start()
+        .await;
+    // The stalled client's connection task reports the FATAL it gets.
+    let (stalled, conn) = tokio_postgres::connect(&url(&proxy, &user), NoTls).await.unwrap();
+    let fatal = tokio::spawn(conn);
+    stalled.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // The only server connection is held: another client waits for it.
+    let other = connect(&proxy, &user).await.unwrap();
+    let started = Instant::now();
+    other.batch_execute("SELECT 2").await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(4),
+        "waited {waited:?}"
+    );
+    let err = tokio::time::timeout(Duration::from_secs(5), fatal)
+        .await
+        .expect("the stalled client's connection ends")
+        .unwrap()
+        .expect_err("with an error");
+    assert_eq!(sqlstate(&err), "25P03", "{}", describe(&err));
+    assert!(stalled.batch_execute("SELECT 3").await.is_err());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            backends(&user.name, Some("idle in transaction")).await == 0
+        })
+        .await,
+        "the stalled transaction was left open"
+    );
+    // A transaction that keeps working is not touched, however long it lasts.
+    other.batch_execute("BEGIN").await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        other.batch_execute("SELECT 4").await.unwrap();
+    }
+    other.batch_execute("COMMIT").await.unwrap();
+}
