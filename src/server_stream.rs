@@ -76,16 +76,22 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// Looks `addr` up (its first address, for a name).
-    pub async fn lookup(addr: &ServerAddr) -> io::Result<Endpoint> {
+    /// Looks `addr` up: every address of a name, in the resolver's order.
+    pub async fn lookup(addr: &ServerAddr) -> io::Result<Vec<Endpoint>> {
         if let Some(path) = addr.unix_socket() {
-            return Ok(Endpoint::Unix(path));
+            return Ok(vec![Endpoint::Unix(path)]);
         }
-        tokio::net::lookup_host((addr.host.as_str(), addr.port))
+        let found: Vec<Endpoint> = tokio::net::lookup_host((addr.host.as_str(), addr.port))
             .await?
-            .next()
             .map(Endpoint::Tcp)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} has no address")))
+            .collect();
+        if found.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{addr} has no address"),
+            ));
+        }
+        Ok(found)
     }
 
     /// Connects, without a name lookup.

@@ -151,10 +151,8 @@ impl Pool {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => Ok(Ok(p)),
             Err(_) => {
-                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-                let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await;
-                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                permit
+                let _waiting = Gauge::raise(&self.stats.waiting);
+                tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await
             }
         };
         let permit = match permit {
@@ -171,9 +169,9 @@ impl Pool {
         let conn = match self.pop_idle() {
             Some(conn) => conn,
             None => {
-                self.stats.connecting.fetch_add(1, Ordering::Relaxed);
+                let connecting = Gauge::raise(&self.stats.connecting);
                 let conn = ServerConn::connect(&self.target, self.settings.connect_timeout).await;
-                self.stats.connecting.fetch_sub(1, Ordering::Relaxed);
+                drop(connecting);
                 let mut conn = conn?;
                 conn.generation = self.generation.load(Ordering::Acquire);
                 *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
@@ -279,5 +277,22 @@ impl Checkout {
         // Push before the slot is freed so the next holder finds it.
         slot.pool.idle_list().push(conn);
         drop(slot);
+    }
+}
+
+/// One unit of a gauge for as long as it lives: a checkout dropped while it
+/// waits or connects (a caller's timeout) still takes itself off the gauge.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn raise(gauge: &'a AtomicUsize) -> Gauge<'a> {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Gauge(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

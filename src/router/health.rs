@@ -126,42 +126,50 @@ async fn check(pool: Arc<Pool>, timeout: Duration) -> Verdict {
 /// Whether the server at `addr` answers at all, without logging in (so it
 /// costs no pool slot; see [`probe`]). Used when the pool is too busy for a
 /// check: a frozen server's clients hold every connection, and must not keep
-/// the verdict away.
-async fn answers(addr: &ServerAddr, timeout: Duration) -> bool {
-    matches!(probe(addr, timeout).await, Ok(true))
+/// the verdict away. `None`: no verdict (the server could not be reached at
+/// all, which its sessions' own sockets report).
+async fn answers(addr: &ServerAddr, timeout: Duration) -> Option<bool> {
+    probe(addr, timeout).await.ok()
 }
 
 /// Longest a name lookup of a probe may take; it is not part of the probe's
 /// time limit, which judges the server alone.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A CancelRequest for no backend (pid 0) to the server at `addr`, which
-/// PostgreSQL reads and then hangs up on, without a line in its log (an
-/// SSLRequest would log an aborted handshake where TLS is on).
+/// An SSLRequest to the server at `addr` and its one-byte answer, after
+/// which the connection is closed. PostgreSQL logs nothing for this when it
+/// answers `N` (TLS off, and always over a unix socket); with TLS on it logs
+/// the handshake that never came.
 /// `Ok(true)`: it answered within `timeout`; `Ok(false)`: it did not (it
 /// accepted the connection, or queued it, and then nothing); `Err`: the
-/// name lookup or the connection failed (the server is down, not frozen).
+/// name lookup or every connection attempt failed (the server is down, not
+/// frozen). Each address of the name is tried in turn, as a client would.
 async fn probe(addr: &ServerAddr, timeout: Duration) -> std::io::Result<bool> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let endpoint = match tokio::time::timeout(LOOKUP_TIMEOUT, Endpoint::lookup(addr)).await {
+    let endpoints = match tokio::time::timeout(LOOKUP_TIMEOUT, Endpoint::lookup(addr)).await {
         Ok(found) => found?,
         Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
     };
     let work = async {
-        let mut s = endpoint.connect().await?;
-        s.write_all(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 0, 0, 0, 0, 0])
-            .await?;
-        let mut sink = [0u8; 64];
-        while s.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
+        let mut last = std::io::Error::from(std::io::ErrorKind::NotFound);
+        for endpoint in &endpoints {
+            let mut s = match endpoint.connect().await {
+                Ok(s) => s,
+                // A unix socket whose listen queue is full: nobody accepts any more.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer).await?;
+            return Ok(true);
+        }
+        Err(last)
     };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(())) => Ok(true),
-        // A unix socket whose listen queue is full: nobody accepts any more.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Ok(false),
-    }
+    tokio::time::timeout(timeout, work).await.unwrap_or(Ok(false))
 }
 
 /// Shortest time between two probes of [`watch_primary`]: each one costs
@@ -183,8 +191,8 @@ fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>) -> 
 
 /// Watches the primary of a database that no [`monitor`] watches (read/write
 /// splitting off, or no replicas), without logging in: a [`probe`] every
-/// `health_check_interval` (at least a second) while some server connection
-/// of the database is in use (nobody can be stuck otherwise). From the
+/// `health_check_interval` (at least a second) while some connection to that
+/// primary is in use (nobody can be stuck otherwise). From the
 /// second probe in a row without an answer within `health_check_timeout`,
 /// the sessions stuck on the primary are released, as the monitor does. A
 /// refused connection is no verdict of frozenness: those sessions' own
@@ -196,11 +204,12 @@ pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router:
             let routing = &shared.live().config.routing;
             (routing.health_check_interval, routing.health_check_timeout)
         };
-        let busy = shared
-            .pools
-            .all()
-            .iter()
-            .any(|p| p.key.database == db.name && p.stats.active.load(Ordering::Relaxed) > 0);
+        let busy = shared.pools.all().iter().any(|p| {
+            p.key.database == db.name
+                && p.key.role == Role::Primary
+                && p.key.addr == db.primary
+                && p.stats.active.load(Ordering::Relaxed) > 0
+        });
         let verdict = match busy {
             false => Verdict::Down,
             true => match probe(&db.primary, timeout).await {
@@ -223,7 +232,7 @@ pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router:
 /// probe: then it is unresponsive.
 async fn check_or_probe(pool: Arc<Pool>, addr: ServerAddr, timeout: Duration) -> Verdict {
     match check(pool, timeout).await {
-        Verdict::Busy if !answers(&addr, timeout).await => Verdict::Unresponsive,
+        Verdict::Busy if answers(&addr, timeout).await == Some(false) => Verdict::Unresponsive,
         verdict => verdict,
     }
 }
@@ -249,12 +258,16 @@ fn count_timeouts(health: &ServerHealth, verdict: &Verdict, name: &str, timeout:
 
 /// Watches the servers of `db` for as long as the proxy runs.
 pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<User>, router: Arc<Router>) {
-    let routing = &shared.live().config.routing;
-    let (interval, timeout, max_lag) = (
-        routing.health_check_interval,
-        routing.health_check_timeout,
-        routing.max_replica_lag,
-    );
+    // Read in a block: a snapshot kept for the task's life would keep every
+    // router of its configuration alive (see `still_watched`).
+    let (interval, timeout, max_lag) = {
+        let routing = &shared.live().config.routing;
+        (
+            routing.health_check_interval,
+            routing.health_check_timeout,
+            routing.max_replica_lag,
+        )
+    };
     let primary = shared.pool(&db, &user, Role::Primary, &db.primary);
     let replicas: Vec<Arc<Pool>> = db
         .replicas

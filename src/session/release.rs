@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::send_fatal;
 use super::settings::Tracker;
-use super::transfer::{Attached, Conn, Exit, Phase, shrink};
+use super::transfer::{Attached, Conn, Exit, Phase, recycle, shrink};
 use crate::clients::ClientState;
 use crate::config::PoolMode;
 use crate::pool::Role;
@@ -42,10 +42,11 @@ impl Conn<'_> {
         self.to_server.clear();
         // An idle client keeps no large buffers: it may stay idle for hours,
         // and 10,000 of them should fit in about 100 MB.
-        shrink(&mut self.sbuf);
-        shrink(&mut self.to_server);
+        recycle(&mut self.sbuf);
+        recycle(&mut self.to_server);
+        // Messages are split off the client buffer: its allocation may be shared.
         shrink(&mut self.cbuf);
-        shrink(&mut self.to_client);
+        recycle(&mut self.to_client);
         self.expect.clear();
         self.retry.reset();
         self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);

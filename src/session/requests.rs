@@ -702,6 +702,7 @@ impl Conn<'_> {
             replica,
             server_io: now,
             read_reserve: super::transfer::SMALL_READ_RESERVE,
+            delivered: now,
         });
     }
 

@@ -58,7 +58,7 @@ pub(super) const SMALL_READ_RESERVE: usize = 2048;
 /// Empty buffers larger than this are freed when a client goes idle.
 const IDLE_KEEP: usize = 1024;
 
-/// Spare buffers kept per worker thread (see [`shrink`]).
+/// Spare buffers kept per worker thread (see [`recycle`]).
 const SPARE_MAX: usize = 64;
 
 thread_local! {
@@ -69,13 +69,27 @@ thread_local! {
     static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Gives up an empty buffer's large allocation: it goes to this thread's
-/// spare buffers when it is small enough and there is room, else it is freed.
+/// Gives up an empty buffer's large allocation (the next use allocates
+/// again).
 pub(super) fn shrink(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > IDLE_KEEP {
-        let old = std::mem::take(buf);
+        *buf = BytesMut::new();
+    }
+}
+
+/// [`shrink`] for a buffer nothing was ever split off (the server read
+/// buffer and the two output buffers): a small allocation goes to this
+/// thread's spare buffers when there is room.
+pub(super) fn recycle(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > IDLE_KEEP {
+        let mut old = std::mem::take(buf);
+        // A buffer's capacity counts only what lies after its start: bring
+        // the whole allocation into view (nothing shares it, and it is
+        // empty, so this moves nothing) before judging its size.
+        let _ = old.try_reclaim(old.capacity() + 1);
         if old.capacity() <= 2 * READ_RESERVE {
-            SPARE.with(|spare| {
+            // Not during a thread's teardown.
+            let _ = SPARE.try_with(|spare| {
                 let mut spare = spare.borrow_mut();
                 if spare.len() < SPARE_MAX {
                     spare.push(old);
@@ -87,7 +101,11 @@ pub(super) fn shrink(buf: &mut BytesMut) {
 
 /// A spare buffer of this thread, or a new empty one.
 fn spare_buffer() -> BytesMut {
-    SPARE.with(|spare| spare.borrow_mut().pop()).unwrap_or_default()
+    SPARE
+        .try_with(|spare| spare.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// Client messages returned whole; CopyData streams through.
@@ -134,6 +152,9 @@ pub(super) struct Attached {
     pub(super) server_io: Instant,
     /// Spare capacity to make available for the next server read.
     pub(super) read_reserve: usize,
+    /// Inside a transaction block: when the client last had all its output
+    /// (with `server_io`, where its idle time starts).
+    pub(super) delivered: Instant,
 }
 
 /// Why the main loop ended.
@@ -238,15 +259,20 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         .iter()
         .map(|a| shared.pool(&db, &user, Role::Replica, a))
         .collect();
-    let live = shared.snapshot();
-    let router = live
-        .routers
-        .get(&db.name)
-        .cloned()
-        .unwrap_or_else(|| Arc::new(Router::new(0)));
-    let split = live.config.routing.read_write_split
-        && live.config.pool.mode == PoolMode::Transaction
-        && !replica_pools.is_empty();
+    // The snapshot is not kept: a session holds only its own database's
+    // router (which keeps that router's watch running after a reload).
+    let (router, split) = {
+        let live = shared.snapshot();
+        let router = live
+            .routers
+            .get(&db.name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Router::new(0)));
+        let split = live.config.routing.read_write_split
+            && live.config.pool.mode == PoolMode::Transaction
+            && !replica_pools.is_empty();
+        (router, split)
+    };
     let mut to_client = BytesMut::with_capacity(1024);
     authentication_ok(&mut to_client);
     // What the servers report, except where the client's startup packet
@@ -433,7 +459,11 @@ impl Conn<'_> {
                     && self.to_client.is_empty() =>
             {
                 let limit = self.shared.live().config.pool.idle_transaction_timeout;
-                (!limit.is_zero()).then(|| a.server_io + limit)
+                match limit.is_zero() {
+                    true => None,
+                    // Too far to represent: never.
+                    false => a.server_io.max(a.delivered).checked_add(limit),
+                }
             }
             _ => None,
         };
@@ -496,9 +526,12 @@ impl Conn<'_> {
                 self.to_client.advance(n);
                 if self.to_client.is_empty() {
                     self.to_client.clear();
-                    if matches!(self.phase, Phase::Idle) {
+                    match &mut self.phase {
                         // It may be a whole server read buffer (swapped in by process_server).
-                        shrink(&mut self.to_client);
+                        Phase::Idle => recycle(&mut self.to_client),
+                        // A slow reader's idle time starts once it has everything.
+                        Phase::Attached(a) if a.status != TransactionStatus::Idle => a.delivered = Instant::now(),
+                        _ => {}
                     }
                     self.wr.flush().await.map_err(|_| Exit::ClientLeft)?;
                 }
