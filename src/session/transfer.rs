@@ -449,7 +449,7 @@ impl Conn<'_> {
         }
         // Idle in a transaction: everything answered and delivered, nothing
         // more from the client. Counted from the answer that ended its last
-        // request.
+        // request, or from when the client had all of it if that was later.
         let idle_deadline = match &self.phase {
             Phase::Attached(a)
                 if a.status != TransactionStatus::Idle
