@@ -14,7 +14,8 @@
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication
 //!   (`session/startup.rs`), the login greeting and the settings a startup packet
-//!   asks for (`session/greeting.rs`), the forwarding loop (`session/transfer.rs`),
+//!   asks for (`session/greeting.rs`), the forwarding loop (`session/transfer.rs`), the
+//!   sizing and reuse of its buffers (`session/buffers.rs`),
 //!   giving a server connection back or up, the read-your-writes position after a
 //!   write, and the end of a session (`session/release.rs`), client messages: batch
 //!   staging and routing, statement renaming, settings carry, pinning
@@ -37,6 +38,8 @@
 //! - [`server_conn`]: one server connection: connect, log in, cancel, liveness.
 //! - [`server_stream`]: the byte stream to a server, TCP or a unix-domain
 //!   socket.
+//! - `io_enum`: `AsyncRead`/`AsyncWrite` for enums of streams (client and
+//!   server streams and their halves).
 //! - [`server_state`]: what a server connection holds for clients: prepared
 //!   statements (LRU) and applied settings.
 //! - [`live`]: the reloadable state (configuration, users, databases, TLS, a router,
@@ -54,6 +57,9 @@
 
 // One audited exception: `proxy::release_free_memory` (glibc's malloc_trim).
 #![deny(unsafe_code)]
+
+#[macro_use]
+mod io_enum;
 
 pub mod admin;
 pub mod auth;

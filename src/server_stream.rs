@@ -5,10 +5,7 @@
 //! costs the proxy and the server noticeably less CPU per message.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
 
 use crate::config::ServerAddr;
@@ -113,66 +110,7 @@ impl ServerWrite<'_> {
     }
 }
 
-impl AsyncRead for ServerStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl AsyncRead for ServerRead<'_> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerRead::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            ServerRead::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerWrite<'_> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerWrite::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            ServerWrite::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerWrite::Tcp(s) => Pin::new(s).poll_flush(cx),
-            ServerWrite::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerWrite::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            ServerWrite::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+delegate_read!(ServerStream: ServerStream::Tcp, ServerStream::Unix);
+delegate_write!(ServerStream: ServerStream::Tcp, ServerStream::Unix);
+delegate_read!(ServerRead<'_>: ServerRead::Tcp, ServerRead::Unix);
+delegate_write!(ServerWrite<'_>: ServerWrite::Tcp, ServerWrite::Unix);

@@ -190,7 +190,7 @@ fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>) -> 
 }
 
 /// Watches the primary of a database that no [`monitor`] watches (read/write
-/// splitting off, or no replicas), without logging in: a [`probe`] every
+/// splitting off, or no replicas), without logging in: a probe (an SSLRequest, see `probe`) every
 /// `health_check_interval` (at least a second) while some connection to that
 /// primary is in use (nobody can be stuck otherwise). From the
 /// second probe in a row without an answer within `health_check_timeout`,

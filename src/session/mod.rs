@@ -2,6 +2,7 @@
 //! loop that forwards frames between the client and the server connection it
 //! holds, checking one out per transaction (or per session).
 
+mod buffers;
 mod cancel;
 mod expect;
 mod greeting;

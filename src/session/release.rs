@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
+use super::buffers::{recycle, shrink};
 use super::send_fatal;
 use super::settings::Tracker;
-use super::transfer::{Attached, Conn, Exit, Phase, recycle, shrink};
+use super::transfer::{Attached, Conn, Exit, Phase};
 use crate::clients::ClientState;
 use crate::config::PoolMode;
 use crate::pool::Role;

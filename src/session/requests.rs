@@ -701,7 +701,7 @@ impl Conn<'_> {
             since: now,
             replica,
             server_io: now,
-            read_reserve: super::transfer::SMALL_READ_RESERVE,
+            read_reserve: super::buffers::SMALL_READ_RESERVE,
             delivered: now,
         });
     }

@@ -22,6 +22,7 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::buffers::{IDLE_READ_RESERVE, READ_RESERVE, recycle, spare_buffer};
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::greeting::{server_params, startup_settings};
@@ -46,68 +47,6 @@ use crate::stats::DbStats;
 
 /// Above this many buffered bytes a direction stops reading until it drains.
 pub(super) const HIGH_WATER: usize = 256 * 1024;
-/// Spare capacity made available for each read.
-const READ_RESERVE: usize = 16 * 1024;
-/// Spare capacity for a client's next request while it holds no server
-/// connection: most requests fit, and an idle client costs little.
-const IDLE_READ_RESERVE: usize = 1024;
-/// Spare capacity for reads while it suffices: most answers are small, and a
-/// small buffer is cheap to allocate for each transaction. A read that fills
-/// it switches the attachment to [`READ_RESERVE`].
-pub(super) const SMALL_READ_RESERVE: usize = 2048;
-/// Empty buffers larger than this are freed when a client goes idle.
-const IDLE_KEEP: usize = 1024;
-
-/// Spare buffers kept per worker thread (see [`recycle`]).
-const SPARE_MAX: usize = 64;
-
-thread_local! {
-    /// Emptied buffers of sessions that went idle, for the next transaction
-    /// that runs on this thread: a buffer of a few KiB is past glibc's
-    /// per-thread cache, so reusing one here saves a malloc and a free per
-    /// transaction, and an idle client still holds none.
-    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Gives up an empty buffer's large allocation (the next use allocates
-/// again).
-pub(super) fn shrink(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > IDLE_KEEP {
-        *buf = BytesMut::new();
-    }
-}
-
-/// [`shrink`] for a buffer nothing was ever split off (the server read
-/// buffer and the two output buffers): a small allocation goes to this
-/// thread's spare buffers when there is room.
-pub(super) fn recycle(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > IDLE_KEEP {
-        let mut old = std::mem::take(buf);
-        // A buffer's capacity counts only what lies after its start: bring
-        // the whole allocation into view (nothing shares it, and it is
-        // empty, so this moves nothing) before judging its size.
-        let _ = old.try_reclaim(old.capacity() + 1);
-        if old.capacity() <= 2 * READ_RESERVE {
-            // Not during a thread's teardown.
-            let _ = SPARE.try_with(|spare| {
-                let mut spare = spare.borrow_mut();
-                if spare.len() < SPARE_MAX {
-                    spare.push(old);
-                }
-            });
-        }
-    }
-}
-
-/// A spare buffer of this thread, or a new empty one.
-fn spare_buffer() -> BytesMut {
-    SPARE
-        .try_with(|spare| spare.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
-
 /// Client messages returned whole; CopyData streams through.
 pub(super) fn whole_frontend(tag: u8) -> bool {
     tag != b'd'
