@@ -188,6 +188,21 @@ impl Pool {
         })
     }
 
+    /// An idle connection, if a slot is free and one is there: the common
+    /// case of [`Self::checkout`], without waiting or connecting.
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Checkout> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let conn = self.pop_idle()?;
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        Some(Checkout {
+            conn,
+            slot: Slot {
+                pool: self.clone(),
+                _permit: permit,
+            },
+        })
+    }
+
     fn pop_idle(&self) -> Option<ServerConn> {
         let mut idle = self.idle_list();
         while let Some(conn) = idle.pop() {

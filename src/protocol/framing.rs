@@ -134,7 +134,7 @@ impl Scanner {
 /// Reads a NUL-terminated string from the front of `buf`, returning it and the
 /// rest. `None` if there is no terminator or the bytes are not UTF-8.
 pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     let s = std::str::from_utf8(&buf[..end]).ok()?;
     Some((s, &buf[end + 1..]))
 }

@@ -29,7 +29,32 @@ impl CancelSlot {
 
     /// Forgets it, after any cancel in flight has been delivered.
     pub async fn clear(&self) {
-        *self.target.lock().await = None;
+        if !self.try_clear() {
+            *self.target.lock().await = None;
+        }
+    }
+
+    /// [`Self::set`] without waiting: fails only while a cancel is being
+    /// delivered, and then hands the key back.
+    pub fn try_set(&self, key: CancelKey) -> Result<(), CancelKey> {
+        match self.target.try_lock() {
+            Ok(mut target) => {
+                *target = Some(key);
+                Ok(())
+            }
+            Err(_) => Err(key),
+        }
+    }
+
+    /// [`Self::clear`] without waiting: false while a cancel is being delivered.
+    fn try_clear(&self) -> bool {
+        match self.target.try_lock() {
+            Ok(mut target) => {
+                *target = None;
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 

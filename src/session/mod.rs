@@ -4,6 +4,7 @@
 
 mod buffers;
 mod cancel;
+mod checkout;
 mod expect;
 mod greeting;
 mod local;

@@ -127,6 +127,8 @@ pub(super) struct Conn<'a> {
     pub(super) shared: &'a Shared,
     pub(super) mode: PoolMode,
     pub(super) pool: Arc<Pool>,
+    /// PAUSE of the client's database (the same sender across reloads).
+    pub(super) paused: Option<Arc<tokio::sync::watch::Sender<bool>>>,
     pub(super) slot: &'a CancelSlot,
     rd: ClientReader,
     pub(super) wr: ClientWriter,
@@ -242,6 +244,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         shared,
         mode: shared.live().config.pool.mode,
         pool,
+        paused: shared.live().paused.get(&db.name).cloned(),
         slot: &registration.slot,
         rd,
         wr,
