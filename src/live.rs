@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::User;
-use crate::config::{Config, DatabaseConfig, Problem};
+use crate::config::{Config, DatabaseConfig, PoolMode, Problem};
 use crate::router::Router;
 use crate::stats::DbStats;
 
@@ -95,5 +95,20 @@ impl Live {
             paused,
             config,
         })
+    }
+
+    /// The user health monitors log in as: the first configured one.
+    pub fn monitor_user(&self) -> Option<&Arc<User>> {
+        self.config.users.first().and_then(|u| self.users.get(&u.name))
+    }
+
+    /// Whether `db` has a health monitor that logs in and checks every server
+    /// (its reads may go to replicas), rather than a probe of its primary
+    /// (`router::health::watch_primary`). Only then is its health known.
+    pub fn monitors_replicas(&self, db: &DatabaseConfig) -> bool {
+        self.config.routing.read_write_split
+            && self.config.pool.mode == PoolMode::Transaction
+            && !db.replicas.is_empty()
+            && self.monitor_user().is_some()
     }
 }

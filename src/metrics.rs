@@ -66,17 +66,12 @@ pub fn ready(shared: &Shared) -> bool {
     if *shared.shutdown.borrow() {
         return false;
     }
-    // Only where a monitor runs (see Shared::spawn_monitors) is health known.
-    let monitored =
-        live.config.routing.read_write_split && live.config.pool.mode == crate::config::PoolMode::Transaction;
-    live.config.databases.iter().all(|db| {
-        let Some(router) = live.routers.get(&db.name) else {
+    // Only where a monitor checks every server is health known.
+    live.databases.iter().all(|(name, db)| {
+        let Some(router) = live.routers.get(name) else {
             return true;
         };
-        !monitored
-            || db.replicas.is_empty()
-            || router.primary.is_healthy()
-            || router.replicas.iter().any(|r| r.is_healthy())
+        !live.monitors_replicas(db) || router.primary.is_healthy() || router.replicas.iter().any(|r| r.is_healthy())
     })
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::User;
-use crate::config::{Config, DatabaseConfig, PoolMode, Problem, ServerAddr};
+use crate::config::{Config, DatabaseConfig, Problem, ServerAddr};
 use crate::listener::{self, ClientGauge};
 use crate::live::Live;
 use crate::pool::{Pool, PoolKey, PoolSettings, Pools, Role};
@@ -136,25 +136,27 @@ impl Shared {
         *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
     }
 
-    /// Starts a watch for each database that did not have one under
-    /// `previous`. Where reads may go to replicas, a health monitor that logs
+    /// Starts a watch for each database that did not have one of the right
+    /// kind under `previous`. Where reads may go to replicas, a health monitor that logs
     /// in as the first configured user and checks every server; elsewhere a
     /// probe of the primary that does not log in, to release the sessions
     /// stuck on it when it freezes.
     fn spawn_monitors(self: &Arc<Self>, live: &Arc<Live>, previous: Option<&Live>) {
-        let split = live.config.routing.read_write_split && live.config.pool.mode == PoolMode::Transaction;
-        let user = live.config.users.first().and_then(|u| live.users.get(&u.name)).cloned();
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         for (name, db) in live.databases.iter() {
             let router = live.routers[name].clone();
-            let had = previous
-                .and_then(|p| p.routers.get(name))
-                .is_some_and(|r| Arc::ptr_eq(r, &router));
-            if had {
+            let full = live.monitors_replicas(db);
+            // The watch of the same router goes on, unless it must change
+            // kind (splitting or the pool mode changed): the old one then ends.
+            let kept = previous.is_some_and(|p| {
+                p.routers.get(name).is_some_and(|r| Arc::ptr_eq(r, &router))
+                    && p.databases.get(name).is_some_and(|d| p.monitors_replicas(d) == full)
+            });
+            if kept {
                 continue;
             }
-            match &user {
-                Some(user) if split && !db.replicas.is_empty() => {
+            match live.monitor_user() {
+                Some(user) if full => {
                     let monitor = crate::router::health::monitor(self.clone(), db.clone(), user.clone(), router);
                     tasks.push(tokio::spawn(monitor));
                 }

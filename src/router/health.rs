@@ -176,17 +176,21 @@ async fn probe(addr: &ServerAddr, timeout: Duration) -> std::io::Result<bool> {
 /// the server a process start.
 const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
-/// Whether a watch over `router` is still needed: it is the database's
-/// current router, or sessions still use it (they keep the router of the
-/// configuration they logged in under).
-fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>) -> bool {
-    let current = shared
-        .live()
-        .routers
-        .get(&db.name)
-        .is_some_and(|r| Arc::ptr_eq(r, router));
-    // This task holds one reference.
-    current || Arc::strong_count(router) > 1
+/// Whether a watch over `router` of the kind `full` (see
+/// `Live::monitors_replicas`) is still needed: it is the database's current
+/// router and the configuration still wants that kind of watch, or sessions
+/// still use the router (they keep the router of the configuration they
+/// logged in under).
+fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>, full: bool) -> bool {
+    let live = shared.live();
+    match live.routers.get(&db.name) {
+        Some(current) if Arc::ptr_eq(current, router) => live
+            .databases
+            .get(&db.name)
+            .is_some_and(|d| live.monitors_replicas(d) == full),
+        // This task holds one reference.
+        _ => Arc::strong_count(router) > 1,
+    }
 }
 
 /// Watches the primary of a database that no [`monitor`] watches (read/write
@@ -199,7 +203,7 @@ fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>) -> 
 /// sockets report it.
 pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router: Arc<Router>) {
     let name = db.primary.to_string();
-    while still_watched(&shared, &db, &router) {
+    while still_watched(&shared, &db, &router, false) {
         let (interval, timeout) = {
             let routing = &shared.live().config.routing;
             (routing.health_check_interval, routing.health_check_timeout)
@@ -275,7 +279,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         .map(|a| shared.pool(&db, &user, Role::Replica, a))
         .collect();
     let mut functions_loaded: Option<Instant> = None;
-    while still_watched(&shared, &db, &router) {
+    while still_watched(&shared, &db, &router, true) {
         // All servers at once: a frozen one must not delay the others' checks.
         let replica_checks: Vec<_> = replicas
             .iter()

@@ -605,3 +605,63 @@ async fn without_splitting_clients_stuck_on_a_frozen_primary_are_released() {
         "a transaction was left open"
     );
 }
+
+/// The status line of `GET path` on the metrics endpoint.
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+/// Splitting turned on by a reload, for a database whose servers did not
+/// change: its replicas get a health monitor and join the rotation, and
+/// `/readyz` stays ready; turned off again, reads go to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
+    let user = create_user("repl_reload").await;
+    let mut setup = split_setup(&user);
+    let split_on = setup.routing.clone();
+    let split_off = split_on.replace("read_write_split = true", "read_write_split = false");
+    setup.routing = split_off.clone();
+    setup.proxy.push_str("\nmetrics_listen = \"127.0.0.1:0\"");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    proxy.shared().set_config_path(path.clone());
+    setup.listen = proxy.local_addr().to_string();
+    let metrics = proxy.metrics_addr().expect("metrics endpoint");
+    let primary = cluster().primary;
+    let client = connect(&proxy, &user).await.unwrap();
+    assert_eq!(port_of(&client, PORT_SQL).await, primary);
+    assert!(http_status(metrics, "/readyz").await.contains("200"));
+
+    setup.routing = split_on;
+    std::fs::write(&path, setup.toml()).unwrap();
+    proxy.shared().reload().expect("the new file reloads");
+    let fresh = connect(&proxy, &user).await.unwrap();
+    replicas_ready(&fresh).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            http_status(metrics, "/readyz").await.contains("200")
+        })
+        .await,
+        "/readyz never answered 200 with splitting on"
+    );
+
+    setup.routing = split_off;
+    std::fs::write(&path, setup.toml()).unwrap();
+    proxy.shared().reload().expect("the new file reloads");
+    let last = connect(&proxy, &user).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(port_of(&last, PORT_SQL).await, primary, "splitting is off again");
+    }
+    assert!(http_status(metrics, "/readyz").await.contains("200"));
+}
