@@ -2,7 +2,9 @@
 # Throwaway PostgreSQL cluster for tests and the demo: one primary and N streaming replicas on
 # 127.0.0.1, all inside one directory that `down` removes again.
 #
-#   pg-cluster.sh up DIR [--watch PID] [--replicas N]   start; prints cluster.env lines on stdout
+#   pg-cluster.sh up DIR [--watch PID] [--replicas N] [--ssl]
+#                                                       start; prints cluster.env lines on stdout
+#                                                       (--ssl: TLS on, SSL_CA= names the CA file)
 #   pg-cluster.sh down DIR                              stop every node, rm -rf DIR (idempotent)
 #   pg-cluster.sh stop-node DIR NODE                    NODE = primary | replicaK (-m immediate)
 #   pg-cluster.sh start-node DIR NODE
@@ -13,7 +15,8 @@
 #   pg-cluster.sh promote-node DIR NODE                 pg_ctl promote (a failover)
 #
 # Layout of DIR: primary/ replica1/ ... (data directories), <node>.log (server logs), the unix
-# sockets, cluster.env, and .pg-cluster (marker that makes `down` willing to delete DIR).
+# sockets, cluster.env, ssl/ (with --ssl: a test CA and a certificate for 127.0.0.1 and
+# localhost that every node uses), and .pg-cluster (marker that makes `down` willing to delete DIR).
 # Roles created on the primary: app/app-secret, admin/admin-secret (SCRAM over TCP); database
 # appdb owned by app. The postgres superuser is trusted over 127.0.0.1 and the unix socket.
 #
@@ -27,7 +30,7 @@ log() { printf 'pg-cluster: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '5,13p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,15p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -152,12 +155,32 @@ start_new_node() {
     done
 }
 
+# A throwaway CA and a server certificate it signed, for 127.0.0.1 and localhost, in DIR/ssl.
+make_certs() {
+    local d=$DIR/ssl
+    command -v openssl >/dev/null || die "--ssl needs the openssl command (apt-get install -y openssl)"
+    mkdir -p "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj '/CN=pg-cluster test CA' \
+        -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' \
+        -keyout "$d/ca.key" -out "$d/ca.crt" >"$d/openssl.log" 2>&1 || die "openssl: $(cat "$d/openssl.log")"
+    openssl req -newkey rsa:2048 -nodes -subj '/CN=127.0.0.1' \
+        -keyout "$d/server.key" -out "$d/server.csr" >>"$d/openssl.log" 2>&1 || die "openssl: $(cat "$d/openssl.log")"
+    printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' 'basicConstraints=CA:FALSE' \
+        'keyUsage=critical,digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' >"$d/server.ext"
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+        -extfile "$d/server.ext" -out "$d/server.crt" >>"$d/openssl.log" 2>&1 || die "openssl: $(cat "$d/openssl.log")"
+    chmod 600 "$d/server.key" "$d/ca.key"
+    chmod 755 "$d"
+    give_to_pg "$d" "$d"/*
+}
+
 cmd_up() {
-    local watch="" replicas=2
+    local watch="" replicas=2 ssl=""
     while [[ $# -gt 0 ]]; do
         case $1 in
         --watch) watch=${2:?--watch needs a PID}; shift 2 ;;
         --replicas) replicas=${2:?--replicas needs a number}; shift 2 ;;
+        --ssl) ssl=1; shift ;;
         *) usage ;;
         esac
     done
@@ -228,6 +251,14 @@ wal_receiver_status_interval = 1s
 wal_retrieve_retry_interval = 1s
 include = 'node.conf'
 EOF
+    if [[ -n $ssl ]]; then
+        make_certs
+        cat >>"$DIR/primary/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = '$DIR/ssl/server.crt'
+ssl_key_file = '$DIR/ssl/server.key'
+EOF
+    fi
     give_to_pg "$DIR/primary/pg_hba.conf"
     write_node_conf primary "${ports[0]}"
 
@@ -281,6 +312,7 @@ SQL
         list+=${list:+,}$(node_port "replica$k")
     done
     env_lines+=$'\n'"REPLICA_PORTS=$list"
+    [[ -n $ssl ]] && env_lines+=$'\n'"SSL_CA=$DIR/ssl/ca.crt"
     printf '%s\n' "$env_lines" >"$DIR/cluster.env"
     printf '%s\n' "$env_lines"
     log "up: primary on 127.0.0.1:$primary_port${list:+, replicas on $list}"

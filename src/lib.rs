@@ -9,7 +9,8 @@
 //!   writes, reading and rewriting Parse/Bind/Describe/Close, SQLSTATEs); no I/O,
 //!   safe on any input.
 //! - [`auth`]: SCRAM-SHA-256 verification of clients.
-//! - [`tls`]: the rustls acceptor for clients that ask for TLS.
+//! - [`tls`]: the rustls acceptor for clients that ask for TLS, and the
+//!   connector (with libpq's verification modes) for TLS to the servers.
 //! - [`clients`]: registry of logged-in clients (SHOW CLIENTS/SERVERS, KILL).
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication
@@ -36,8 +37,8 @@
 //! - [`pool`]: bounded, fair pools of server connections per (database, user, server),
 //!   bound shared per (server, user); registry of statements the servers accepted.
 //! - [`server_conn`]: one server connection: connect, log in, cancel, liveness.
-//! - [`server_stream`]: the byte stream to a server, TCP or a unix-domain
-//!   socket.
+//! - [`server_stream`]: the byte stream to a server: TCP, TLS over TCP
+//!   (SSLRequest first), or a unix-domain socket.
 //! - `io_enum`: `AsyncRead`/`AsyncWrite` for enums of streams (client and
 //!   server streams and their halves).
 //! - [`server_state`]: what a server connection holds for clients: prepared

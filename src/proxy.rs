@@ -30,6 +30,8 @@ pub struct Shared {
     /// When the proxy started (for per-second averages).
     pub started: std::time::Instant,
     pub pools: Pools,
+    /// TLS to the servers (`[server_tls]`, read at start).
+    server_tls: crate::tls::ServerTls,
     pub cancels: CancelRegistry,
     /// Becomes `true` when a graceful shutdown starts.
     pub shutdown: watch::Receiver<bool>,
@@ -64,6 +66,7 @@ impl Shared {
             dbname: db.server_dbname().to_owned(),
             user: user.name.clone(),
             password: user.server_password.clone(),
+            tls: self.server_tls.clone(),
         })
     }
 
@@ -113,6 +116,11 @@ impl Shared {
             || config.proxy.metrics_listen != old.config.proxy.metrics_listen
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
+        }
+        if config.server_tls.sslmode != old.config.server_tls.sslmode
+            || config.server_tls.ca_file != old.config.server_tls.ca_file
+        {
+            tracing::warn!("[server_tls] changed: it takes effect at the next restart");
         }
         let live = Arc::new(Live::build(config, Some(&old))?);
         // Server passwords changed: those users' pools start afresh.
@@ -232,12 +240,19 @@ impl Proxy {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let settings = PoolSettings::from(&config);
         let cancel_timeout = config.pool.server_connect_timeout;
+        let server_tls = crate::tls::server_connector(&config.server_tls).map_err(|e| {
+            StartError::Config(vec![Problem {
+                key: "server_tls".to_owned(),
+                message: e.to_string(),
+            }])
+        })?;
         let live = Arc::new(Live::build(config, None).map_err(StartError::Config)?);
         let shared = Arc::new(Shared {
             live: ArcSwap::new(live.clone()),
             config_path: Mutex::new(None),
             started: std::time::Instant::now(),
             pools: Pools::new(settings),
+            server_tls,
             cancels: CancelRegistry::new(cancel_timeout),
             shutdown: shutdown_rx,
             shutdown_tx,

@@ -30,6 +30,7 @@ pub struct LoginTarget {
     pub dbname: String,
     pub user: String,
     pub password: String,
+    pub tls: crate::tls::ServerTls,
 }
 
 impl std::fmt::Debug for LoginTarget {
@@ -116,7 +117,7 @@ impl ServerConn {
 
     async fn connect_inner(target: &LoginTarget) -> Result<ServerConn, ServerError> {
         let addr = &target.addr;
-        let stream = ServerStream::connect(addr)
+        let stream = ServerStream::connect(addr, &target.tls)
             .await
             .map_err(|source| ServerError::Connect {
                 addr: addr.clone(),
@@ -245,7 +246,8 @@ impl ServerConn {
 /// (the postmaster closes the connection after signalling the backend).
 pub async fn send_cancel(key: &CancelKey, timeout: Duration) -> io::Result<()> {
     let work = async {
-        let mut stream = ServerStream::connect(&key.addr).await?;
+        // In plain text, as libpq before PostgreSQL 17: the key is all it carries.
+        let mut stream = ServerStream::connect(&key.addr, &crate::tls::ServerTls::disabled()).await?;
         let mut out = BytesMut::new();
         frontend::cancel_request(key.process_id, key.secret_key, &mut out);
         stream.write_all(&out).await?;

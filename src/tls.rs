@@ -1,13 +1,17 @@
-//! TLS for clients: builds the rustls acceptor (ring provider) from the PEM
-//! certificate chain and key named in `[tls]`.
+//! TLS with rustls (ring provider): the acceptor for clients, from the PEM
+//! certificate chain and key named in `[tls]`, and the connector to the
+//! servers, from `[server_tls]`.
 
 use std::sync::Arc;
 
+use rustls::DigitallySignedStruct;
+use rustls::SignatureScheme;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::TlsConfig;
+use crate::config::{ServerSslMode, ServerTlsConfig, TlsConfig};
 
 /// Why the TLS configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -45,4 +49,175 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// TLS to the servers, per `[server_tls]`.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub mode: ServerSslMode,
+    /// `None` with `sslmode = "disable"`.
+    connector: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Plain TCP to every server.
+    pub fn disabled() -> ServerTls {
+        ServerTls {
+            mode: ServerSslMode::Disable,
+            connector: None,
+        }
+    }
+
+    /// The connector, unless TLS is off.
+    pub fn connector(&self) -> Option<&TlsConnector> {
+        self.connector.as_ref()
+    }
+}
+
+/// Builds the client side of TLS to the servers. Without `ca_file`,
+/// `prefer` and `require` encrypt without checking the certificate (libpq's
+/// behaviour); with it, or with `verify-ca`, the chain must lead to one of
+/// its authorities; `verify-full` also checks the certificate names the host.
+pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
+    if cfg.sslmode == ServerSslMode::Disable {
+        return Ok(ServerTls::disabled());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let verifier: Arc<dyn ServerCertVerifier> = match &cfg.ca_file {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|e| TlsError::Cert {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsError::Cert {
+                    path: path.display().to_string(),
+                    reason: "no usable CERTIFICATE block found".to_owned(),
+                });
+            }
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Cert {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            match cfg.sslmode {
+                ServerSslMode::VerifyFull => webpki,
+                _ => Arc::new(AnyName(webpki)),
+            }
+        }
+        None => Arc::new(Unchecked(provider)),
+    };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(ServerTls {
+        mode: cfg.sslmode,
+        connector: Some(TlsConnector::from(Arc::new(config))),
+    })
+}
+
+/// `verify-ca`: the chain must lead to a trusted authority, whatever name
+/// the certificate gives.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer` and `require` without `ca_file`: encryption against passive
+/// eavesdroppers only, as in libpq. The handshake's signature is still
+/// checked against the certificate the server sent.
+#[derive(Debug)]
+struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Unchecked {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -420,6 +420,15 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
                 .as_str()
                 .to_owned(),
         ),
+        ("server_tls.sslmode", c.server_tls.sslmode.as_str().to_owned()),
+        (
+            "server_tls.ca_file",
+            c.server_tls
+                .ca_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        ),
         ("pool.mode", c.pool.mode.as_str().to_owned()),
         ("pool.size", c.pool.size.to_string()),
         ("pool.checkout_timeout", dur(c.pool.checkout_timeout)),

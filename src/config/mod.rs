@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-pub use types::{Balance, PoolMode, ServerAddr, SessionFeatures, TlsClientMode, format_duration};
+pub use types::{Balance, PoolMode, ServerAddr, ServerSslMode, SessionFeatures, TlsClientMode, format_duration};
 
 /// Name of the admin console's virtual database.
 pub const ADMIN_DATABASE: &str = "dbproxy";
@@ -59,6 +59,18 @@ pub struct TlsConfig {
     /// `"require"` refuses clients that log in without TLS.
     #[serde(default)]
     pub client_mode: TlsClientMode,
+}
+
+/// `[server_tls]`: TLS from dbproxy to the servers, as libpq's `sslmode`
+/// and `sslrootcert` (over TCP; never over a unix socket).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    pub sslmode: ServerSslMode,
+    /// PEM file of the certificate authorities that sign the servers'
+    /// certificates: required by `verify-ca` and `verify-full`; with `prefer`
+    /// or `require` it makes them verify the chain too, as libpq does.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[pool]`: server connection pools, one per (database, user, server).
@@ -190,6 +202,7 @@ impl fmt::Debug for UserConfig {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub tls: Option<TlsConfig>,
+    pub server_tls: ServerTlsConfig,
     pub pool: PoolConfig,
     pub routing: RoutingConfig,
     pub databases: Vec<DatabaseConfig>,
@@ -273,6 +286,7 @@ impl Config {
             match key.as_str() {
                 "proxy" => config.proxy = problems.section(&key, value).unwrap_or_default(),
                 "tls" => config.tls = problems.section(&key, value),
+                "server_tls" => config.server_tls = problems.section(&key, value).unwrap_or_default(),
                 "pool" => config.pool = problems.section(&key, value).unwrap_or_default(),
                 "routing" => config.routing = problems.section(&key, value).unwrap_or_default(),
                 "databases" => config.databases = problems.array(&key, value),
@@ -382,6 +396,18 @@ impl Config {
         {
             p.add("tls", e.to_string());
         }
+        let server_tls = &self.server_tls;
+        if server_tls.ca_file.is_none() && server_tls.sslmode.verifies() {
+            p.add(
+                "server_tls.ca_file",
+                format!(
+                    "sslmode {:?} needs the certificate authorities' file",
+                    server_tls.sslmode.as_str()
+                ),
+            );
+        } else if let Err(e) = crate::tls::server_connector(server_tls) {
+            p.add("server_tls", e.to_string());
+        }
     }
 }
 
@@ -490,6 +516,25 @@ password = "p"
                 "proxy.admin_users[0]"
             ]
         );
+    }
+
+    #[test]
+    fn server_tls_settings() {
+        let base = "[[databases]]\nname = \"d\"\nprimary = \"h:1\"\n";
+        let c = Config::parse(base).unwrap();
+        assert_eq!(c.server_tls.sslmode, ServerSslMode::Prefer, "libpq's default");
+        let c = Config::parse(&format!("{base}[server_tls]\nsslmode = \"disable\"\n")).unwrap();
+        assert_eq!(c.server_tls.sslmode, ServerSslMode::Disable);
+        let problems = Config::parse(&format!("{base}[server_tls]\nsslmode = \"verify-full\"\n")).unwrap_err();
+        assert_eq!(problems[0].key, "server_tls.ca_file", "{problems:?}");
+        let problems = Config::parse(&format!(
+            "{base}[server_tls]\nsslmode = \"verify-ca\"\nca_file = \"/nonexistent.pem\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "server_tls", "{problems:?}");
+        assert!(problems[0].message.contains("/nonexistent.pem"), "{problems:?}");
+        let problems = Config::parse(&format!("{base}[server_tls]\nsslmode = \"allow\"\n")).unwrap_err();
+        assert_eq!(problems[0].key, "server_tls", "{problems:?}");
     }
 
     #[test]

@@ -156,6 +156,47 @@ impl TlsClientMode {
     }
 }
 
+/// How dbproxy uses TLS to the servers (libpq's `sslmode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Never: plain TCP.
+    Disable,
+    /// TLS when the server offers it, else plain TCP.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked (unless a
+    /// `ca_file` is given).
+    Require,
+    /// TLS with a certificate signed by one of `ca_file`'s authorities.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the server's host.
+    VerifyFull,
+}
+
+impl ServerSslMode {
+    /// The name used in the config file and the admin console.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerSslMode::Disable => "disable",
+            ServerSslMode::Prefer => "prefer",
+            ServerSslMode::Require => "require",
+            ServerSslMode::VerifyCa => "verify-ca",
+            ServerSslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether a server without TLS is refused.
+    pub fn requires(self) -> bool {
+        !matches!(self, ServerSslMode::Disable | ServerSslMode::Prefer)
+    }
+
+    /// Whether the server's certificate must be checked.
+    pub fn verifies(self) -> bool {
+        matches!(self, ServerSslMode::VerifyCa | ServerSslMode::VerifyFull)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

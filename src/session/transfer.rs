@@ -409,7 +409,7 @@ impl Conn<'_> {
             }
             _ => None,
         };
-        let (srd, swr) = match &mut self.phase {
+        let (srd, mut swr) = match &mut self.phase {
             Phase::Attached(a) => {
                 if self.sbuf.capacity() == 0 {
                     self.sbuf = spare_buffer();
@@ -423,7 +423,7 @@ impl Conn<'_> {
         // Output is written at once when the socket takes it, as it nearly
         // always does: a round through the select below polls every source.
         let eager = match (srd.is_some(), self.to_server.is_empty(), self.to_client.is_empty()) {
-            (true, false, _) => swr.as_ref().and_then(|w| match w.try_write(&self.to_server) {
+            (true, false, _) => swr.as_mut().and_then(|w| match w.try_write(&self.to_server) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
                 r => Some(Event::ServerWrote(r)),
             }),

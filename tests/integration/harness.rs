@@ -17,7 +17,15 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub primary: u16,
     pub replicas: Vec<u16>,
+    /// The CA that signed the servers' certificate, when their TLS is on:
+    /// in the `integration` binary, so that every test there also runs over
+    /// dbproxy's default `server_tls.sslmode = "prefer"`, encrypted; the
+    /// `routing` binary's servers have TLS off.
+    pub ssl_ca: Option<PathBuf>,
 }
+
+/// Whether this test binary's servers have TLS on (see `Cluster::ssl_ca`).
+const SERVERS_USE_TLS: bool = matches!(env!("CARGO_CRATE_NAME").as_bytes(), b"integration");
 
 impl Cluster {
     /// Stops a node (`primary`, `replica1`, `replica2`) at once, like a crash.
@@ -80,6 +88,7 @@ pub fn cluster() -> &'static Cluster {
             .arg("up")
             .arg(&dir)
             .args(["--watch", &pid.to_string()])
+            .args(SERVERS_USE_TLS.then_some("--ssl"))
             .output()
             .expect("scripts/pg-cluster.sh runs");
         assert!(
@@ -102,6 +111,7 @@ pub fn cluster() -> &'static Cluster {
                 .filter(|p| !p.is_empty())
                 .map(|p| p.parse().expect("port"))
                 .collect(),
+            ssl_ca: SERVERS_USE_TLS.then(|| PathBuf::from(get("SSL_CA"))),
         }
     })
 }

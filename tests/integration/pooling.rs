@@ -129,6 +129,7 @@ async fn pool_serves_waiters_first_come_first_served() {
         dbname: "appdb".into(),
         user: user.name.clone(),
         password: user.password.clone(),
+        tls: dbproxy::tls::ServerTls::disabled(),
     };
     let settings = PoolSettings {
         size: 4,

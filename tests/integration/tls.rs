@@ -1,5 +1,6 @@
 //! TLS towards clients: sslmode=require and verify-full against a CA made
-//! here, with tokio-postgres (rustls) and psql.
+//! here, with tokio-postgres (rustls) and psql. TLS towards the servers
+//! (`[server_tls]`), whose certificate the cluster script made.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,8 +62,9 @@ async fn tls_require_and_verify_full() {
         .await
         .map(|r| r.get(0))
         .unwrap_or(false);
-    // The proxy-to-server hop is plaintext here; what matters is the client hop worked.
-    assert!(!ssl);
+    // The servers of this test binary have TLS on, and dbproxy's default
+    // server_tls.sslmode is "prefer": the proxy-to-server hop is encrypted too.
+    assert!(ssl, "the server connection is not encrypted");
     assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 
     let ca_path = dir.path().join("ca.pem");
@@ -142,4 +144,71 @@ async fn without_tls_configured_ssl_is_declined() {
         .expect("psql runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not support SSL"));
+}
+
+/// Whether the server connection serving `client` is encrypted.
+async fn server_hop_encrypted(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A proxy whose configuration is `setup` plus a `[server_tls]` section.
+async fn with_server_tls(setup: &Setup, lines: &str) -> dbproxy::Proxy {
+    let text = format!("{}\n[server_tls]\n{lines}\n", setup.toml());
+    let config = dbproxy::Config::parse(&text).unwrap_or_else(|p| panic!("config invalid: {p:?}"));
+    dbproxy::Proxy::start(config).await.expect("proxy starts")
+}
+
+/// `[server_tls]`: `verify-full` against the servers' CA encrypts every
+/// server connection; a CA that did not sign their certificate fails each
+/// request with a clear error while the client stays connected; `disable`
+/// keeps to plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_verify_full_a_wrong_ca_and_disable() {
+    let user = create_user("srvtls").await;
+    let setup = Setup::new(&[&user]);
+    let ca = cluster()
+        .ssl_ca
+        .clone()
+        .expect("the servers have TLS on in this binary");
+
+    let proxy = with_server_tls(
+        &setup,
+        &format!("sslmode = \"verify-full\"\nca_file = \"{}\"", ca.display()),
+    )
+    .await;
+    let client = connect(&proxy, &user).await.unwrap();
+    assert!(server_hop_encrypted(&client).await.unwrap(), "verify-full");
+    // Enough rows to cross many TLS records.
+    let rows = client
+        .query("SELECT repeat(md5(i::text), 40) FROM generate_series(1, 5000) i", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5000);
+    drop(client);
+    drop(proxy);
+
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path());
+    let wrong = other.path().join("ca.pem");
+    let proxy = with_server_tls(
+        &setup,
+        &format!("sslmode = \"verify-ca\"\nca_file = \"{}\"", wrong.display()),
+    )
+    .await;
+    let client = connect(&proxy, &user).await.expect("the login needs no server");
+    for _ in 0..2 {
+        let err = client.simple_query("SELECT 1").await.unwrap_err();
+        let text = describe(&err);
+        assert!(text.contains("TLS handshake") && text.contains("certificate"), "{text}");
+        assert_eq!(sqlstate(&err), "08001", "{text}");
+    }
+    drop(client);
+    drop(proxy);
+
+    let proxy = with_server_tls(&setup, "sslmode = \"disable\"").await;
+    let client = connect(&proxy, &user).await.unwrap();
+    assert!(!server_hop_encrypted(&client).await.unwrap(), "disable");
 }

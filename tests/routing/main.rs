@@ -665,3 +665,30 @@ async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
     }
     assert!(http_status(metrics, "/readyz").await.contains("200"));
 }
+
+/// This binary's servers have TLS off: `server_tls.sslmode = "require"`
+/// fails each request with a clear error instead of falling back to plain
+/// text, and the default `prefer` uses plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_require_refuses_a_server_without_tls() {
+    let user = create_user("srvtls_req").await;
+    let setup = Setup::new(&[&user]);
+    let text = format!("{}\n[server_tls]\nsslmode = \"require\"\n", setup.toml());
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::parse(&text).unwrap())
+        .await
+        .unwrap();
+    let client = connect(&proxy, &user).await.expect("the login needs no server");
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(describe(&err).contains("does not accept TLS"), "{}", describe(&err));
+    drop(client);
+    drop(proxy);
+
+    let proxy = setup.start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let ssl: bool = client
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ssl, "prefer against a server without TLS");
+}
