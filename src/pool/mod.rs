@@ -68,7 +68,8 @@ pub struct Pool {
     target: LoginTarget,
     settings: PoolSettings,
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<ServerConn>>,
+    #[expect(clippy::vec_box, reason = "boxed so a checkout moves a pointer, not the connection")]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// Server-side statement names some server of this pool accepted a Parse
     /// for: a client's Parse of one of these can be answered without a server.
     known_statements: Mutex<HashSet<Arc<str>>>,
@@ -139,7 +140,8 @@ impl Pool {
         self.idle_list().len()
     }
 
-    fn idle_list(&self) -> std::sync::MutexGuard<'_, Vec<ServerConn>> {
+    #[expect(clippy::vec_box, reason = "see `idle`")]
+    fn idle_list(&self) -> std::sync::MutexGuard<'_, Vec<Box<ServerConn>>> {
         // A panic while holding this lock cannot leave the Vec inconsistent.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -175,7 +177,7 @@ impl Pool {
                 let mut conn = conn?;
                 conn.generation = self.generation.load(Ordering::Acquire);
                 *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
-                conn
+                Box::new(conn)
             }
         };
         self.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -203,7 +205,7 @@ impl Pool {
         })
     }
 
-    fn pop_idle(&self) -> Option<ServerConn> {
+    fn pop_idle(&self) -> Option<Box<ServerConn>> {
         let mut idle = self.idle_list();
         while let Some(conn) = idle.pop() {
             if conn.is_alive() && conn.last_used.elapsed() < self.settings.idle_timeout {
@@ -239,7 +241,8 @@ impl Pool {
 /// anything left open) and frees the slot.
 #[derive(Debug)]
 pub struct Checkout {
-    pub conn: ServerConn,
+    /// Boxed: it moves between the pool and a session on every checkout.
+    pub conn: Box<ServerConn>,
     slot: Slot,
 }
 
