@@ -27,6 +27,8 @@ pub struct Live {
     pub stats: HashMap<String, Arc<DbStats>>,
     /// `PAUSE`d databases: new transactions wait until `RESUME`.
     pub paused: HashMap<String, Arc<watch::Sender<bool>>>,
+    /// The switches of databases a reload removed (see `build`).
+    retired_paused: HashMap<String, Arc<watch::Sender<bool>>>,
 }
 
 impl Live {
@@ -78,9 +80,20 @@ impl Live {
             paused.insert(
                 db.name.clone(),
                 previous
-                    .and_then(|p| p.paused.get(&db.name).cloned())
+                    .and_then(|p| p.paused.get(&db.name).or_else(|| p.retired_paused.get(&db.name)))
+                    .cloned()
                     .unwrap_or_else(|| Arc::new(watch::channel(false).0)),
             );
+        }
+        // Sessions keep their database's switch: one removed and added again
+        // gets the same switch back, so PAUSE still reaches them.
+        let mut retired_paused = HashMap::new();
+        if let Some(p) = previous {
+            for (name, switch) in p.paused.iter().chain(&p.retired_paused) {
+                if !paused.contains_key(name) {
+                    retired_paused.insert(name.clone(), switch.clone());
+                }
+            }
         }
         Ok(Live {
             users,
@@ -93,6 +106,7 @@ impl Live {
             routers,
             stats,
             paused,
+            retired_paused,
             config,
         })
     }

@@ -163,15 +163,18 @@ impl Shared {
             if kept {
                 continue;
             }
+            // The watch started before over this router, if any, ends.
+            let epoch = router.watch_epoch.fetch_add(1, Ordering::AcqRel) + 1;
             match live.monitor_user() {
                 Some(user) if full => {
-                    let monitor = crate::router::health::monitor(self.clone(), db.clone(), user.clone(), router);
+                    let monitor = crate::router::health::monitor(self.clone(), db.clone(), user.clone(), router, epoch);
                     tasks.push(tokio::spawn(monitor));
                 }
                 _ => tasks.push(tokio::spawn(crate::router::health::watch_primary(
                     self.clone(),
                     db.clone(),
                     router,
+                    epoch,
                 ))),
             }
         }

@@ -183,7 +183,7 @@ impl ServerConn {
     /// Whether an idle connection is still usable: nothing to read and no EOF.
     /// One non-blocking syscall, no round trip. A server that was terminated
     /// behind our back has sent an error and closed, which this detects.
-    pub fn is_alive(&self) -> bool {
+    pub fn is_alive(&mut self) -> bool {
         let mut byte = [0u8; 1];
         matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }

@@ -6,15 +6,14 @@
 //! TLS as `[server_tls]` asks (an SSLRequest first, as libpq does).
 
 use std::io;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream, tcp, unix};
 use tokio_rustls::client::TlsStream;
 
-use crate::config::ServerAddr;
+use crate::config::{ServerAddr, ServerSslMode};
 use crate::tls::ServerTls;
 
 type TlsIo = Box<TlsStream<TcpStream>>;
@@ -33,16 +32,11 @@ pub enum ServerStream {
 pub struct TlsServer {
     read: ReadHalf<TlsIo>,
     write: TlsWriter,
-    /// The socket again (a duplicate descriptor, non-blocking like the
-    /// original), to look at an idle connection without reading from it.
-    socket: std::net::TcpStream,
 }
 
 impl std::fmt::Debug for TlsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsServer")
-            .field("socket", &self.socket)
-            .finish_non_exhaustive()
+        f.debug_struct("TlsServer").finish_non_exhaustive()
     }
 }
 
@@ -84,9 +78,19 @@ impl ServerStream {
                 let stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
                 // Requests and answers are small and complete: send them at once.
                 let _ = stream.set_nodelay(true);
-                match tls.connector() {
-                    None => Ok(ServerStream::Tcp(stream)),
-                    Some(connector) => negotiate(stream, addr, tls, connector).await,
+                let Some(connector) = tls.connector() else {
+                    return Ok(ServerStream::Tcp(stream));
+                };
+                match negotiate(stream, addr, tls, connector).await {
+                    Err(Refused::Handshake(e)) if tls.mode == ServerSslMode::Prefer => {
+                        // As libpq: `prefer` tries again without TLS.
+                        tracing::warn!(server = %addr, error = %e, "TLS handshake failed; sslmode prefer connects again without TLS");
+                        let stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+                        let _ = stream.set_nodelay(true);
+                        Ok(ServerStream::Tcp(stream))
+                    }
+                    Err(Refused::Handshake(e) | Refused::Other(e)) => Err(e),
+                    Ok(stream) => Ok(stream),
                 }
             }
         }
@@ -113,14 +117,37 @@ impl ServerStream {
     }
 
     /// A read that does not wait (`WouldBlock` when nothing is there). Over
-    /// TLS the bytes are looked at, not taken, and are still encrypted: only
-    /// whether there are any, or the end of the stream, means something.
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// TLS it also sees what the TLS layer has already decrypted, and a
+    /// partial record it takes off the socket stays in that layer for the
+    /// next read.
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             ServerStream::Tcp(s) => s.try_read(buf),
             ServerStream::Unix(s) => s.try_read(buf),
-            ServerStream::Tls(s) => s.socket.peek(buf),
+            ServerStream::Tls(s) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut read = tokio::io::ReadBuf::new(buf);
+                match Pin::new(&mut s.read).poll_read(&mut cx, &mut read) {
+                    Poll::Ready(Ok(())) => Ok(read.filled().len()),
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
         }
+    }
+}
+
+/// Why [`negotiate`] gave no stream.
+enum Refused {
+    /// The server agreed to TLS, then the handshake failed (a certificate
+    /// that does not verify, no common protocol or cipher).
+    Handshake(io::Error),
+    Other(io::Error),
+}
+
+impl From<io::Error> for Refused {
+    fn from(e: io::Error) -> Refused {
+        Refused::Other(e)
     }
 }
 
@@ -131,7 +158,7 @@ async fn negotiate(
     addr: &ServerAddr,
     tls: &ServerTls,
     connector: &tokio_rustls::TlsConnector,
-) -> io::Result<ServerStream> {
+) -> Result<ServerStream, Refused> {
     stream.write_all(&SSL_REQUEST).await?;
     // Exactly one byte: anything after it would be the server's, unencrypted.
     let mut answer = [0u8; 1];
@@ -140,16 +167,16 @@ async fn negotiate(
         b'S' => {}
         b'N' if !tls.mode.requires() => return Ok(ServerStream::Tcp(stream)),
         b'N' => {
-            return Err(io::Error::other(format!(
+            return Err(Refused::Other(io::Error::other(format!(
                 "the server does not accept TLS connections (server_tls.sslmode = \"{}\")",
                 tls.mode.as_str()
-            )));
+            ))));
         }
         other => {
-            return Err(io::Error::new(
+            return Err(Refused::Other(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unexpected answer {other:#04x} to the SSLRequest"),
-            ));
+            )));
         }
     }
     let name = match addr.host.parse::<std::net::IpAddr>() {
@@ -157,11 +184,12 @@ async fn negotiate(
         Err(_) => rustls::pki_types::ServerName::try_from(addr.host.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: {e}", addr.host)))?,
     };
-    let socket = std::net::TcpStream::from(stream.as_fd().try_clone_to_owned()?);
-    let stream = connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with the server failed: {e}")))?;
+    let stream = connector.connect(name, stream).await.map_err(|e| {
+        Refused::Handshake(io::Error::new(
+            e.kind(),
+            format!("TLS handshake with the server failed: {e}"),
+        ))
+    })?;
     let (read, write) = tokio::io::split(Box::new(stream));
     Ok(ServerStream::Tls(Box::new(TlsServer {
         read,
@@ -169,11 +197,10 @@ async fn negotiate(
             half: write,
             accepted: 0,
         },
-        socket,
     })))
 }
 
-impl tokio::io::AsyncRead for TlsServer {
+impl AsyncRead for TlsServer {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
     }
@@ -203,7 +230,9 @@ impl AsyncWrite for TlsWriter {
             this.accepted = ready!(Pin::new(&mut this.half).poll_write(cx, buf))?;
         }
         ready!(Pin::new(&mut this.half).poll_flush(cx))?;
-        Poll::Ready(Ok(std::mem::take(&mut this.accepted)))
+        // A caller that gave up on the earlier bytes (a connection being
+        // abandoned) gets no count above its own buffer's length.
+        Poll::Ready(Ok(std::mem::take(&mut this.accepted).min(buf.len())))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -207,7 +207,7 @@ impl Pool {
 
     fn pop_idle(&self) -> Option<Box<ServerConn>> {
         let mut idle = self.idle_list();
-        while let Some(conn) = idle.pop() {
+        while let Some(mut conn) = idle.pop() {
             if conn.is_alive() && conn.last_used.elapsed() < self.settings.idle_timeout {
                 return Some(conn);
             }
@@ -232,7 +232,7 @@ impl Pool {
     pub fn prune_idle(&self) {
         let timeout = self.settings.idle_timeout;
         self.idle_list()
-            .retain(|c| c.is_alive() && c.last_used.elapsed() < timeout);
+            .retain_mut(|c| c.is_alive() && c.last_used.elapsed() < timeout);
     }
 }
 

@@ -176,20 +176,22 @@ async fn probe(addr: &ServerAddr, timeout: Duration) -> std::io::Result<bool> {
 /// the server a process start.
 const PROBE_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
-/// Whether a watch over `router` of the kind `full` (see
-/// `Live::monitors_replicas`) is still needed: it is the database's current
-/// router and the configuration still wants that kind of watch, or sessions
-/// still use the router (they keep the router of the configuration they
-/// logged in under).
-fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>, full: bool) -> bool {
-    let live = shared.live();
-    match live.routers.get(&db.name) {
-        Some(current) if Arc::ptr_eq(current, router) => live
-            .databases
-            .get(&db.name)
-            .is_some_and(|d| live.monitors_replicas(d) == full),
+/// Whether the watch number `epoch` over `router` is still needed: it is
+/// the database's current router and no newer watch replaced this one (a
+/// reload that changed the kind of watch the database needs, see
+/// `Live::monitors_replicas`), or sessions still use the router (they keep
+/// the router of the configuration they logged in under).
+fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>, epoch: u64) -> bool {
+    let current = shared
+        .live()
+        .routers
+        .get(&db.name)
+        .is_some_and(|r| Arc::ptr_eq(r, router));
+    if current {
+        router.watch_epoch.load(Ordering::Acquire) == epoch
+    } else {
         // This task holds one reference.
-        _ => Arc::strong_count(router) > 1,
+        Arc::strong_count(router) > 1
     }
 }
 
@@ -201,9 +203,9 @@ fn still_watched(shared: &Shared, db: &DatabaseConfig, router: &Arc<Router>, ful
 /// the sessions stuck on the primary are released, as the monitor does. A
 /// refused connection is no verdict of frozenness: those sessions' own
 /// sockets report it.
-pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router: Arc<Router>) {
+pub async fn watch_primary(shared: Arc<Shared>, db: Arc<DatabaseConfig>, router: Arc<Router>, epoch: u64) {
     let name = db.primary.to_string();
-    while still_watched(&shared, &db, &router, false) {
+    while still_watched(&shared, &db, &router, epoch) {
         let (interval, timeout) = {
             let routing = &shared.live().config.routing;
             (routing.health_check_interval, routing.health_check_timeout)
@@ -261,7 +263,7 @@ fn count_timeouts(health: &ServerHealth, verdict: &Verdict, name: &str, timeout:
 }
 
 /// Watches the servers of `db` for as long as the proxy runs.
-pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<User>, router: Arc<Router>) {
+pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<User>, router: Arc<Router>, epoch: u64) {
     // Read in a block: a snapshot kept for the task's life would keep every
     // router of its configuration alive (see `still_watched`).
     let (interval, timeout, max_lag) = {
@@ -279,7 +281,7 @@ pub async fn monitor(shared: Arc<Shared>, db: Arc<DatabaseConfig>, user: Arc<Use
         .map(|a| shared.pool(&db, &user, Role::Replica, a))
         .collect();
     let mut functions_loaded: Option<Instant> = None;
-    while still_watched(&shared, &db, &router, true) {
+    while still_watched(&shared, &db, &router, epoch) {
         // All servers at once: a frozen one must not delay the others' checks.
         let replica_checks: Vec<_> = replicas
             .iter()

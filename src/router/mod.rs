@@ -102,6 +102,9 @@ pub struct Router {
     /// statement names include it, so a statement a client prepares after
     /// such a change never reuses a server copy planned before it.
     schema_epoch: std::sync::atomic::AtomicU64,
+    /// Number of the newest health watch started over this router: an older
+    /// one ends (see `health::still_watched`).
+    pub watch_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Router {
@@ -117,6 +120,7 @@ impl Router {
             refresh: Notify::new(),
             refresh_requested: Default::default(),
             schema_epoch: Default::default(),
+            watch_epoch: Default::default(),
         }
     }
 
