@@ -96,11 +96,6 @@ impl ServerStream {
         }
     }
 
-    /// Whether the connection is encrypted.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, ServerStream::Tls(_))
-    }
-
     /// Halves to read and write at once, without a lock (but for TLS).
     pub fn split(&mut self) -> (ServerRead<'_>, ServerWrite<'_>) {
         match self {

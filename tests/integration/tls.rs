@@ -163,10 +163,10 @@ async fn with_server_tls(setup: &Setup, lines: &str) -> dbproxy::Proxy {
 
 /// `[server_tls]`: `verify-full` against the servers' CA encrypts every
 /// server connection; a CA that did not sign their certificate fails each
-/// request with a clear error while the client stays connected; `disable`
-/// keeps to plain TCP.
+/// request with a clear error while the client stays connected, except under
+/// `prefer`, which goes on without TLS; `disable` keeps to plain TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_tls_verify_full_a_wrong_ca_and_disable() {
+async fn server_tls_verify_full_a_wrong_ca_prefer_and_disable() {
     let user = create_user("srvtls").await;
     let setup = Setup::new(&[&user]);
     let ca = cluster()
@@ -205,6 +205,20 @@ async fn server_tls_verify_full_a_wrong_ca_and_disable() {
         assert!(text.contains("TLS handshake") && text.contains("certificate"), "{text}");
         assert_eq!(sqlstate(&err), "08001", "{text}");
     }
+    drop(client);
+    drop(proxy);
+
+    // prefer, as libpq: a handshake that fails goes on without TLS.
+    let proxy = with_server_tls(
+        &setup,
+        &format!("sslmode = \"prefer\"\nca_file = \"{}\"", wrong.display()),
+    )
+    .await;
+    let client = connect(&proxy, &user).await.unwrap();
+    assert!(
+        !server_hop_encrypted(&client).await.unwrap(),
+        "prefer after a failed handshake"
+    );
     drop(client);
     drop(proxy);
 
