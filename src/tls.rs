@@ -24,21 +24,24 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// Every certificate of a PEM file; at least one.
+fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let problem = |reason: String| TlsError::Cert {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| problem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(problem("no CERTIFICATE block found".to_owned()));
+    }
+    Ok(certs)
+}
+
 /// Loads the certificate and key and builds an acceptor.
 pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
-    let cert_path = cfg.cert.display().to_string();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert_path.clone(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert_path,
-            reason: "no CERTIFICATE block found".to_owned(),
-        });
-    }
+    let certs = load_certs(&cfg.cert)?;
     let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| TlsError::Key {
         path: cfg.key.display().to_string(),
         reason: e.to_string(),
@@ -93,34 +96,23 @@ pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let verifier: Arc<dyn ServerCertVerifier> = match &cfg.ca_file {
+    let chain = match &cfg.ca_file {
         Some(path) => {
             let mut roots = rustls::RootCertStore::empty();
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| TlsError::Cert {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(TlsError::Cert {
-                    path: path.display().to_string(),
-                    reason: "no usable CERTIFICATE block found".to_owned(),
-                });
-            }
-            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            roots.add_parsable_certificates(load_certs(path)?);
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Cert {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-            match cfg.sslmode {
-                ServerSslMode::VerifyFull => webpki,
-                _ => Arc::new(AnyName(webpki)),
-            }
+            Some(webpki)
         }
-        None => Arc::new(Unchecked(provider)),
+        None => None,
+    };
+    let verifier: Arc<dyn ServerCertVerifier> = match (chain, cfg.sslmode) {
+        (Some(webpki), ServerSslMode::VerifyFull) => webpki,
+        (chain, _) => Arc::new(Lenient { chain, provider }),
     };
     let config = builder
         .dangerous()
@@ -132,12 +124,19 @@ pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     })
 }
 
-/// `verify-ca`: the chain must lead to a trusted authority, whatever name
-/// the certificate gives.
+/// The certificate check short of `verify-full`: with `ca_file`, the chain
+/// must lead to one of its authorities, whatever name the certificate gives
+/// (`verify-ca`, and `prefer`/`require` given a CA file); without, nothing
+/// (`prefer`/`require`: encryption against passive eavesdroppers only, as in
+/// libpq). The handshake's signature is always checked against the
+/// certificate the server sent.
 #[derive(Debug)]
-struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
 
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -147,10 +146,10 @@ impl ServerCertVerifier for AnyName {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
                 Ok(ServerCertVerified::assertion())
             }
@@ -164,7 +163,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -173,51 +172,10 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without `ca_file`: encryption against passive
-/// eavesdroppers only, as in libpq. The handshake's signature is still
-/// checked against the certificate the server sent.
-#[derive(Debug)]
-struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -50,10 +50,7 @@ impl Conn<'_> {
             return false;
         }
         let (replica, reason) = self.choose_replica(class);
-        let (pool, role) = match replica {
-            Some(i) => (&self.replica_pools[i], Role::Replica),
-            None => (&self.pool, Role::Primary),
-        };
+        let (pool, role) = self.pool_of(replica);
         let Some(conn) = pool.try_checkout() else {
             return false;
         };
@@ -107,11 +104,8 @@ impl Conn<'_> {
     async fn checkout_routed(&mut self, class: Class, wait: std::time::Duration) -> Result<(), CheckoutError> {
         for _ in 0..=self.replica_pools.len() {
             let (replica, reason) = self.choose_replica(class);
-            let (pool, role) = match replica {
-                Some(i) => (self.replica_pools[i].clone(), Role::Replica),
-                None => (self.pool.clone(), Role::Primary),
-            };
-            match pool.checkout(wait).await {
+            let (pool, role) = self.pool_of(replica);
+            match pool.clone().checkout(wait).await {
                 Ok(conn) => {
                     self.stats.routed(reason.as_str());
                     self.hold(conn, role, replica, class).await;
@@ -166,6 +160,14 @@ impl Conn<'_> {
             read_reserve: super::buffers::SMALL_READ_RESERVE,
             delivered: now,
         });
+    }
+
+    /// The pool of replica `replica`, or of the primary.
+    fn pool_of(&self, replica: Option<usize>) -> (&std::sync::Arc<crate::pool::Pool>, Role) {
+        match replica {
+            Some(i) => (&self.replica_pools[i], Role::Replica),
+            None => (&self.pool, Role::Primary),
+        }
     }
 
     /// The replica for a request of `class`, if it may and should use one,

@@ -174,19 +174,6 @@ async fn shutdown_from_the_console_drains_the_proxy() {
     assert!(err.is_closed() || sqlstate(&err) == "57P01", "{}", describe(&err));
 }
 
-/// One HTTP GET over a raw socket: (status line, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
-}
-
 fn metric(body: &str, prefix: &str) -> f64 {
     body.lines()
         .find(|l| l.starts_with(prefix))

@@ -606,18 +606,6 @@ async fn without_splitting_clients_stuck_on_a_frozen_primary_are_released() {
     );
 }
 
-/// The status line of `GET path` on the metrics endpoint.
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    text.lines().next().unwrap_or("").to_owned()
-}
-
 /// Splitting turned on by a reload, for a database whose servers did not
 /// change: its replicas get a health monitor and join the rotation, and
 /// `/readyz` stays ready; turned off again, reads go to the primary.
@@ -641,7 +629,7 @@ async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
     let primary = cluster().primary;
     let client = connect(&proxy, &user).await.unwrap();
     assert_eq!(port_of(&client, PORT_SQL).await, primary);
-    assert!(http_status(metrics, "/readyz").await.contains("200"));
+    assert!(http_get(metrics, "/readyz").await.0.contains("200"));
 
     setup.routing = split_on;
     std::fs::write(&path, setup.toml()).unwrap();
@@ -650,7 +638,7 @@ async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
     replicas_ready(&fresh).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
-            http_status(metrics, "/readyz").await.contains("200")
+            http_get(metrics, "/readyz").await.0.contains("200")
         })
         .await,
         "/readyz never answered 200 with splitting on"
@@ -663,7 +651,7 @@ async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
     for _ in 0..4 {
         assert_eq!(port_of(&last, PORT_SQL).await, primary, "splitting is off again");
     }
-    assert!(http_status(metrics, "/readyz").await.contains("200"));
+    assert!(http_get(metrics, "/readyz").await.0.contains("200"));
 }
 
 /// This binary's servers have TLS off: `server_tls.sslmode = "require"`
