@@ -475,3 +475,34 @@ async fn session_features_can_be_rejected_instead_of_pinned() {
     assert_eq!(third.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
     assert_eq!(client.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_session_feature_is_released_by_its_own_statement() {
+    let user = create_user("unpin").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 1\ncheckout_timeout = \"2s\"")
+        .start()
+        .await;
+    let pinned = connect(&proxy, &user).await.unwrap();
+    let other = connect(&proxy, &user).await.unwrap();
+    let pairs = [
+        ("LISTEN unpin_channel", "UNLISTEN *"),
+        ("SELECT pg_advisory_lock(77)", "SELECT pg_advisory_unlock_all()"),
+        ("CREATE TEMP TABLE unpin_scratch (v int)", "DISCARD TEMP"),
+        ("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT", "CLOSE ALL"),
+        ("PREPARE unpin_stmt AS SELECT 1", "DEALLOCATE ALL"),
+        ("PREPARE unpin_stmt2 AS SELECT 1", "DEALLOCATE PREPARE ALL"),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "DISCARD ALL"),
+    ];
+    for (pin, release) in pairs {
+        pinned.batch_execute(pin).await.unwrap();
+        // The one server connection is held by the pinned client: the other waits and times out.
+        let err = other.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(sqlstate(&err), "57014", "after {pin}: {}", describe(&err));
+        pinned.batch_execute(release).await.unwrap();
+        other
+            .batch_execute("SELECT 1")
+            .await
+            .unwrap_or_else(|e| panic!("{release} did not release the pin of {pin}: {}", describe(&e)));
+    }
+}
