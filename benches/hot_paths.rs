@@ -159,6 +159,12 @@ fn routing(c: &mut Criterion) {
         g.bench_function(name, |b| b.iter(|| router.classify(black_box(sql))));
     }
     g.finish();
+    // The session-effects pre-check every simple query pays in transaction mode.
+    let mut g = c.benchmark_group("session_effects");
+    for (name, sql) in statements {
+        g.bench_function(name, |b| b.iter(|| dbproxy::sql::analyze(black_box(sql))));
+    }
+    g.finish();
 }
 
 criterion_group!(benches, framing, scram, routing);

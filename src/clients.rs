@@ -36,13 +36,24 @@ pub struct ClientInfo {
     pub application_name: String,
     pub connected: SystemTime,
     state: AtomicU8,
-    /// The server connection held: (server address, backend pid).
-    server: Mutex<Option<(Arc<str>, i32)>>,
+    /// The server connection held.
+    server: Mutex<Option<HeldServer>>,
     /// Signals raised for the session ([`SIGNAL_KILL`], [`SIGNAL_SHUTDOWN`],
     /// [`SIGNAL_SERVER_STUCK`]), not yet taken.
     signals: AtomicU8,
     /// The session task, to wake when a signal is raised.
     waker: atomic_waker::AtomicWaker,
+}
+
+/// The server connection a client holds, as SHOW CLIENTS and SHOW SERVERS show it.
+#[derive(Debug, Clone)]
+pub struct HeldServer {
+    /// The server's address (`host:port`).
+    pub addr: Arc<str>,
+    /// The backend's process id.
+    pub pid: i32,
+    /// Whether the connection to the server is encrypted.
+    pub tls: bool,
 }
 
 /// End the session (KILL, KILL_CLIENT).
@@ -111,13 +122,13 @@ impl ClientInfo {
     }
 
     /// Records what the client is doing, and with which server connection.
-    pub fn set(&self, state: ClientState, server: Option<(Arc<str>, i32)>) {
+    pub fn set(&self, state: ClientState, server: Option<HeldServer>) {
         self.state.store(state as u8, Ordering::Relaxed);
         *self.server.lock().unwrap_or_else(|e| e.into_inner()) = server;
     }
 
     /// The server connection held, if any.
-    pub fn server(&self) -> Option<(Arc<str>, i32)> {
+    pub fn server(&self) -> Option<HeldServer> {
         self.server.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

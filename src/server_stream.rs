@@ -69,6 +69,11 @@ pub enum ServerWrite<'a> {
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 impl ServerStream {
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ServerStream::Tls(_))
+    }
+
     /// Connects to `addr`, over its unix socket when its host is a directory,
     /// else over TCP with TLS as `tls` asks.
     pub async fn connect(addr: &ServerAddr, tls: &ServerTls) -> io::Result<ServerStream> {

@@ -287,7 +287,7 @@ fn clients(shared: &Shared, out: &mut BytesMut) {
         .iter()
         .map(|c| {
             let connected = humantime::format_rfc3339_seconds(c.connected).to_string();
-            let link = c.server().map(|(_, pid)| pid.to_string());
+            let link = c.server().map(|held| held.pid.to_string());
             vec![
                 s("C"),
                 s(&c.user),
@@ -316,21 +316,21 @@ fn clients(shared: &Shared, out: &mut BytesMut) {
 fn servers(shared: &Shared, out: &mut BytesMut) {
     let mut rows = Vec::new();
     for c in shared.registry.all() {
-        if let Some((addr, pid)) = c.server() {
-            let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, ""));
+        if let Some(held) = c.server() {
+            let (host, port) = held.addr.rsplit_once(':').unwrap_or((&held.addr, ""));
             rows.push(server_row(
                 [&c.user, &c.database, "active", host, port, &c.application_name],
-                pid,
+                (held.pid, held.tls),
                 s(c.id),
             ));
         }
     }
     for p in shared.pools.all() {
-        for pid in p.idle_backends() {
+        for backend in p.idle_backends() {
             let port = p.key.addr.port.to_string();
             rows.push(server_row(
                 [&p.key.user, &p.key.database, "idle", &p.key.addr.host, &port, ""],
-                pid,
+                backend,
                 None,
             ));
         }
@@ -339,8 +339,9 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
 }
 
 /// A SHOW SERVERS row: `[user, database, state, addr, port, application_name]`,
-/// the backend pid, and the client using it (`link`).
-fn server_row(text: [&str; 6], pid: i32, link: Option<String>) -> Vec<Option<String>> {
+/// the backend pid and whether the connection is encrypted, and the client
+/// using it (`link`).
+fn server_row(text: [&str; 6], (pid, tls): (i32, bool), link: Option<String>) -> Vec<Option<String>> {
     let [user, database, state, addr, port, app] = text;
     vec![
         s("S"),
@@ -359,7 +360,7 @@ fn server_row(text: [&str; 6], pid: i32, link: Option<String>) -> Vec<Option<Str
         s(pid),
         link,
         s(pid),
-        s(""),
+        s(if tls { "TLS" } else { "" }),
         s(app),
     ]
 }

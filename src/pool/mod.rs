@@ -131,8 +131,12 @@ impl Pool {
     }
 
     /// Backend pids of the idle connections.
-    pub fn idle_backends(&self) -> Vec<i32> {
-        self.idle_list().iter().map(|c| c.process_id).collect()
+    /// The idle connections' backend pids, and whether each is encrypted.
+    pub fn idle_backends(&self) -> Vec<(i32, bool)> {
+        self.idle_list()
+            .iter()
+            .map(|c| (c.process_id, c.stream.is_tls()))
+            .collect()
     }
 
     /// Number of idle connections.

@@ -145,7 +145,11 @@ impl Conn<'_> {
             Role::Replica => &self.stats.routed_replica,
         };
         routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let server = (conn.conn.label.clone(), conn.conn.process_id);
+        let server = crate::clients::HeldServer {
+            addr: conn.conn.label.clone(),
+            pid: conn.conn.process_id,
+            tls: conn.conn.stream.is_tls(),
+        };
         self.me.set(crate::clients::ClientState::Active, Some(server));
         let now = std::time::Instant::now();
         self.phase = Phase::Attached(Attached {

@@ -402,6 +402,11 @@ async fn clients_servers_and_kill() {
         .map(|r| r[3].as_str())
         .collect();
     assert!(states.contains(&"active") && states.contains(&"idle"), "{servers:?}");
+    // This binary's cluster takes TLS, and the default sslmode (prefer) uses it.
+    assert!(
+        servers.iter().filter(|r| r[1] == user.name).all(|r| r[16] == "TLS"),
+        "{servers:?}"
+    );
 
     console
         .simple_query(&format!("KILL_CLIENT {}", a_row[13]))
