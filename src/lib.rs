@@ -10,7 +10,8 @@
 //!   safe on any input.
 //! - [`auth`]: SCRAM-SHA-256 verification of clients.
 //! - [`tls`]: the rustls acceptor for clients that ask for TLS, and the
-//!   connector (with libpq's verification modes) for TLS to the servers.
+//!   connector (with libpq's verification modes) for TLS to the servers, shared by
+//!   every pool and replaced by a reload (`ServerTlsSetting`).
 //! - [`clients`]: registry of logged-in clients (SHOW CLIENTS/SERVERS, KILL).
 //! - [`listener`]: the accept loop, `max_client_conn`, stop-accepting on shutdown.
 //! - [`session`]: one task per client: startup and authentication

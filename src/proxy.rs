@@ -30,8 +30,8 @@ pub struct Shared {
     /// When the proxy started (for per-second averages).
     pub started: std::time::Instant,
     pub pools: Pools,
-    /// TLS to the servers (`[server_tls]`, read at start).
-    server_tls: crate::tls::ServerTls,
+    /// TLS to the servers (`[server_tls]`), replaced by a reload.
+    server_tls: crate::tls::ServerTlsSetting,
     pub cancels: CancelRegistry,
     /// Becomes `true` when a graceful shutdown starts.
     pub shutdown: watch::Receiver<bool>,
@@ -117,11 +117,14 @@ impl Shared {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
-        if config.server_tls.sslmode != old.config.server_tls.sslmode
-            || config.server_tls.ca_file != old.config.server_tls.ca_file
-        {
-            tracing::warn!("[server_tls] changed: it takes effect at the next restart");
-        }
+        // Read again whether or not the section changed: a CA file may have
+        // been replaced in place.
+        let server_tls = crate::tls::server_connector(&config.server_tls).map_err(|e| {
+            vec![Problem {
+                key: "server_tls".to_owned(),
+                message: e.to_string(),
+            }]
+        })?;
         let live = Arc::new(Live::build(config, Some(&old))?);
         // Server passwords changed: those users' pools start afresh.
         for (name, user) in &live.users {
@@ -135,6 +138,16 @@ impl Shared {
         }
         self.pools.resize(PoolSettings::from(&live.config));
         self.live.store(live.clone());
+        if self.server_tls.replace(server_tls) {
+            // Nothing opened under the old setting is used again.
+            for pool in self.pools.all() {
+                pool.reconnect();
+            }
+            tracing::info!(
+                sslmode = live.config.server_tls.sslmode.as_str(),
+                "[server_tls] changed: server connections are opened afresh"
+            );
+        }
         self.spawn_monitors(&live, Some(&old));
         Ok(())
     }
@@ -255,7 +268,7 @@ impl Proxy {
             config_path: Mutex::new(None),
             started: std::time::Instant::now(),
             pools: Pools::new(settings),
-            server_tls,
+            server_tls: server_tls.into(),
             cancels: CancelRegistry::new(cancel_timeout),
             shutdown: shutdown_rx,
             shutdown_tx,

@@ -30,7 +30,8 @@ pub struct LoginTarget {
     pub dbname: String,
     pub user: String,
     pub password: String,
-    pub tls: crate::tls::ServerTls,
+    /// Read afresh for each connection (a reload may replace it).
+    pub tls: crate::tls::ServerTlsSetting,
 }
 
 impl std::fmt::Debug for LoginTarget {
@@ -117,7 +118,7 @@ impl ServerConn {
 
     async fn connect_inner(target: &LoginTarget) -> Result<ServerConn, ServerError> {
         let addr = &target.addr;
-        let stream = ServerStream::connect(addr, &target.tls)
+        let stream = ServerStream::connect(addr, &target.tls.current())
             .await
             .map_err(|source| ServerError::Connect {
                 addr: addr.clone(),

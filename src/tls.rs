@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::DigitallySignedStruct;
 use rustls::SignatureScheme;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -60,6 +61,9 @@ pub struct ServerTls {
     pub mode: ServerSslMode,
     /// `None` with `sslmode = "disable"`.
     connector: Option<TlsConnector>,
+    /// The authorities of `ca_file`, as read (to tell whether a reload
+    /// changed what is trusted).
+    authorities: Vec<CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -76,7 +80,13 @@ impl ServerTls {
         ServerTls {
             mode: ServerSslMode::Disable,
             connector: None,
+            authorities: Vec::new(),
         }
+    }
+
+    /// Whether `other` connects as this does: same mode, same authorities.
+    pub fn same_as(&self, other: &ServerTls) -> bool {
+        self.mode == other.mode && self.authorities == other.authorities
     }
 
     /// The connector, unless TLS is off.
@@ -96,10 +106,12 @@ pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let mut authorities = Vec::new();
     let chain = match &cfg.ca_file {
         Some(path) => {
+            authorities = load_certs(path)?;
             let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(load_certs(path)?);
+            roots.add_parsable_certificates(authorities.iter().cloned());
             let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Cert {
@@ -121,9 +133,39 @@ pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     Ok(ServerTls {
         mode: cfg.sslmode,
         connector: Some(TlsConnector::from(Arc::new(config))),
+        authorities,
     })
 }
 
+/// The `[server_tls]` in force, shared by every pool: each new server
+/// connection reads it, and a reload replaces it.
+#[derive(Clone)]
+pub struct ServerTlsSetting(Arc<ArcSwap<ServerTls>>);
+
+impl ServerTlsSetting {
+    /// What a new server connection uses now.
+    pub fn current(&self) -> Arc<ServerTls> {
+        self.0.load_full()
+    }
+
+    /// Puts `new` in force; returns whether it differs from the old one.
+    pub fn replace(&self, new: ServerTls) -> bool {
+        let old = self.0.swap(Arc::new(new));
+        !old.same_as(&self.0.load())
+    }
+}
+
+impl From<ServerTls> for ServerTlsSetting {
+    fn from(tls: ServerTls) -> Self {
+        ServerTlsSetting(Arc::new(ArcSwap::from_pointee(tls)))
+    }
+}
+
+impl std::fmt::Debug for ServerTlsSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.current().fmt(f)
+    }
+}
 /// The certificate check short of `verify-full`: with `ca_file`, the chain
 /// must lead to one of its authorities, whatever name the certificate gives
 /// (`verify-ca`, and `prefer`/`require` given a CA file); without, nothing

@@ -129,7 +129,7 @@ async fn pool_serves_waiters_first_come_first_served() {
         dbname: "appdb".into(),
         user: user.name.clone(),
         password: user.password.clone(),
-        tls: dbproxy::tls::ServerTls::disabled(),
+        tls: dbproxy::tls::ServerTls::disabled().into(),
     };
     let settings = PoolSettings {
         size: 4,

@@ -226,3 +226,70 @@ async fn server_tls_verify_full_a_wrong_ca_prefer_and_disable() {
     let client = connect(&proxy, &user).await.unwrap();
     assert!(!server_hop_encrypted(&client).await.unwrap(), "disable");
 }
+
+/// `[server_tls]` is reloadable: idle server connections are closed at once
+/// and one in use when it is given back, so everything after the reload runs
+/// on the new setting; a CA file replaced in place counts as a change; one
+/// that cannot be read refuses the reload and keeps the running setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_server_tls_to_every_later_transaction() {
+    let user = create_user("srvtls_reload").await;
+    let setup = Setup::new(&[&user]);
+    let ca = cluster()
+        .ssl_ca
+        .clone()
+        .expect("the servers have TLS on in this binary");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let write = |lines: &str| std::fs::write(&path, format!("{}\n[server_tls]\n{lines}\n", setup.toml())).unwrap();
+    write("sslmode = \"disable\"");
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
+        .await
+        .expect("proxy starts");
+    proxy.shared().set_config_path(path.clone());
+    let idle = connect(&proxy, &user).await.unwrap();
+    let busy = connect(&proxy, &user).await.unwrap();
+    busy.batch_execute("BEGIN").await.unwrap();
+    assert!(!server_hop_encrypted(&busy).await.unwrap(), "disable");
+    // A second connection, left idle in the pool.
+    assert!(!server_hop_encrypted(&idle).await.unwrap(), "disable");
+
+    let ca_copy = dir.path().join("ca.pem");
+    std::fs::copy(&ca, &ca_copy).unwrap();
+    write(&format!(
+        "sslmode = \"verify-full\"\nca_file = \"{}\"",
+        ca_copy.display()
+    ));
+    proxy.shared().reload().expect("reload");
+    assert!(
+        server_hop_encrypted(&idle).await.unwrap(),
+        "the idle connection was closed"
+    );
+    assert!(
+        !server_hop_encrypted(&busy).await.unwrap(),
+        "a transaction in flight keeps its connection"
+    );
+    busy.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        server_hop_encrypted(&busy).await.unwrap(),
+        "the plain connection was closed when given back"
+    );
+
+    // Another CA's certificate under the same file name: the servers' no longer verify.
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path());
+    std::fs::copy(other.path().join("ca.pem"), &ca_copy).unwrap();
+    proxy.shared().reload().expect("reload");
+    let err = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "08001", "{}", describe(&err));
+
+    std::fs::copy(&ca, &ca_copy).unwrap();
+    proxy.shared().reload().expect("reload");
+    assert!(server_hop_encrypted(&idle).await.unwrap(), "the right CA again");
+    std::fs::write(&ca_copy, "not a certificate").unwrap();
+    assert!(
+        proxy.shared().reload().is_err(),
+        "an unreadable CA file refuses the reload"
+    );
+    assert!(server_hop_encrypted(&idle).await.unwrap(), "the running setting stays");
+}
