@@ -16,9 +16,11 @@
 #
 # Layout of DIR: primary/ replica1/ ... (data directories), <node>.log (server logs), the unix
 # sockets, cluster.env, ssl/ (with --ssl: a test CA and a certificate for 127.0.0.1 and
-# localhost that every node uses), and .pg-cluster (marker that makes `down` willing to delete DIR).
+# localhost that every node uses, and ca.key to sign client certificates with), and .pg-cluster
+# (marker that makes `down` willing to delete DIR).
 # Roles created on the primary: app/app-secret, admin/admin-secret (SCRAM over TCP); database
-# appdb owned by app. The postgres superuser is trusted over 127.0.0.1 and the unix socket.
+# appdb owned by app; role dbproxy_cert, whose members must log in with a client certificate
+# signed by the test CA (with --ssl). The postgres superuser is trusted over 127.0.0.1 and the unix socket.
 #
 # PostgreSQL refuses to run as root, so as root every server tool runs as the postgres user.
 set -euo pipefail
@@ -257,7 +259,13 @@ EOF
 ssl = on
 ssl_cert_file = '$DIR/ssl/server.crt'
 ssl_key_file = '$DIR/ssl/server.key'
+# Client certificates signed by the test CA are accepted; members of role
+# dbproxy_cert must log in with one (certificate authentication, CN = user).
+ssl_ca_file = '$DIR/ssl/ca.crt'
 EOF
+        sed -i 's|^host    all          all       127.0.0.1/32     scram-sha-256$|hostssl all          +dbproxy_cert 127.0.0.1/32 cert\n&|' \
+            "$DIR/primary/pg_hba.conf"
+        grep -q dbproxy_cert "$DIR/primary/pg_hba.conf" || die "pg_hba.conf: no line for certificate authentication"
     fi
     give_to_pg "$DIR/primary/pg_hba.conf"
     write_node_conf primary "${ports[0]}"
@@ -270,6 +278,8 @@ EOF
 CREATE ROLE app LOGIN PASSWORD 'app-secret';
 CREATE ROLE admin LOGIN PASSWORD 'admin-secret';
 CREATE DATABASE appdb OWNER app;
+-- With --ssl, members log in with a client certificate (see pg_hba.conf).
+CREATE ROLE dbproxy_cert NOLOGIN;
 SQL
 
     # Base backups run in parallel; each gets its own WAL sender.

@@ -10,6 +10,7 @@ use rustls::SignatureScheme;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::Digest;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{ServerSslMode, ServerTlsConfig, TlsConfig};
@@ -40,13 +41,18 @@ fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
+/// The private key of a PEM file.
+fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// Loads the certificate and key and builds an acceptor.
 pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     let certs = load_certs(&cfg.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| TlsError::Key {
-        path: cfg.key.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let key = load_key(&cfg.key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -64,6 +70,10 @@ pub struct ServerTls {
     /// The authorities of `ca_file`, as read (to tell whether a reload
     /// changed what is trusted).
     authorities: Vec<CertificateDer<'static>>,
+    /// SHA-256 of the client certificate chain and key presented to the
+    /// servers, if any (to tell whether a reload changed them without
+    /// keeping the key twice).
+    identity: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -81,12 +91,14 @@ impl ServerTls {
             mode: ServerSslMode::Disable,
             connector: None,
             authorities: Vec::new(),
+            identity: None,
         }
     }
 
-    /// Whether `other` connects as this does: same mode, same authorities.
+    /// Whether `other` connects as this does: same mode, same authorities,
+    /// same client certificate.
     pub fn same_as(&self, other: &ServerTls) -> bool {
-        self.mode == other.mode && self.authorities == other.authorities
+        self.mode == other.mode && self.authorities == other.authorities && self.identity == other.identity
     }
 
     /// The connector, unless TLS is off.
@@ -126,14 +138,30 @@ pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
         (Some(webpki), ServerSslMode::VerifyFull) => webpki,
         (chain, _) => Arc::new(Lenient { chain, provider }),
     };
-    let config = builder
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+    let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+    let (config, identity) = match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = load_certs(cert)?;
+            let key = load_key(key)?;
+            let mut digest = sha2::Sha256::new();
+            for c in &chain {
+                digest.update(c.as_ref());
+            }
+            digest.update(key.secret_der());
+            let identity: [u8; 32] = digest.finalize().into();
+            let config = builder.with_client_auth_cert(chain, key).map_err(|e| TlsError::Cert {
+                path: cert.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            (config, Some(identity))
+        }
+        _ => (builder.with_no_client_auth(), None),
+    };
     Ok(ServerTls {
         mode: cfg.sslmode,
         connector: Some(TlsConnector::from(Arc::new(config))),
         authorities,
+        identity,
     })
 }
 

@@ -393,6 +393,7 @@ fn lists(shared: &Shared, out: &mut BytesMut) {
 /// Every setting of `c`, by its section-qualified key, as the console shows it.
 fn settings(c: &Config) -> Vec<(&'static str, String)> {
     let dur = |v| format_duration(v).to_string();
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     vec![
         ("proxy.listen", c.proxy.listen.to_string()),
         ("proxy.admin_users", c.proxy.admin_users.join(",")),
@@ -422,14 +423,9 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
                 .to_owned(),
         ),
         ("server_tls.sslmode", c.server_tls.sslmode.as_str().to_owned()),
-        (
-            "server_tls.ca_file",
-            c.server_tls
-                .ca_file
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        ),
+        ("server_tls.ca_file", path(&c.server_tls.ca_file)),
+        ("server_tls.cert_file", path(&c.server_tls.cert_file)),
+        ("server_tls.key_file", path(&c.server_tls.key_file)),
         ("pool.mode", c.pool.mode.as_str().to_owned()),
         ("pool.size", c.pool.size.to_string()),
         ("pool.checkout_timeout", dur(c.pool.checkout_timeout)),

@@ -71,6 +71,11 @@ pub struct ServerTlsConfig {
     /// certificates: required by `verify-ca` and `verify-full`; with `prefer`
     /// or `require` it makes them verify the chain too, as libpq does.
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain dbproxy presents to the servers (libpq's
+    /// `sslcert`), for `cert` authentication or `clientcert` in pg_hba.conf.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (libpq's `sslkey`).
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[pool]`: server connection pools, one per (database, user, server).
@@ -397,7 +402,13 @@ impl Config {
             p.add("tls", e.to_string());
         }
         let server_tls = &self.server_tls;
-        if server_tls.ca_file.is_none() && server_tls.sslmode.verifies() {
+        if server_tls.cert_file.is_some() != server_tls.key_file.is_some() {
+            let missing = match server_tls.cert_file {
+                Some(_) => "server_tls.key_file",
+                None => "server_tls.cert_file",
+            };
+            p.add(missing, "cert_file and key_file go together".to_owned());
+        } else if server_tls.ca_file.is_none() && server_tls.sslmode.verifies() {
             p.add(
                 "server_tls.ca_file",
                 format!(
@@ -535,6 +546,13 @@ password = "p"
         assert!(problems[0].message.contains("/nonexistent.pem"), "{problems:?}");
         let problems = Config::parse(&format!("{base}[server_tls]\nsslmode = \"allow\"\n")).unwrap_err();
         assert_eq!(problems[0].key, "server_tls", "{problems:?}");
+        let problems = Config::parse(&format!("{base}[server_tls]\ncert_file = \"/c.pem\"\n")).unwrap_err();
+        assert_eq!(problems[0].key, "server_tls.key_file", "{problems:?}");
+        let problems = Config::parse(&format!(
+            "{base}[server_tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"\n"
+        ))
+        .unwrap_err();
+        assert!(problems[0].message.contains("/nonexistent.pem"), "{problems:?}");
     }
 
     #[test]

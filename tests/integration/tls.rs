@@ -293,3 +293,95 @@ async fn a_reload_applies_server_tls_to_every_later_transaction() {
     );
     assert!(server_hop_encrypted(&idle).await.unwrap(), "the running setting stays");
 }
+
+/// Signs a client certificate for `user` with the cluster's test CA; returns
+/// (certificate file, key file) in `dir`.
+fn client_cert(dir: &Path, user: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ssl = cluster().dir.join("ssl");
+    let (key, csr, cert) = (dir.join("client.key"), dir.join("client.csr"), dir.join("client.crt"));
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let subject = format!("/CN={user}");
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject]
+        .into_iter()
+        .chain(["-keyout", key.to_str().unwrap(), "-out", csr.to_str().unwrap()])
+        .collect::<Vec<_>>());
+    let (ca_crt, ca_key, ext) = (ssl.join("ca.crt"), ssl.join("ca.key"), dir.join("client.ext"));
+    // Extensions make it an X.509 v3 certificate, the only version webpki accepts.
+    std::fs::write(&ext, "basicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-set_serial",
+        "4242",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        ca_crt.to_str().unwrap(),
+        "-CAkey",
+        ca_key.to_str().unwrap(),
+        "-extfile",
+        ext.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    (cert, key)
+}
+
+/// `[server_tls]` `cert_file`/`key_file`: dbproxy presents a client
+/// certificate, so a role the servers authenticate by certificate (pg_hba
+/// `cert`, set up by the cluster script for members of `dbproxy_cert`) works
+/// through it; without the certificate its logins fail with the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_presents_a_client_certificate() {
+    let user = create_user("srvcert").await;
+    superuser()
+        .await
+        .batch_execute(&format!("GRANT dbproxy_cert TO {}", user.name))
+        .await
+        .unwrap();
+    let setup = Setup::new(&[&user]);
+    let ca = cluster()
+        .ssl_ca
+        .clone()
+        .expect("the servers have TLS on in this binary");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = client_cert(dir.path(), &user.name);
+
+    let proxy = with_server_tls(
+        &setup,
+        &format!(
+            "sslmode = \"verify-full\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let dn: String = client
+        .query_one("SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dn, format!("/CN={}", user.name));
+    drop(client);
+    drop(proxy);
+
+    let proxy = with_server_tls(
+        &setup,
+        &format!("sslmode = \"verify-full\"\nca_file = \"{}\"", ca.display()),
+    )
+    .await;
+    let client = connect(&proxy, &user).await.expect("the login needs no server");
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(describe(&err).contains("certificate"), "{}", describe(&err));
+}
