@@ -227,13 +227,17 @@ cmd_up() {
         --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 --no-sync >"$DIR/initdb.log" 2>&1 ||
         { tail -n 25 "$DIR/initdb.log" >&2; die "initdb failed"; }
 
-    cat >"$DIR/primary/pg_hba.conf" <<'EOF'
+    {
+        cat <<'EOF'
 # TYPE  DATABASE     USER      ADDRESS          METHOD
 local   all          all                        trust
 host    all          postgres  127.0.0.1/32     trust
 host    replication  all       127.0.0.1/32     trust
-host    all          all       127.0.0.1/32     scram-sha-256
 EOF
+        # With --ssl, members of role dbproxy_cert log in with a client certificate (CN = user).
+        [[ -n $ssl ]] && echo "hostssl all          +dbproxy_cert 127.0.0.1/32 cert"
+        echo "host    all          all       127.0.0.1/32     scram-sha-256"
+    } >"$DIR/primary/pg_hba.conf"
     # Replicas inherit this file through pg_basebackup; each overwrites only node.conf.
     cat >>"$DIR/primary/postgresql.conf" <<EOF
 
@@ -259,13 +263,9 @@ EOF
 ssl = on
 ssl_cert_file = '$DIR/ssl/server.crt'
 ssl_key_file = '$DIR/ssl/server.key'
-# Client certificates signed by the test CA are accepted; members of role
-# dbproxy_cert must log in with one (certificate authentication, CN = user).
+# Client certificates signed by the test CA are accepted (see pg_hba.conf).
 ssl_ca_file = '$DIR/ssl/ca.crt'
 EOF
-        sed -i 's|^host    all          all       127.0.0.1/32     scram-sha-256$|hostssl all          +dbproxy_cert 127.0.0.1/32 cert\n&|' \
-            "$DIR/primary/pg_hba.conf"
-        grep -q dbproxy_cert "$DIR/primary/pg_hba.conf" || die "pg_hba.conf: no line for certificate authentication"
     fi
     give_to_pg "$DIR/primary/pg_hba.conf"
     write_node_conf primary "${ports[0]}"

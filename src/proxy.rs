@@ -50,6 +50,8 @@ pub struct Shared {
     /// Background tasks (health monitors) to stop at shutdown.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     next_session_id: AtomicU64,
+    /// Held by a reload from start to end.
+    reloading: Mutex<()>,
 }
 
 impl Shared {
@@ -103,6 +105,8 @@ impl Shared {
     }
 
     fn try_reload(self: &Arc<Self>) -> Result<(), Vec<Problem>> {
+        // SIGHUP and the console's RELOAD may come together: one at a time.
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.config_path.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(path) = path else {
             return Err(vec![Problem {
@@ -139,9 +143,12 @@ impl Shared {
         self.pools.resize(PoolSettings::from(&live.config));
         self.live.store(live.clone());
         if self.server_tls.replace(server_tls) {
-            // Nothing opened under the old setting is used again.
+            // Nothing opened under the old setting is used again: each
+            // pool (also those of sessions and monitors that a reload
+            // removed from the map) drops such a connection at its next
+            // checkout or checkin; the idle ones of current pools close now.
             for pool in self.pools.all() {
-                pool.reconnect();
+                pool.close_idle();
             }
             tracing::info!(
                 sslmode = live.config.server_tls.sslmode.as_str(),
@@ -280,6 +287,7 @@ impl Proxy {
             reloads_failed: AtomicU64::new(0),
             tasks: Mutex::new(Vec::new()),
             next_session_id: AtomicU64::new(0),
+            reloading: Mutex::new(()),
         });
         let accept = tokio::spawn(listener::accept_loop(listener, shared.clone()));
         let mut tasks = vec![accept, tokio::spawn(maintain(shared.clone()))];

@@ -102,6 +102,8 @@ pub struct ServerConn {
     pub state: ServerState,
     /// The pool's generation when this connection was opened (RECONNECT).
     pub generation: usize,
+    /// The epoch of the `[server_tls]` setting it was opened with.
+    pub tls_epoch: u64,
 }
 
 impl ServerConn {
@@ -118,7 +120,8 @@ impl ServerConn {
 
     async fn connect_inner(target: &LoginTarget) -> Result<ServerConn, ServerError> {
         let addr = &target.addr;
-        let stream = ServerStream::connect(addr, &target.tls.current())
+        let tls = target.tls.current();
+        let stream = ServerStream::connect(addr, &tls)
             .await
             .map_err(|source| ServerError::Connect {
                 addr: addr.clone(),
@@ -169,6 +172,7 @@ impl ServerConn {
             last_used: now,
             state: ServerState::default(),
             generation: 0,
+            tls_epoch: tls.epoch(),
         })
     }
 

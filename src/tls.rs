@@ -22,6 +22,8 @@ pub enum TlsError {
     Cert { path: String, reason: String },
     #[error("cannot read private key {path}: {reason}")]
     Key { path: String, reason: String },
+    #[error("client certificate {cert} and key {key} cannot be used together: {reason}")]
+    ClientCert { cert: String, key: String, reason: String },
     #[error("certificate and key do not make a usable server configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -74,6 +76,9 @@ pub struct ServerTls {
     /// servers, if any (to tell whether a reload changed them without
     /// keeping the key twice).
     identity: Option<[u8; 32]>,
+    /// Which setting this is: [`ServerTlsSetting::replace`] numbers each
+    /// change, and a connection opened under an older one is not reused.
+    epoch: u64,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -92,7 +97,13 @@ impl ServerTls {
             connector: None,
             authorities: Vec::new(),
             identity: None,
+            epoch: 0,
         }
+    }
+
+    /// See [`ServerTlsSetting::epoch`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Whether `other` connects as this does: same mode, same authorities,
@@ -112,9 +123,6 @@ impl ServerTls {
 /// behaviour); with it, or with `verify-ca`, the chain must lead to one of
 /// its authorities; `verify-full` also checks the certificate names the host.
 pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
-    if cfg.sslmode == ServerSslMode::Disable {
-        return Ok(ServerTls::disabled());
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
@@ -140,52 +148,86 @@ pub fn server_connector(cfg: &ServerTlsConfig) -> Result<ServerTls, TlsError> {
     };
     let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
     let (config, identity) = match (&cfg.cert_file, &cfg.key_file) {
-        (Some(cert), Some(key)) => {
+        (Some(cert), Some(key_path)) => {
             let chain = load_certs(cert)?;
-            let key = load_key(key)?;
+            let key = load_key(key_path)?;
             let mut digest = sha2::Sha256::new();
             for c in &chain {
                 digest.update(c.as_ref());
             }
             digest.update(key.secret_der());
             let identity: [u8; 32] = digest.finalize().into();
-            let config = builder.with_client_auth_cert(chain, key).map_err(|e| TlsError::Cert {
-                path: cert.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            let config = builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::ClientCert {
+                    cert: cert.display().to_string(),
+                    key: key_path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
             (config, Some(identity))
         }
         _ => (builder.with_no_client_auth(), None),
     };
+    if cfg.sslmode == ServerSslMode::Disable {
+        // The files are checked all the same, so --check finds a bad path
+        // before the mode is changed.
+        return Ok(ServerTls::disabled());
+    }
     Ok(ServerTls {
         mode: cfg.sslmode,
         connector: Some(TlsConnector::from(Arc::new(config))),
         authorities,
         identity,
+        epoch: 0,
     })
 }
 
 /// The `[server_tls]` in force, shared by every pool: each new server
 /// connection reads it, and a reload replaces it.
 #[derive(Clone)]
-pub struct ServerTlsSetting(Arc<ArcSwap<ServerTls>>);
+pub struct ServerTlsSetting(Arc<SettingInner>);
+
+struct SettingInner {
+    current: ArcSwap<ServerTls>,
+    /// The epoch of `current`, readable with one atomic load (every checkin
+    /// compares a connection's with it).
+    epoch: std::sync::atomic::AtomicU64,
+}
 
 impl ServerTlsSetting {
     /// What a new server connection uses now.
     pub fn current(&self) -> Arc<ServerTls> {
-        self.0.load_full()
+        self.0.current.load_full()
+    }
+
+    /// The epoch of the setting in force: a connection opened under an
+    /// older one ([`ServerTls::epoch`]) is closed instead of reused.
+    pub fn epoch(&self) -> u64 {
+        self.0.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Puts `new` in force; returns whether it differs from the old one.
-    pub fn replace(&self, new: ServerTls) -> bool {
-        let old = self.0.swap(Arc::new(new));
-        !old.same_as(&self.0.load())
+    /// (Reloads are serialised by the caller.)
+    pub fn replace(&self, mut new: ServerTls) -> bool {
+        let old = self.0.current.load_full();
+        let changed = !old.same_as(&new);
+        new.epoch = old.epoch + u64::from(changed);
+        let epoch = new.epoch;
+        self.0.current.store(Arc::new(new));
+        // After the store: a connection that saw the new epoch here was
+        // opened with the new setting or is about to be found stale.
+        self.0.epoch.store(epoch, std::sync::atomic::Ordering::Release);
+        changed
     }
 }
 
 impl From<ServerTls> for ServerTlsSetting {
     fn from(tls: ServerTls) -> Self {
-        ServerTlsSetting(Arc::new(ArcSwap::from_pointee(tls)))
+        let epoch = tls.epoch;
+        ServerTlsSetting(Arc::new(SettingInner {
+            current: ArcSwap::from_pointee(tls),
+            epoch: std::sync::atomic::AtomicU64::new(epoch),
+        }))
     }
 }
 
@@ -194,6 +236,7 @@ impl std::fmt::Debug for ServerTlsSetting {
         self.current().fmt(f)
     }
 }
+
 /// The certificate check short of `verify-full`: with `ca_file`, the chain
 /// must lead to one of its authorities, whatever name the certificate gives
 /// (`verify-ca`, and `prefer`/`require` given a CA file); without, nothing

@@ -61,8 +61,8 @@ pub struct TlsConfig {
     pub client_mode: TlsClientMode,
 }
 
-/// `[server_tls]`: TLS from dbproxy to the servers, as libpq's `sslmode`
-/// and `sslrootcert` (over TCP; never over a unix socket).
+/// `[server_tls]`: TLS from dbproxy to the servers, as libpq's `sslmode`,
+/// `sslrootcert`, `sslcert` and `sslkey` (over TCP; never over a unix socket).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerTlsConfig {
@@ -402,13 +402,16 @@ impl Config {
             p.add("tls", e.to_string());
         }
         let server_tls = &self.server_tls;
+        let mut usable = true;
         if server_tls.cert_file.is_some() != server_tls.key_file.is_some() {
             let missing = match server_tls.cert_file {
                 Some(_) => "server_tls.key_file",
                 None => "server_tls.cert_file",
             };
             p.add(missing, "cert_file and key_file go together".to_owned());
-        } else if server_tls.ca_file.is_none() && server_tls.sslmode.verifies() {
+            usable = false;
+        }
+        if server_tls.ca_file.is_none() && server_tls.sslmode.verifies() {
             p.add(
                 "server_tls.ca_file",
                 format!(
@@ -416,7 +419,10 @@ impl Config {
                     server_tls.sslmode.as_str()
                 ),
             );
-        } else if let Err(e) = crate::tls::server_connector(server_tls) {
+            usable = false;
+        }
+        // Reads the files (whatever the mode).
+        if usable && let Err(e) = crate::tls::server_connector(server_tls) {
             p.add("server_tls", e.to_string());
         }
     }
@@ -546,8 +552,22 @@ password = "p"
         assert!(problems[0].message.contains("/nonexistent.pem"), "{problems:?}");
         let problems = Config::parse(&format!("{base}[server_tls]\nsslmode = \"allow\"\n")).unwrap_err();
         assert_eq!(problems[0].key, "server_tls", "{problems:?}");
-        let problems = Config::parse(&format!("{base}[server_tls]\ncert_file = \"/c.pem\"\n")).unwrap_err();
-        assert_eq!(problems[0].key, "server_tls.key_file", "{problems:?}");
+        let problems = Config::parse(&format!(
+            "{base}[server_tls]\nsslmode = \"verify-full\"\ncert_file = \"/c.pem\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server_tls.key_file", "server_tls.ca_file"],
+            "every problem: {problems:?}"
+        );
+        // Files are read even when TLS is off, so --check finds them before the mode changes.
+        let problems = Config::parse(&format!(
+            "{base}[server_tls]\nsslmode = \"disable\"\nca_file = \"/nonexistent.pem\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "server_tls", "{problems:?}");
         let problems = Config::parse(&format!(
             "{base}[server_tls]\ncert_file = \"/nonexistent.pem\"\nkey_file = \"/nonexistent.key\"\n"
         ))

@@ -130,7 +130,6 @@ impl Pool {
         }
     }
 
-    /// Backend pids of the idle connections.
     /// The idle connections' backend pids, and whether each is encrypted.
     pub fn idle_backends(&self) -> Vec<(i32, bool)> {
         self.idle_list()
@@ -176,10 +175,12 @@ impl Pool {
             Some(conn) => conn,
             None => {
                 let connecting = Gauge::raise(&self.stats.connecting);
+                // Before connecting: a RECONNECT during the login makes this one stale.
+                let generation = self.generation.load(Ordering::Acquire);
                 let conn = ServerConn::connect(&self.target, self.settings.connect_timeout).await;
                 drop(connecting);
                 let mut conn = conn?;
-                conn.generation = self.generation.load(Ordering::Acquire);
+                conn.generation = generation;
                 *self.server_params.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.params.clone());
                 Box::new(conn)
             }
@@ -212,12 +213,18 @@ impl Pool {
     fn pop_idle(&self) -> Option<Box<ServerConn>> {
         let mut idle = self.idle_list();
         while let Some(mut conn) = idle.pop() {
-            if conn.is_alive() && conn.last_used.elapsed() < self.settings.idle_timeout {
+            if self.is_current(&conn) && conn.is_alive() && conn.last_used.elapsed() < self.settings.idle_timeout {
                 return Some(conn);
             }
             tracing::debug!(server = %conn.addr, pid = conn.process_id, "discarding dead or expired idle server connection");
         }
         None
+    }
+
+    /// Whether `conn` may be reused: opened since the last RECONNECT, under
+    /// the `[server_tls]` setting in force (a reload may have replaced it).
+    fn is_current(&self, conn: &ServerConn) -> bool {
+        conn.generation >= self.generation.load(Ordering::Acquire) && conn.tls_epoch == self.target.tls.epoch()
     }
 
     /// RECONNECT: idle connections close now, those in use when given back.
@@ -291,8 +298,8 @@ impl Checkout {
     /// Returns a clean connection (idle, nothing in flight) for reuse.
     pub fn checkin(self) {
         let Checkout { mut conn, slot } = self;
-        if conn.generation < slot.pool.generation.load(Ordering::Acquire) {
-            // RECONNECT asked for fresh connections: this one closes.
+        if !slot.pool.is_current(&conn) {
+            // RECONNECT, or a new [server_tls], asked for fresh connections: this one closes.
             return;
         }
         conn.last_used = Instant::now();
