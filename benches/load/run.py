@@ -12,7 +12,10 @@ Scenario R (read-heavy mix, 9 reads to 1 TPC-B write transaction) runs dbproxy w
 splitting on, and reports how the transactions spread over the primary and the replicas; every
 other scenario uses one dbproxy with splitting off, so all three targets use the primary alone.
 Scenario U runs a second dbproxy and a second PgBouncer that both reach the primary through its
-unix-domain socket instead of TCP (clients, and the direct target, still use TCP).
+unix-domain socket instead of TCP (clients, and the direct target, still use TCP). The servers
+have TLS on (pg-cluster.sh --ssl) but every scenario except T connects in plain TCP; T runs a
+third dbproxy and PgBouncer with TLS to the server (sslmode require, no certificate check) and
+pgbench directly with sslmode=require; clients reach the proxies in plain TCP.
 
     benches/load/run.sh [--seconds 10] [--rounds 3] [--scenarios S,S500,E,P,...] [--chart out.png]
 """
@@ -48,7 +51,12 @@ SCENARIOS = {
     "R": ("read-heavy mix (9 -S : 1 TPC-B), 50 clients; dbproxy splits reads to 2 replicas "
           "(read_your_writes off)",
           ["-b", "select-only@9", "-b", "tpcb-like@1", "-c", "50", "-j", "2", "-M", "simple"]),
+    "T": ("-S, 50 clients; TLS to the server (sslmode require: pgbench directly, both proxies; "
+          "clients to the proxies: plain TCP)",
+          ["-S", "-c", "50", "-j", "2", "-M", "simple"]),
 }
+# Scenarios whose direct runs and proxies use TLS to the server; every other one is plain TCP.
+TLS_SCENARIOS = {"T"}
 # Fraction of transactions pgbench logs, for the p99 latency.
 SAMPLING = "0.2"
 
@@ -86,7 +94,7 @@ class Bench:
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
         cluster = self.dir / "cluster"
         out = subprocess.run(
-            [ROOT / "scripts/pg-cluster.sh", "up", cluster, "--watch", str(os.getpid()), "--replicas", "2"],
+            [ROOT / "scripts/pg-cluster.sh", "up", cluster, "--watch", str(os.getpid()), "--replicas", "2", "--ssl"],
             check=True, capture_output=True, text=True,
         ).stdout
         env = dict(line.split("=", 1) for line in out.split())
@@ -104,11 +112,13 @@ class Bench:
         self.proxy = free_port()
         self.split = free_port()
         self.unix = free_port()
+        self.tls = free_port()
         self.bouncer = free_port()
         self.bouncer_unix = free_port()
+        self.bouncer_tls = free_port()
         replicas = ", ".join(f'"127.0.0.1:{p}"' for p in self.replicas)
         for name, port, split in (("proxy", self.proxy, False), ("split", self.split, True),
-                                  ("unix", self.unix, False)):
+                                  ("unix", self.unix, False), ("tls", self.tls, False)):
             primary = f"{cluster}:{self.pg}" if name == "unix" else f"127.0.0.1:{self.pg}"
             (self.dir / f"{name}.toml").write_text(
                 f'[proxy]\nlisten = "127.0.0.1:{port}"\nmax_client_conn = 20000\n'
@@ -120,6 +130,7 @@ class Bench:
                 + f'[[databases]]\nname = "appdb"\nprimary = "{primary}"\n'
                 + (f'replicas = [{replicas}]\n' if split else "")
                 + f'[[users]]\nname = "app"\npassword = "{PASSWORD}"\n'
+                + f'[server_tls]\nsslmode = "{"require" if name == "tls" else "disable"}"\n'
             )
             log = open(self.dir / f"{name}.log", "w")
             self.procs.append(subprocess.Popen(
@@ -128,7 +139,8 @@ class Bench:
             ))
         (self.dir / "userlist.txt").write_text(f'"app" "{PASSWORD}"\n')
         for name, port, host in (("pgbouncer", self.bouncer, "127.0.0.1"),
-                                 ("pgbouncer-unix", self.bouncer_unix, cluster)):
+                                 ("pgbouncer-unix", self.bouncer_unix, cluster),
+                                 ("pgbouncer-tls", self.bouncer_tls, "127.0.0.1")):
             (self.dir / f"{name}.ini").write_text(
                 "[databases]\n"
                 f"appdb = host={host} port={self.pg} dbname=appdb\n"
@@ -137,16 +149,17 @@ class Bench:
                 f"auth_type = scram-sha-256\nauth_file = {self.dir}/userlist.txt\n"
                 f"pool_mode = transaction\ndefault_pool_size = {POOL}\nmax_client_conn = 20000\n"
                 f"logfile = {self.dir}/{name}.log\npidfile = {self.dir}/{name}.pid\n"
+                f"server_tls_sslmode = {'require' if name == 'pgbouncer-tls' else 'disable'}\n"
             )
         subprocess.run(["chown", "-R", "postgres", self.dir], check=False)
-        for name in ("pgbouncer", "pgbouncer-unix"):
+        for name in ("pgbouncer", "pgbouncer-unix", "pgbouncer-tls"):
             self.procs.append(subprocess.Popen(as_postgres(["pgbouncer", str(self.dir / f"{name}.ini")])))
-        for port in (self.proxy, self.split, self.unix, self.bouncer, self.bouncer_unix):
+        for port in (self.proxy, self.split, self.unix, self.tls, self.bouncer, self.bouncer_unix, self.bouncer_tls):
             wait_port(port)
         subprocess.run(["pgbench", "-i", "-s", "10", "-q", self.url(self.pg)], check=True, capture_output=True)
 
-    def url(self, port):
-        return f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/appdb"
+    def url(self, port, sslmode="disable"):
+        return f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/appdb?sslmode={sslmode}"
 
     def stop(self):
         for p in self.procs:
@@ -159,13 +172,13 @@ class Bench:
         subprocess.run([ROOT / "scripts/pg-cluster.sh", "down", self.dir / "cluster"], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def pgbench(self, port, extra):
+    def pgbench(self, port, extra, sslmode="disable"):
         logs = Path(tempfile.mkdtemp(prefix="log-", dir=self.dir))
         clients = int(extra[extra.index("-c") + 1])
         # Long enough that logging every client in (a backend fork each, directly) is a small part.
         seconds = max(self.args.seconds, clients // 50)
         cmd = ["pgbench", "-n", "-T", str(seconds), "-l", "--sampling-rate", SAMPLING,
-               "--log-prefix", str(logs / "pgbench_log"), *extra, self.url(port)]
+               "--log-prefix", str(logs / "pgbench_log"), *extra, self.url(port, sslmode)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.seconds * 4 + 60)
         tps = re.search(r"tps = ([\d.]+)", r.stdout)
         lat = re.search(r"latency average = ([\d.]+) ms", r.stdout)
@@ -215,8 +228,8 @@ def main():
         bench.start()
         for key in args.scenarios.split(","):
             desc, extra = SCENARIOS[key]
-            proxy = {"R": bench.split, "U": bench.unix}.get(key, bench.proxy)
-            bouncer = bench.bouncer_unix if key == "U" else bench.bouncer
+            proxy = {"R": bench.split, "U": bench.unix, "T": bench.tls}.get(key, bench.proxy)
+            bouncer = {"U": bench.bouncer_unix, "T": bench.bouncer_tls}.get(key, bench.bouncer)
             targets = [("direct", bench.pg), ("pgbouncer", bouncer), ("dbproxy", proxy)]
             results = {name: [] for name, _ in targets}
             errors = {}
@@ -224,7 +237,8 @@ def main():
             for _ in range(args.rounds):
                 for name, port in targets:
                     before = bench.commits() if key == "R" and name == "dbproxy" else None
-                    res, err = bench.pgbench(port, extra)
+                    tls = key in TLS_SCENARIOS and name == "direct"
+                    res, err = bench.pgbench(port, extra, "require" if tls else "disable")
                     if before is not None:
                         after = bench.commits()
                         for node in after:
