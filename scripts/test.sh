@@ -39,6 +39,8 @@ command -v psql >/dev/null || missing+=(postgresql-client)
 # Debian ships the venv module (ensurepip) separately.
 python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v cc >/dev/null || missing+=(build-essential)
+# The integration tests' servers use TLS with certificates made by openssl (pg-cluster.sh --ssl).
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     if [[ $EUID -eq 0 ]]; then
         banner "installing ${missing[*]}"

@@ -214,8 +214,9 @@ impl ServerTlsSetting {
         new.epoch = old.epoch + u64::from(changed);
         let epoch = new.epoch;
         self.0.current.store(Arc::new(new));
-        // After the store: a connection that saw the new epoch here was
-        // opened with the new setting or is about to be found stale.
+        // Published after the setting itself: from here on a connection
+        // stamped with an older epoch is stale. One opened with the new
+        // setting just before this store may be closed once, needlessly.
         self.0.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         changed
     }

@@ -2,14 +2,16 @@
 # Side-by-side load benchmark (dbproxy, PgBouncer, direct). See run.py for options.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.."
-if ! command -v pgbouncer >/dev/null; then
+# PgBouncer, and openssl for the servers' test certificates (pg-cluster.sh --ssl).
+for pkg in pgbouncer openssl; do
+    command -v "$pkg" >/dev/null && continue
     if [[ $EUID -eq 0 ]]; then
-        apt-get install -y pgbouncer >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y pgbouncer >/dev/null; }
+        apt-get install -y "$pkg" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$pkg" >/dev/null; }
     else
-        echo "pgbouncer missing: sudo apt-get install -y pgbouncer" >&2
+        echo "$pkg missing: sudo apt-get install -y $pkg" >&2
         exit 1
     fi
-fi
+done
 # A virtualenv with matplotlib, for --chart.
 VENV=.venv-bench
 scripts/venv.sh "$VENV" matplotlib matplotlib
