@@ -352,8 +352,8 @@ impl Conn<'_> {
         if !fx.unpins.is_empty() {
             self.pins.remove(fx.unpins);
         }
-        if fx.savepoint {
-            self.tracker.savepoint();
+        if fx.rollback_to {
+            self.tracker.rollback_to();
         }
         self.tracker.record(fx.changes.iter().cloned());
     }

@@ -29,8 +29,9 @@ pub struct Tracker {
     in_transaction: Vec<SettingChange>,
     failed: bool,
     rolled_back: bool,
-    /// The open transaction uses savepoints: what it keeps cannot be followed.
-    savepoints: bool,
+    /// The open transaction rolled back to a savepoint: what it keeps
+    /// cannot be followed. (Creating and releasing savepoints undoes nothing.)
+    rolled_back_to: bool,
 }
 
 impl Tracker {
@@ -60,9 +61,9 @@ impl Tracker {
         }
     }
 
-    /// A savepoint command was sent.
-    pub fn savepoint(&mut self) {
-        self.savepoints = true;
+    /// A ROLLBACK TO SAVEPOINT was sent.
+    pub fn rollback_to(&mut self) {
+        self.rolled_back_to = true;
     }
 
     /// The server reported an error for a client request.
@@ -91,8 +92,8 @@ impl Tracker {
         }
         let failed = std::mem::take(&mut self.failed);
         let rolled_back = std::mem::take(&mut self.rolled_back);
-        if self.savepoints && status != TransactionStatus::InTransaction && status != TransactionStatus::Failed {
-            self.savepoints = false;
+        if self.rolled_back_to && status != TransactionStatus::InTransaction && status != TransactionStatus::Failed {
+            self.rolled_back_to = false;
             let touched = !changes.is_empty() || !self.in_transaction.is_empty();
             self.in_transaction.clear();
             return Settled {
@@ -156,6 +157,41 @@ mod tests {
         t.request_sent();
         t.error();
         assert!(t.ready(Idle).confirmed.is_empty());
+    }
+
+    #[test]
+    fn only_a_rollback_to_a_savepoint_makes_a_transaction_uncertain() {
+        let mut t = Tracker::default();
+        t.request_sent(); // BEGIN; SAVEPOINT s; SET a; RELEASE s
+        t.record([set("a")]);
+        assert!(t.ready(InTransaction).confirmed.is_empty());
+        t.request_sent(); // COMMIT
+        assert_eq!(
+            t.ready(Idle),
+            Settled {
+                confirmed: vec![set("a")],
+                uncertain: false
+            }
+        );
+
+        t.request_sent(); // BEGIN; SAVEPOINT s; SET b
+        t.record([set("b")]);
+        t.ready(InTransaction);
+        t.rollback_to();
+        t.request_sent(); // ROLLBACK TO s
+        t.ready(InTransaction);
+        t.request_sent(); // COMMIT
+        assert_eq!(
+            t.ready(Idle),
+            Settled {
+                confirmed: vec![],
+                uncertain: true
+            }
+        );
+        // The next transaction starts clean.
+        t.record([set("c")]);
+        t.request_sent();
+        assert_eq!(t.ready(Idle).confirmed, [set("c")]);
     }
 
     #[test]

@@ -91,8 +91,10 @@ pub struct Effects {
     pub unpins: Pins,
     /// Set when the whole text is one command the proxy can answer.
     pub local: Option<LocalCommand>,
-    /// Uses savepoints: a SET's fate in this transaction cannot be followed.
-    pub savepoint: bool,
+    /// Rolls back to a savepoint: what the transaction set before it may be
+    /// partly undone, which the proxy does not follow. (Creating and
+    /// releasing savepoints undoes nothing.)
+    pub rollback_to: bool,
 }
 
 impl Effects {
@@ -102,7 +104,7 @@ impl Effects {
             && self.pins.is_empty()
             && self.unpins.is_empty()
             && self.local.is_none()
-            && !self.savepoint
+            && !self.rollback_to
     }
 }
 
@@ -137,7 +139,7 @@ fn literal(sql: &str, t: &Token) -> Option<String> {
 
 /// Words whose absence (at the start of a word) proves a statement has no
 /// session effect. `advisory` also matches inside `pg_advisory_lock`.
-const TRIGGERS: [&[u8]; 14] = [
+const TRIGGERS: [&[u8]; 12] = [
     b"set",
     b"reset",
     b"listen",
@@ -149,9 +151,7 @@ const TRIGGERS: [&[u8]; 14] = [
     b"deallocate",
     b"discard",
     b"close",
-    b"savepoint",
     b"rollback",
-    b"release",
 ];
 
 /// Cheap pre-check: could `sql` contain any statement with session effects?
@@ -182,8 +182,8 @@ fn may_have_effects(sql: &str) -> bool {
 /// Whether `word` (at least one byte long) starts with one of [`TRIGGERS`].
 fn starts_with_trigger(word: &[u8]) -> bool {
     let candidates: &[&[u8]] = match word[0] | 0x20 {
-        b's' => &[b"set", b"savepoint"],
-        b'r' => &[b"reset", b"rollback", b"release"],
+        b's' => &[b"set"],
+        b'r' => &[b"reset", b"rollback"],
         b'l' => &[b"listen"],
         b'u' => &[b"unlisten"],
         b'p' => &[b"pg_advisory", b"prepare"],
@@ -258,8 +258,8 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
         };
         fx.changes
             .push(name.map_or(SettingChange::ResetAll, SettingChange::Reset));
-    } else if word(0, "savepoint") || word(0, "release") || (word(0, "rollback") && (word(1, "to") || word(2, "to"))) {
-        fx.savepoint = true;
+    } else if word(0, "rollback") && (word(1, "to") || word(2, "to")) {
+        fx.rollback_to = true;
     } else if word(0, "listen") {
         fx.pins.add(Pins::LISTEN);
     } else if word(0, "unlisten") && t.get(1).is_some_and(|tok| tok.is_punct(sql, b'*')) {
@@ -490,10 +490,17 @@ mod tests {
 
     #[test]
     fn savepoints_are_noticed() {
-        for sql in ["SAVEPOINT a", "ROLLBACK TO a", "rollback to savepoint a", "RELEASE a"] {
-            assert!(analyze(sql).savepoint, "{sql}");
+        for sql in [
+            "ROLLBACK TO a",
+            "rollback to savepoint a",
+            "ROLLBACK WORK TO SAVEPOINT a",
+        ] {
+            assert!(analyze(sql).rollback_to, "{sql}");
         }
-        assert!(!analyze("ROLLBACK").savepoint);
+        for sql in ["SAVEPOINT a", "RELEASE a", "RELEASE SAVEPOINT a"] {
+            assert!(!analyze(sql).rollback_to, "{sql}");
+        }
+        assert!(!analyze("ROLLBACK").rollback_to);
     }
 
     #[test]
