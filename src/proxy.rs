@@ -54,6 +54,17 @@ pub struct Shared {
     reloading: Mutex<()>,
 }
 
+/// The connector to the servers from `[server_tls]` (its files read now),
+/// or the problem, keyed as validation reports it.
+fn server_tls(config: &Config) -> Result<crate::tls::ServerTls, Vec<Problem>> {
+    crate::tls::server_connector(&config.server_tls).map_err(|e| {
+        vec![Problem {
+            key: "server_tls".to_owned(),
+            message: e.to_string(),
+        }]
+    })
+}
+
 impl Shared {
     /// The pool of server connections to `addr` for `db` as `user`.
     pub fn pool(&self, db: &DatabaseConfig, user: &User, role: Role, addr: &ServerAddr) -> Arc<Pool> {
@@ -123,12 +134,7 @@ impl Shared {
         }
         // Read again whether or not the section changed: a CA file may have
         // been replaced in place.
-        let server_tls = crate::tls::server_connector(&config.server_tls).map_err(|e| {
-            vec![Problem {
-                key: "server_tls".to_owned(),
-                message: e.to_string(),
-            }]
-        })?;
+        let server_tls = server_tls(&config)?;
         let live = Arc::new(Live::build(config, Some(&old))?);
         // Server passwords changed: those users' pools start afresh.
         for (name, user) in &live.users {
@@ -263,12 +269,7 @@ impl Proxy {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let settings = PoolSettings::from(&config);
         let cancel_timeout = config.pool.server_connect_timeout;
-        let server_tls = crate::tls::server_connector(&config.server_tls).map_err(|e| {
-            StartError::Config(vec![Problem {
-                key: "server_tls".to_owned(),
-                message: e.to_string(),
-            }])
-        })?;
+        let server_tls = server_tls(&config).map_err(StartError::Config)?;
         let live = Arc::new(Live::build(config, None).map_err(StartError::Config)?);
         let shared = Arc::new(Shared {
             live: ArcSwap::new(live.clone()),

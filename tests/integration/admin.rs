@@ -421,10 +421,7 @@ async fn clients_servers_and_kill() {
     );
     let name = user.name.clone();
     assert!(
-        eventually(std::time::Duration::from_secs(5), || async {
-            backends(&name, Some("idle in transaction")).await == 0
-        })
-        .await,
+        no_transaction_left_open(&name, std::time::Duration::from_secs(5)).await,
         "the killed client's transaction was rolled back"
     );
 

@@ -89,10 +89,7 @@ async fn client_killed_idle_in_transaction_leaves_nothing_open() {
     task.abort(); // TCP drop, no Terminate
     let name = user.name.clone();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            backends(&name, Some("idle in transaction")).await == 0
-        })
-        .await,
+        no_transaction_left_open(&name, Duration::from_secs(5)).await,
         "a backend stayed idle in transaction"
     );
     let n: i64 = setup
@@ -434,10 +431,7 @@ async fn a_client_idle_in_a_transaction_is_disconnected_and_its_connection_freed
     assert_eq!(sqlstate(&err), "25P03", "{}", describe(&err));
     assert!(stalled.batch_execute("SELECT 3").await.is_err());
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            backends(&user.name, Some("idle in transaction")).await == 0
-        })
-        .await,
+        no_transaction_left_open(&user.name, Duration::from_secs(5)).await,
         "the stalled transaction was left open"
     );
     // A transaction that keeps working is not touched, however long it lasts.

@@ -178,6 +178,14 @@ where
     }
 }
 
+/// Whether, within `limit`, `user` has no backend left idle in a transaction.
+pub async fn no_transaction_left_open(user: &str, limit: Duration) -> bool {
+    eventually(limit, || async {
+        backends(user, Some("idle in transaction")).await == 0
+    })
+    .await
+}
+
 /// How to configure a test proxy; rendered as a TOML file.
 pub struct Setup {
     pub users: Vec<TestUser>,

@@ -154,9 +154,22 @@ async fn server_hop_encrypted(client: &tokio_postgres::Client) -> Result<bool, t
     Ok(row.get(0))
 }
 
+/// The CA that signed the servers' certificate (this binary's cluster has TLS on).
+fn servers_ca() -> std::path::PathBuf {
+    cluster()
+        .ssl_ca
+        .clone()
+        .expect("the servers have TLS on in this binary")
+}
+
+/// The configuration text of `setup` plus a `[server_tls]` section.
+fn server_tls_toml(setup: &Setup, lines: &str) -> String {
+    format!("{}\n[server_tls]\n{lines}\n", setup.toml())
+}
+
 /// A proxy whose configuration is `setup` plus a `[server_tls]` section.
 async fn with_server_tls(setup: &Setup, lines: &str) -> dbproxy::Proxy {
-    let text = format!("{}\n[server_tls]\n{lines}\n", setup.toml());
+    let text = server_tls_toml(setup, lines);
     let config = dbproxy::Config::parse(&text).unwrap_or_else(|p| panic!("config invalid: {p:?}"));
     dbproxy::Proxy::start(config).await.expect("proxy starts")
 }
@@ -169,10 +182,7 @@ async fn with_server_tls(setup: &Setup, lines: &str) -> dbproxy::Proxy {
 async fn server_tls_verify_full_a_wrong_ca_prefer_and_disable() {
     let user = create_user("srvtls").await;
     let setup = Setup::new(&[&user]);
-    let ca = cluster()
-        .ssl_ca
-        .clone()
-        .expect("the servers have TLS on in this binary");
+    let ca = servers_ca();
 
     let proxy = with_server_tls(
         &setup,
@@ -235,13 +245,10 @@ async fn server_tls_verify_full_a_wrong_ca_prefer_and_disable() {
 async fn a_reload_applies_server_tls_to_every_later_transaction() {
     let user = create_user("srvtls_reload").await;
     let setup = Setup::new(&[&user]);
-    let ca = cluster()
-        .ssl_ca
-        .clone()
-        .expect("the servers have TLS on in this binary");
+    let ca = servers_ca();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
-    let write = |lines: &str| std::fs::write(&path, format!("{}\n[server_tls]\n{lines}\n", setup.toml())).unwrap();
+    let write = |lines: &str| std::fs::write(&path, server_tls_toml(&setup, lines)).unwrap();
     write("sslmode = \"disable\"");
     let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
         .await
@@ -349,10 +356,7 @@ async fn server_tls_presents_a_client_certificate() {
         .await
         .unwrap();
     let setup = Setup::new(&[&user]);
-    let ca = cluster()
-        .ssl_ca
-        .clone()
-        .expect("the servers have TLS on in this binary");
+    let ca = servers_ca();
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = client_cert(dir.path(), &user.name);
 

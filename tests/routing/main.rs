@@ -485,10 +485,7 @@ async fn a_frozen_primary_fails_writes_after_the_timeout_and_recovers() {
         .collect();
     assert!(rows == vec![4] || rows == vec![3, 4], "{rows:?}");
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            backends(&user.name, Some("idle in transaction")).await == 0
-        })
-        .await,
+        no_transaction_left_open(&user.name, Duration::from_secs(10)).await,
         "a transaction was left open"
     );
 }
@@ -598,10 +595,7 @@ async fn without_splitting_clients_stuck_on_a_frozen_primary_are_released() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            backends(&user.name, Some("idle in transaction")).await == 0
-        })
-        .await,
+        no_transaction_left_open(&user.name, Duration::from_secs(10)).await,
         "a transaction was left open"
     );
 }
