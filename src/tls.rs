@@ -43,12 +43,35 @@ fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-/// The private key of a PEM file.
+/// The private key of a PEM file, which others may not read (as
+/// PostgreSQL and libpq require of theirs).
 fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+    let problem = |reason: String| TlsError::Key {
         path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let key = PrivateKeyDer::from_pem_file(path).map_err(|e| problem(e.to_string()))?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        #[allow(unsafe_code)]
+        let me = unsafe { libc::geteuid() };
+        key_mode_problem(meta.uid(), me, meta.mode()).map_or(Ok(()), |p| Err(problem(p.to_owned())))?;
+    }
+    Ok(key)
+}
+
+/// libpq's rule for a private key file: one owned by the user reading it has
+/// no group or world access (0600 or less); one owned by root may be read by
+/// its group (0640 or less). Files owned by anyone else are readable only
+/// if permissions allow it, and are not checked further.
+fn key_mode_problem(owner: u32, me: u32, mode: u32) -> Option<&'static str> {
+    let (group_or_world, beyond_group_read) = (0o077, 0o037);
+    let bad = (owner == me && mode & group_or_world != 0) || (owner == 0 && mode & beyond_group_read != 0);
+    bad.then_some(
+        "the file has group or world access; it must have permissions u=rw (0600) or less \
+         if owned by the user running dbproxy, or u=rw,g=r (0640) or less if owned by root",
+    )
 }
 
 /// Loads the certificate and key and builds an acceptor.
@@ -291,5 +314,28 @@ impl ServerCertVerifier for Lenient {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_mode_problem;
+
+    #[test]
+    fn key_files_others_can_read_are_refused() {
+        let (me, other) = (1000, 1001);
+        assert!(key_mode_problem(me, me, 0o100600).is_none());
+        assert!(key_mode_problem(me, me, 0o100400).is_none());
+        assert!(key_mode_problem(me, me, 0o100640).is_some());
+        assert!(key_mode_problem(me, me, 0o100604).is_some());
+        // Root's file may be read by its group, not by the world.
+        assert!(key_mode_problem(0, me, 0o100640).is_none());
+        assert!(key_mode_problem(0, me, 0o100644).is_some());
+        assert!(key_mode_problem(0, me, 0o100660).is_some());
+        // Run as root, a root-owned key is the reader's own: 0600 or less.
+        assert!(key_mode_problem(0, 0, 0o100640).is_some());
+        assert!(key_mode_problem(0, 0, 0o100600).is_none());
+        // Someone else's file: readable only if they allowed it; not checked.
+        assert!(key_mode_problem(other, me, 0o100644).is_none());
     }
 }

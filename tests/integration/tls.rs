@@ -29,6 +29,7 @@ fn make_certs(dir: &Path) -> CertificateDer<'static> {
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
     std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    set_mode(&dir.join("server.key"), 0o600);
     ca.der().clone()
 }
 
@@ -39,6 +40,16 @@ async fn tls_require_and_verify_full() {
     let ca = make_certs(dir.path());
     let mut setup = Setup::new(&[&user]);
     setup.tls = Some((dir.path().join("server.pem"), dir.path().join("server.key")));
+    // A key others can read is refused, as PostgreSQL refuses its own.
+    set_mode(&dir.path().join("server.key"), 0o644);
+    let problems = dbproxy::Config::parse(&setup.toml()).expect_err("a world-readable key is accepted");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.key == "tls" && p.message.contains("group or world access")),
+        "{problems:?}"
+    );
+    set_mode(&dir.path().join("server.key"), 0o600);
     let proxy = setup.start().await;
     let port = proxy.local_addr().port();
 
@@ -114,6 +125,11 @@ async fn tls_require_and_verify_full() {
     let out = psql_plain(&user, port, "require", "SELECT 3");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// Runs `sql` with psql over 127.0.0.1 with `sslmode`.
@@ -340,6 +356,7 @@ fn client_cert(dir: &Path, user: &str) -> (std::path::PathBuf, std::path::PathBu
         "-out",
         cert.to_str().unwrap(),
     ]);
+    set_mode(&key, 0o600);
     (cert, key)
 }
 
