@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::sql::Pins;
+
 /// A client's relation to server connections, as SHOW CLIENTS names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientState {
@@ -36,6 +38,8 @@ pub struct ClientInfo {
     pub application_name: String,
     pub connected: SystemTime,
     state: AtomicU8,
+    /// Session-only features that pin the client to its server connection.
+    pins: AtomicU8,
     /// The server connection held.
     server: Mutex<Option<HeldServer>>,
     /// Signals raised for the session ([`SIGNAL_KILL`], [`SIGNAL_SHUTDOWN`],
@@ -96,6 +100,7 @@ impl ClientInfo {
             application_name: application_name.to_owned(),
             connected: SystemTime::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
+            pins: AtomicU8::new(0),
             server: Mutex::new(None),
             signals: AtomicU8::new(0),
             waker: atomic_waker::AtomicWaker::new(),
@@ -125,6 +130,17 @@ impl ClientInfo {
     pub fn set(&self, state: ClientState, server: Option<HeldServer>) {
         self.state.store(state as u8, Ordering::Relaxed);
         *self.server.lock().unwrap_or_else(|e| e.into_inner()) = server;
+    }
+
+    /// Records the session-only features the client holds (SHOW CLIENTS,
+    /// `dbproxy_clients_pinned`).
+    pub fn set_pins(&self, pins: Pins) {
+        self.pins.store(pins.bits(), Ordering::Relaxed);
+    }
+
+    /// The session-only features the client holds.
+    pub fn pins(&self) -> Pins {
+        Pins::from_bits(self.pins.load(Ordering::Relaxed))
     }
 
     /// The server connection held, if any.

@@ -4,6 +4,7 @@
 //! monitored servers the primary or a replica reachable). A deliberately small
 //! HTTP/1.x handler: GET only, one request per connection.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -135,6 +136,21 @@ pub fn render(shared: &Shared) -> String {
         ("idle", total.saturating_sub(active + waiting)),
     ] {
         let _ = writeln!(out, "dbproxy_clients{{state=\"{state}\"}} {n}");
+    }
+
+    let mut pinned: BTreeMap<String, usize> = live.stats.keys().map(|db| (db.clone(), 0)).collect();
+    for c in shared.registry.all() {
+        if !c.pins().is_empty() {
+            *pinned.entry(c.database.clone()).or_default() += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_clients_pinned Clients pinned to their server connection now (session-only features).\n\
+         # TYPE dbproxy_clients_pinned gauge"
+    );
+    for (db, n) in pinned {
+        let _ = writeln!(out, "dbproxy_clients_pinned{{database=\"{db}\"}} {n}");
     }
 
     let _ = writeln!(

@@ -258,8 +258,9 @@ fn stats(shared: &Shared, what: &str, out: &mut BytesMut) {
     }
 }
 
-/// PgBouncer's SHOW CLIENTS / SHOW SERVERS columns (1.18).
-const CONNECTION_COLUMNS: [(&str, ColumnType); 18] = [
+/// PgBouncer's SHOW CLIENTS / SHOW SERVERS columns (1.18), and dbproxy's
+/// `pinned`.
+const CONNECTION_COLUMNS: [(&str, ColumnType); 19] = [
     ("type", T),
     ("user", T),
     ("database", T),
@@ -278,6 +279,7 @@ const CONNECTION_COLUMNS: [(&str, ColumnType); 18] = [
     ("remote_pid", I),
     ("tls", T),
     ("application_name", T),
+    ("pinned", T),
 ];
 
 fn clients(shared: &Shared, out: &mut BytesMut) {
@@ -307,6 +309,7 @@ fn clients(shared: &Shared, out: &mut BytesMut) {
                 s(0),
                 s(if c.tls { "TLS" } else { "" }),
                 s(&c.application_name),
+                s(c.pins().names().join(", ")),
             ]
         })
         .collect();
@@ -318,8 +321,9 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
     for c in shared.registry.all() {
         if let Some(held) = c.server() {
             let (host, port) = held.addr.rsplit_once(':').unwrap_or((&held.addr, ""));
+            let pinned = c.pins().names().join(", ");
             rows.push(server_row(
-                [&c.user, &c.database, "active", host, port, &c.application_name],
+                [&c.user, &c.database, "active", host, port, &c.application_name, &pinned],
                 (held.pid, held.tls),
                 s(c.id),
             ));
@@ -329,7 +333,7 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
         for backend in p.idle_backends() {
             let port = p.key.addr.port.to_string();
             rows.push(server_row(
-                [&p.key.user, &p.key.database, "idle", &p.key.addr.host, &port, ""],
+                [&p.key.user, &p.key.database, "idle", &p.key.addr.host, &port, "", ""],
                 backend,
                 None,
             ));
@@ -341,8 +345,8 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
 /// A SHOW SERVERS row: `[user, database, state, addr, port, application_name]`,
 /// the backend pid and whether the connection is encrypted, and the client
 /// using it (`link`).
-fn server_row(text: [&str; 6], (pid, tls): (i32, bool), link: Option<String>) -> Vec<Option<String>> {
-    let [user, database, state, addr, port, app] = text;
+fn server_row(text: [&str; 7], (pid, tls): (i32, bool), link: Option<String>) -> Vec<Option<String>> {
+    let [user, database, state, addr, port, app, pinned] = text;
     vec![
         s("S"),
         s(user),
@@ -362,6 +366,7 @@ fn server_row(text: [&str; 6], (pid, tls): (i32, bool), link: Option<String>) ->
         s(pid),
         s(if tls { "TLS" } else { "" }),
         s(app),
+        s(pinned),
     ]
 }
 

@@ -92,6 +92,7 @@ impl Conn<'_> {
                 self.unnamed = Effects::default();
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
+                self.me.set_pins(self.pins);
                 a.conn.conn.state.prepared = Default::default();
                 a.conn.conn.state.dirty = true;
             }
@@ -155,6 +156,7 @@ impl Conn<'_> {
                 self.unnamed = Effects::default();
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
+                self.me.set_pins(self.pins);
             }
         }
         command_complete(&mut self.to_client, cmd.tag());

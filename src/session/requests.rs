@@ -352,6 +352,9 @@ impl Conn<'_> {
         if !fx.unpins.is_empty() {
             self.pins.remove(fx.unpins);
         }
+        if !fx.pins.is_empty() || !fx.unpins.is_empty() {
+            self.me.set_pins(self.pins);
+        }
         if fx.rollback_to {
             self.tracker.rollback_to();
         }

@@ -24,6 +24,15 @@ impl Pins {
         self.0 == 0
     }
 
+    /// The features as one byte (see [`Pins::from_bits`]).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u8) -> Pins {
+        Pins(bits)
+    }
+
     pub fn add(&mut self, other: Pins) {
         self.0 |= other.0;
     }

@@ -246,9 +246,31 @@ async fn stats_and_metrics_count_real_traffic() {
     assert!(metric(&body, "dbproxy_errors_total{kind=\"auth_failed\"}") >= 1.0);
     assert!(metric(&body, "dbproxy_query_duration_seconds_count{database=\"appdb\"}") >= 30.0);
     assert!(body.contains("dbproxy_replica_lag_bytes{database=\"appdb\""));
+    let pinned_now = "dbproxy_clients_pinned{database=\"appdb\"}";
+    assert_eq!(metric(&body, pinned_now), 0.0);
     app.batch_execute("LISTEN somewhere").await.unwrap();
     let (_, body) = http_get(metrics, "/metrics").await;
     assert_eq!(metric(&body, "dbproxy_pinned_total{database=\"appdb\"}"), 1.0);
+    assert_eq!(metric(&body, pinned_now), 1.0);
+    let (cols, rows) = show(&console, "SHOW CLIENTS").await;
+    assert_eq!(cols[18], "pinned");
+    let row = rows.iter().find(|r| r[1] == user.name).expect("the client's row");
+    assert_eq!(row[18], "LISTEN", "{rows:?}");
+    let (_, servers) = show(&console, "SHOW SERVERS").await;
+    let held = servers.iter().find(|r| r[1] == user.name && r[3] == "active");
+    assert_eq!(held.expect("its server connection")[18], "LISTEN", "{servers:?}");
+    app.batch_execute("UNLISTEN *").await.unwrap();
+    let (_, body) = http_get(metrics, "/metrics").await;
+    assert_eq!(metric(&body, pinned_now), 0.0, "released by UNLISTEN *");
+    app.batch_execute("LISTEN again").await.unwrap();
+    drop(app);
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            metric(&http_get(metrics, "/metrics").await.1, pinned_now) == 0.0
+        })
+        .await,
+        "a pinned client that leaves is no longer counted"
+    );
     assert!(http_get(metrics, "/healthz").await.0.contains("200"));
     assert!(http_get(metrics, "/readyz").await.0.contains("200"));
     let _ = proxy.shared().shutdown_tx.send(true);
