@@ -322,8 +322,11 @@ impl Conn<'_> {
         if matches!(tag, b'c' | b'f') {
             self.expect.copy_end();
         }
-        if matches!(tag, b'Q' | b'S' | b'F') {
-            self.tracker.request_sent();
+        match tag {
+            b'Q' | b'S' | b'F' => self.tracker.request_sent(),
+            // One statement runs per Bind (and its Execute).
+            b'B' => self.tracker.statements_sent(1),
+            _ => {}
         }
         if let Some(a) = self.attached() {
             match tag {
@@ -355,10 +358,7 @@ impl Conn<'_> {
         if !fx.pins.is_empty() || !fx.unpins.is_empty() {
             self.me.set_pins(self.pins);
         }
-        if fx.rollback_to {
-            self.tracker.rollback_to();
-        }
-        self.tracker.record(fx.changes.iter().cloned());
+        self.tracker.record(fx);
     }
 
     async fn on_query(&mut self, msg: &[u8]) -> Result<(), Exit> {
@@ -391,12 +391,14 @@ impl Conn<'_> {
             // Sent while a server is held (inside a transaction or pipelined).
             self.apply_effects(&fx);
             if self.forward_local_command(cmd, msg) {
+                self.tracker.statements_sent(fx.statements);
                 self.sent(b'Q', Some(Request::Query));
                 return Ok(());
             }
         }
         self.apply_effects(&fx);
         self.to_server.extend_from_slice(msg);
+        self.tracker.statements_sent(fx.statements);
         self.sent(b'Q', Some(Request::Query));
         Ok(())
     }

@@ -92,28 +92,39 @@ impl LocalCommand {
     }
 }
 
+/// A savepoint command, with the savepoint's name (case-folded unless
+/// quoted, as PostgreSQL compares them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Savepoint {
+    Create(String),
+    Release(String),
+    RollbackTo(String),
+}
+
 /// Everything [`analyze`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effects {
     pub changes: Vec<SettingChange>,
+    /// Savepoint commands, each with the number of `changes` before it (so a
+    /// `SET` between `SAVEPOINT` and `ROLLBACK TO` is known to be undone).
+    pub savepoints: Vec<(usize, Savepoint)>,
+    /// Statements in the text, when it has changes or savepoints (a request
+    /// that fails after running some of them leaves their fate unknown).
+    pub statements: usize,
     pub pins: Pins,
     pub unpins: Pins,
     /// Set when the whole text is one command the proxy can answer.
     pub local: Option<LocalCommand>,
-    /// Rolls back to a savepoint: what the transaction set before it may be
-    /// partly undone, which the proxy does not follow. (Creating and
-    /// releasing savepoints undoes nothing.)
-    pub rollback_to: bool,
 }
 
 impl Effects {
     /// Nothing session-related.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
+            && self.savepoints.is_empty()
             && self.pins.is_empty()
             && self.unpins.is_empty()
             && self.local.is_none()
-            && !self.rollback_to
     }
 }
 
@@ -139,6 +150,19 @@ fn name_key(sql: &str, t: &Token) -> String {
     }
 }
 
+/// An identifier as PostgreSQL compares it: unquoted names fold to lower
+/// case, quoted ones are taken as written.
+fn ident_key(sql: &str, t: &Token) -> String {
+    match t.kind {
+        Kind::Quoted => {
+            let text = t.text(sql);
+            let inner = text.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(text);
+            inner.replace("\"\"", "\"")
+        }
+        _ => t.text(sql).to_ascii_lowercase(),
+    }
+}
+
 /// Content of a plain `'...'` literal, if the token is one.
 fn literal(sql: &str, t: &Token) -> Option<String> {
     let text = t.text(sql);
@@ -148,8 +172,10 @@ fn literal(sql: &str, t: &Token) -> Option<String> {
 
 /// Words whose absence (at the start of a word) proves a statement has no
 /// session effect. `advisory` also matches inside `pg_advisory_lock`.
-const TRIGGERS: [&[u8]; 12] = [
+const TRIGGERS: [&[u8]; 14] = [
     b"set",
+    b"savepoint",
+    b"release",
     b"reset",
     b"listen",
     b"unlisten",
@@ -191,8 +217,8 @@ fn may_have_effects(sql: &str) -> bool {
 /// Whether `word` (at least one byte long) starts with one of [`TRIGGERS`].
 fn starts_with_trigger(word: &[u8]) -> bool {
     let candidates: &[&[u8]] = match word[0] | 0x20 {
-        b's' => &[b"set"],
-        b'r' => &[b"reset", b"rollback"],
+        b's' => &[b"set", b"savepoint"],
+        b'r' => &[b"reset", b"rollback", b"release"],
         b'l' => &[b"listen"],
         b'u' => &[b"unlisten"],
         b'p' => &[b"pg_advisory", b"prepare"],
@@ -248,7 +274,18 @@ pub fn analyze(sql: &str) -> Effects {
     for stmt in &statements {
         statement(sql, stmt, &mut effects, statements.len() == 1);
     }
+    effects.statements = statements.len();
     effects
+}
+
+/// The name of a savepoint command whose keywords end before token `at`
+/// (`SAVEPOINT` itself is optional there, and may also be the name).
+fn savepoint_name(sql: &str, t: &[Token], at: usize) -> Option<String> {
+    let at = match t.get(at) {
+        Some(tok) if tok.is_word(sql, "savepoint") && t.len() > at + 1 => at + 1,
+        _ => at,
+    };
+    t.get(at).filter(|_| t.len() == at + 1).map(|tok| ident_key(sql, tok))
 }
 
 fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
@@ -268,7 +305,18 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
         fx.changes
             .push(name.map_or(SettingChange::ResetAll, SettingChange::Reset));
     } else if word(0, "rollback") && (word(1, "to") || word(2, "to")) {
-        fx.rollback_to = true;
+        let at = if word(1, "to") { 2 } else { 3 };
+        // A name dbproxy cannot read still undoes something: an empty one
+        // matches no savepoint, which makes the transaction uncertain.
+        let name = savepoint_name(sql, t, at).unwrap_or_default();
+        fx.savepoints.push((fx.changes.len(), Savepoint::RollbackTo(name)));
+    } else if word(0, "savepoint") {
+        if let Some(name) = savepoint_name(sql, t, 1) {
+            fx.savepoints.push((fx.changes.len(), Savepoint::Create(name)));
+        }
+    } else if word(0, "release") {
+        let name = savepoint_name(sql, t, 1).unwrap_or_default();
+        fx.savepoints.push((fx.changes.len(), Savepoint::Release(name)));
     } else if word(0, "listen") {
         fx.pins.add(Pins::LISTEN);
     } else if word(0, "unlisten") && t.get(1).is_some_and(|tok| tok.is_punct(sql, b'*')) {
@@ -498,18 +546,41 @@ mod tests {
     }
 
     #[test]
-    fn savepoints_are_noticed() {
+    fn savepoints_are_noticed_in_order_with_the_settings() {
+        let a = || "a".to_owned();
         for sql in [
             "ROLLBACK TO a",
-            "rollback to savepoint a",
+            "rollback to savepoint A",
             "ROLLBACK WORK TO SAVEPOINT a",
+            "ROLLBACK TRANSACTION TO \"a\"",
         ] {
-            assert!(analyze(sql).rollback_to, "{sql}");
+            assert_eq!(analyze(sql).savepoints, [(0, Savepoint::RollbackTo(a()))], "{sql}");
         }
-        for sql in ["SAVEPOINT a", "RELEASE a", "RELEASE SAVEPOINT a"] {
-            assert!(!analyze(sql).rollback_to, "{sql}");
+        for sql in ["RELEASE a", "RELEASE SAVEPOINT a"] {
+            assert_eq!(analyze(sql).savepoints, [(0, Savepoint::Release(a()))], "{sql}");
         }
-        assert!(!analyze("ROLLBACK").rollback_to);
+        assert_eq!(analyze("SAVEPOINT a").savepoints, [(0, Savepoint::Create(a()))]);
+        // The name is kept as written when quoted; SAVEPOINT may be the name.
+        assert_eq!(
+            analyze("SAVEPOINT \"My \"\"sp\"\"\"").savepoints,
+            [(0, Savepoint::Create("My \"sp\"".to_owned()))]
+        );
+        assert_eq!(
+            analyze("ROLLBACK TO savepoint").savepoints,
+            [(0, Savepoint::RollbackTo("savepoint".to_owned()))]
+        );
+        let fx = analyze("SET a = 1; SAVEPOINT s; SET b = 2; ROLLBACK TO s; SELECT 1");
+        assert_eq!(fx.changes.len(), 2);
+        assert_eq!(
+            fx.savepoints,
+            [
+                (1, Savepoint::Create("s".into())),
+                (2, Savepoint::RollbackTo("s".into()))
+            ]
+        );
+        assert_eq!(fx.statements, 5);
+        assert!(analyze("ROLLBACK").savepoints.is_empty());
+        assert!(analyze("SELECT savepoint_id, released FROM t").is_empty());
     }
 
     #[test]

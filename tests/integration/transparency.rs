@@ -171,14 +171,45 @@ async fn only_committed_session_level_sets_are_remembered() {
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(work_mem(&other).await, "9MB");
     assert_eq!(work_mem(&a).await, "8MB", "a SET committed through released savepoints");
-    // A rollback to a savepoint is beyond what dbproxy follows: the SET before it
-    // is kept by the server but not carried (a known gap), and the server
-    // connection is reset, so nobody else inherits anything.
+    // A rollback to a savepoint undoes only what came after the savepoint: in
+    // one string...
     a.batch_execute("BEGIN; SET work_mem = '2MB'; SAVEPOINT s; SET work_mem = '1MB'; ROLLBACK TO s; COMMIT")
         .await
         .unwrap();
     assert_eq!(work_mem(&other).await, "9MB");
-    assert_eq!(work_mem(&a).await, "8MB", "the known gap: the previous value");
+    assert_eq!(work_mem(&a).await, "2MB", "the SET before the savepoint");
+    // ...as an ORM sends it (statement by statement, recovering from an
+    // error), and through the extended protocol.
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute("SET work_mem = '3MB'", &[]).await.unwrap();
+    a.batch_execute("SAVEPOINT orm_1").await.unwrap();
+    a.execute("SET work_mem = '1MB'", &[]).await.unwrap();
+    a.batch_execute("SAVEPOINT orm_2").await.unwrap();
+    assert!(a.batch_execute("SELECT 1/0").await.is_err());
+    a.batch_execute("ROLLBACK TO SAVEPOINT orm_2").await.unwrap();
+    a.execute("SET work_mem = '5MB'", &[]).await.unwrap();
+    a.batch_execute("RELEASE SAVEPOINT orm_2").await.unwrap();
+    a.execute("ROLLBACK TO SAVEPOINT orm_1", &[]).await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "3MB", "the SET before the outer savepoint");
+    // A request that fails part-way leaves what it set uncertain until its
+    // savepoint is rolled back to.
+    a.batch_execute("BEGIN; SET work_mem = '6MB'; SAVEPOINT s")
+        .await
+        .unwrap();
+    assert!(a.batch_execute("SET work_mem = '1MB'; SELECT 1/0").await.is_err());
+    a.batch_execute("ROLLBACK TO s; COMMIT").await.unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "6MB");
+    // A savepoint dbproxy cannot follow (created in a request that failed
+    // part-way): the previous value is kept, and the server connection is
+    // reset, so nobody else inherits anything.
+    a.batch_execute("BEGIN; SET work_mem = '7MB'").await.unwrap();
+    assert!(a.batch_execute("SAVEPOINT lost; SELECT 1/0").await.is_err());
+    a.batch_execute("ROLLBACK TO lost; COMMIT").await.unwrap();
+    assert_eq!(work_mem(&other).await, "9MB");
+    assert_eq!(work_mem(&a).await, "6MB", "uncertain: the previous value");
 }
 
 async fn work_mem(c: &tokio_postgres::Client) -> String {
