@@ -58,6 +58,10 @@ pub struct HeldServer {
     pub pid: i32,
     /// Whether the connection to the server is encrypted.
     pub tls: bool,
+    /// The pool generation and `[server_tls]` epoch it was opened under
+    /// (see [`crate::pool::Pool::close_needed`]).
+    pub generation: usize,
+    pub tls_epoch: u64,
 }
 
 /// End the session (KILL, KILL_CLIENT).

@@ -95,6 +95,12 @@ pub async fn run(shared: &Arc<Shared>, mut stream: ClientStream, user: &User, ke
                         }
                         command_complete(&mut out, "PAUSE");
                     }
+                    Outcome::WaitClose(database) => {
+                        if !until_closed(shared, database.as_deref(), &mut stream, &mut buf).await {
+                            return;
+                        }
+                        command_complete(&mut out, "WAIT_CLOSE");
+                    }
                 }
                 ready_for_query(&mut out, TransactionStatus::Idle);
             }
@@ -132,6 +138,9 @@ enum Outcome {
     /// These databases were paused: the command completes once they hold no
     /// server connection (see [`until_released`]).
     Paused(Vec<String>),
+    /// WAIT_CLOSE of one database or all: completes once no server
+    /// connection to be closed is in use (see [`until_closed`]).
+    WaitClose(Option<String>),
 }
 
 /// How often PAUSE looks whether the transactions in flight have finished.
@@ -200,14 +209,61 @@ async fn until_released(
                 logged = true;
             }
         }
-        if buf.len() < MAX_COMMAND {
-            buf.reserve(1024);
-            tokio::select! {
-                r = stream.read_buf(buf) => if matches!(r, Ok(0) | Err(_)) { return false },
-                _ = tokio::time::sleep(PAUSE_POLL) => {}
-            }
-        } else {
-            tokio::time::sleep(PAUSE_POLL).await;
+        if !poll_interval(stream, buf).await {
+            return false;
+        }
+    }
+}
+
+/// Waits one [`PAUSE_POLL`]; false if the console's client left meanwhile
+/// (what it sends is kept in `buf`, up to a command's size).
+async fn poll_interval(stream: &mut ClientStream, buf: &mut BytesMut) -> bool {
+    if buf.len() < MAX_COMMAND {
+        buf.reserve(1024);
+        tokio::select! {
+            r = stream.read_buf(buf) => if matches!(r, Ok(0) | Err(_)) { return false },
+            _ = tokio::time::sleep(PAUSE_POLL) => {}
+        }
+    } else {
+        tokio::time::sleep(PAUSE_POLL).await;
+    }
+    true
+}
+
+/// Waits, as PgBouncer's WAIT_CLOSE does, until no server connection of
+/// `database` (of every database without one) that is to be closed when
+/// given back is still in use: those opened before a RECONNECT, or under a
+/// `[server_tls]` setting a reload replaced. Ends early when dbproxy shuts
+/// down; false when the console's client left meanwhile.
+async fn until_closed(
+    shared: &Arc<Shared>,
+    database: Option<&str>,
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> bool {
+    let mut logged = false;
+    loop {
+        let pools = shared.pools.all();
+        let waiting = shared
+            .registry
+            .all()
+            .iter()
+            .filter(|c| database.is_none_or(|d| c.database == d))
+            .filter(|c| c.server().is_some_and(|held| show::close_needed(&pools, c, &held)))
+            .count();
+        if waiting == 0 || *shared.shutdown.borrow() {
+            return true;
+        }
+        if !logged {
+            tracing::info!(
+                database = database.unwrap_or("(all)"),
+                in_use = waiting,
+                "WAIT_CLOSE waits for server connections to be given back"
+            );
+            logged = true;
+        }
+        if !poll_interval(stream, buf).await {
+            return false;
         }
     }
 }
@@ -319,6 +375,15 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             tracing::info!(database = name.unwrap_or("(all)"), "RECONNECT from the admin console");
             command_complete(out, "RECONNECT");
             Outcome::Done
+        }
+        ["WAIT_CLOSE", rest @ ..] if rest.len() <= 1 => {
+            let name = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
+            if let Some(name) = name.filter(|n| !live.databases.contains_key(*n)) {
+                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
+                error_response(out, &err);
+                return Outcome::Done;
+            }
+            Outcome::WaitClose(name.map(str::to_owned))
         }
         ["RELOAD"] => {
             match shared.reload() {

@@ -1,11 +1,14 @@
 //! SHOW commands of the admin console, with PgBouncer's column names and
 //! order (extra columns, such as the server and its role, come last).
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 
+use crate::clients::{ClientInfo, HeldServer};
 use crate::config::{Config, format_duration};
+use crate::pool::Pool;
 use crate::protocol::SqlState;
 use crate::protocol::backend::{ColumnType, ErrorFields, command_complete, data_row, notice, row_description};
 use crate::proxy::Shared;
@@ -32,7 +35,7 @@ pub fn show(shared: &Shared, what: &str, out: &mut BytesMut) -> Result<(), Error
         "HELP" => {
             notice(
                 out,
-                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|KILL db|KILL_CLIENT id|DISABLE db|ENABLE db|RECONNECT [db]|RELOAD|SHUTDOWN",
+                "Console usage\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|USERS|LISTS|VERSION\n\tPAUSE [db]|RESUME [db]|KILL db|KILL_CLIENT id|DISABLE db|ENABLE db|RECONNECT [db]|WAIT_CLOSE [db]|RELOAD|SHUTDOWN",
             );
             command_complete(out, "SHOW");
         }
@@ -318,6 +321,7 @@ fn clients(shared: &Shared, out: &mut BytesMut) {
 
 fn servers(shared: &Shared, out: &mut BytesMut) {
     let mut rows = Vec::new();
+    let pools = shared.pools.all();
     for c in shared.registry.all() {
         if let Some(held) = c.server() {
             let (host, port) = held.addr.rsplit_once(':').unwrap_or((&held.addr, ""));
@@ -326,26 +330,39 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
                 [&c.user, &c.database, "active", host, port, &c.application_name, &pinned],
                 (held.pid, held.tls),
                 s(c.id),
+                close_needed(&pools, &c, &held),
             ));
         }
     }
-    for p in shared.pools.all() {
+    for p in &pools {
         for backend in p.idle_backends() {
             let port = p.key.addr.port.to_string();
             rows.push(server_row(
                 [&p.key.user, &p.key.database, "idle", &p.key.addr.host, &port, "", ""],
                 backend,
                 None,
+                false,
             ));
         }
     }
     table(out, &CONNECTION_COLUMNS, &rows);
 }
 
+/// Whether the server connection `c` holds is to be closed when given back:
+/// opened before a RECONNECT of its pool, or under a `[server_tls]` setting
+/// a reload replaced. (Idle ones are closed at once.)
+pub(super) fn close_needed(pools: &[Arc<Pool>], c: &ClientInfo, held: &HeldServer) -> bool {
+    pools
+        .iter()
+        .filter(|p| p.key.database == c.database && p.key.user == c.user)
+        .find(|p| p.key.addr.to_string() == *held.addr)
+        .is_some_and(|p| p.close_needed(held.generation, held.tls_epoch))
+}
+
 /// A SHOW SERVERS row: `[user, database, state, addr, port, application_name]`,
 /// the backend pid and whether the connection is encrypted, and the client
 /// using it (`link`).
-fn server_row(text: [&str; 7], (pid, tls): (i32, bool), link: Option<String>) -> Vec<Option<String>> {
+fn server_row(text: [&str; 7], (pid, tls): (i32, bool), link: Option<String>, close: bool) -> Vec<Option<String>> {
     let [user, database, state, addr, port, app, pinned] = text;
     vec![
         s("S"),
@@ -360,7 +377,7 @@ fn server_row(text: [&str; 7], (pid, tls): (i32, bool), link: Option<String>) ->
         None,
         s(0),
         s(0),
-        s(0),
+        s(u8::from(close)),
         s(pid),
         link,
         s(pid),

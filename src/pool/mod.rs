@@ -224,7 +224,14 @@ impl Pool {
     /// Whether `conn` may be reused: opened since the last RECONNECT, under
     /// the `[server_tls]` setting in force (a reload may have replaced it).
     fn is_current(&self, conn: &ServerConn) -> bool {
-        conn.generation >= self.generation.load(Ordering::Acquire) && conn.tls_epoch == self.target.tls.epoch()
+        !self.close_needed(conn.generation, conn.tls_epoch)
+    }
+
+    /// Whether a connection opened at `generation` under `[server_tls]`
+    /// epoch `tls_epoch` is to be closed when given back (SHOW SERVERS'
+    /// `close_needed`, WAIT_CLOSE).
+    pub fn close_needed(&self, generation: usize, tls_epoch: u64) -> bool {
+        generation < self.generation.load(Ordering::Acquire) || tls_epoch != self.target.tls.epoch()
     }
 
     /// RECONNECT: idle connections close now, those in use when given back.

@@ -149,6 +149,8 @@ impl Conn<'_> {
             addr: conn.conn.label.clone(),
             pid: conn.conn.process_id,
             tls: conn.conn.stream.is_tls(),
+            generation: conn.conn.generation,
+            tls_epoch: conn.conn.tls_epoch,
         };
         self.me.set(crate::clients::ClientState::Active, Some(server));
         let now = std::time::Instant::now();

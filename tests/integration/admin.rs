@@ -489,3 +489,45 @@ async fn disable_enable_and_reconnect() {
     let err = console.simple_query("DISABLE nosuch").await.unwrap_err();
     assert_eq!(sqlstate(&err), "3D000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_close_waits_for_connections_a_reconnect_replaces() {
+    let user = create_user("adm_wait").await;
+    let admin = console_admin("console_admin9");
+    let proxy = admin_setup(&user, &admin).start().await;
+    let console = admin_client(&proxy, &admin).await;
+    let a = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    let before: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let close_needed = |servers: &[Vec<String>]| -> Vec<String> {
+        servers
+            .iter()
+            .filter(|r| r[1] == user.name && r[3] == "active")
+            .map(|r| r[12].clone())
+            .collect()
+    };
+    let (cols, servers) = show(&console, "SHOW SERVERS").await;
+    assert_eq!(cols[12], "close_needed");
+    assert_eq!(close_needed(&servers), ["0"]);
+    console.simple_query("WAIT_CLOSE").await.expect("nothing to wait for");
+
+    console.simple_query("RECONNECT appdb").await.unwrap();
+    assert_eq!(close_needed(&show(&console, "SHOW SERVERS").await.1), ["1"]);
+    let waiter = admin_client(&proxy, &admin).await;
+    let wait = tokio::spawn(async move { waiter.simple_query("WAIT_CLOSE appdb").await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !wait.is_finished(),
+        "WAIT_CLOSE returned while the old connection is in use"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+        .await
+        .expect("WAIT_CLOSE returns once the connection is given back")
+        .unwrap()
+        .unwrap();
+    let after: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_ne!(before, after, "the replaced connection was closed");
+    let err = console.simple_query("WAIT_CLOSE nosuch").await.unwrap_err();
+    assert_eq!(sqlstate(&err), "3D000");
+}
