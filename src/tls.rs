@@ -53,24 +53,19 @@ fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> 
     let key = PrivateKeyDer::from_pem_file(path).map_err(|e| problem(e.to_string()))?;
     if let Ok(meta) = std::fs::metadata(path) {
         use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        #[allow(unsafe_code)]
-        let me = unsafe { libc::geteuid() };
-        key_mode_problem(meta.uid(), me, meta.mode()).map_or(Ok(()), |p| Err(problem(p.to_owned())))?;
+        key_mode_problem(meta.uid(), meta.mode()).map_or(Ok(()), |p| Err(problem(p.to_owned())))?;
     }
     Ok(key)
 }
 
-/// libpq's rule for a private key file: one owned by the user reading it has
-/// no group or world access (0600 or less); one owned by root may be read by
-/// its group (0640 or less). Files owned by anyone else are readable only
-/// if permissions allow it, and are not checked further.
-fn key_mode_problem(owner: u32, me: u32, mode: u32) -> Option<&'static str> {
-    let (group_or_world, beyond_group_read) = (0o077, 0o037);
-    let bad = (owner == me && mode & group_or_world != 0) || (owner == 0 && mode & beyond_group_read != 0);
-    bad.then_some(
-        "the file has group or world access; it must have permissions u=rw (0600) or less \
-         if owned by the user running dbproxy, or u=rw,g=r (0640) or less if owned by root",
+/// libpq's rule for a private key file: one owned by root may be read by its
+/// group (0640 or less, for system-wide keys shared through a group), any
+/// other has no group or world access (0600 or less).
+fn key_mode_problem(owner: u32, mode: u32) -> Option<&'static str> {
+    let forbidden = if owner == 0 { 0o037 } else { 0o077 };
+    (mode & forbidden != 0).then_some(
+        "the file has group or world access; it must have permissions u=rw (0600) or less, \
+         or u=rw,g=r (0640) or less if owned by root",
     )
 }
 
@@ -323,19 +318,15 @@ mod tests {
 
     #[test]
     fn key_files_others_can_read_are_refused() {
-        let (me, other) = (1000, 1001);
-        assert!(key_mode_problem(me, me, 0o100600).is_none());
-        assert!(key_mode_problem(me, me, 0o100400).is_none());
-        assert!(key_mode_problem(me, me, 0o100640).is_some());
-        assert!(key_mode_problem(me, me, 0o100604).is_some());
+        let user = 1000;
+        assert!(key_mode_problem(user, 0o100600).is_none());
+        assert!(key_mode_problem(user, 0o100400).is_none());
+        assert!(key_mode_problem(user, 0o100640).is_some());
+        assert!(key_mode_problem(user, 0o100604).is_some());
         // Root's file may be read by its group, not by the world.
-        assert!(key_mode_problem(0, me, 0o100640).is_none());
-        assert!(key_mode_problem(0, me, 0o100644).is_some());
-        assert!(key_mode_problem(0, me, 0o100660).is_some());
-        // Run as root, a root-owned key is the reader's own: 0600 or less.
-        assert!(key_mode_problem(0, 0, 0o100640).is_some());
-        assert!(key_mode_problem(0, 0, 0o100600).is_none());
-        // Someone else's file: readable only if they allowed it; not checked.
-        assert!(key_mode_problem(other, me, 0o100644).is_none());
+        assert!(key_mode_problem(0, 0o100640).is_none());
+        assert!(key_mode_problem(0, 0o100600).is_none());
+        assert!(key_mode_problem(0, 0o100644).is_some());
+        assert!(key_mode_problem(0, 0o100660).is_some());
     }
 }

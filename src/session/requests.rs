@@ -324,8 +324,8 @@ impl Conn<'_> {
         }
         match tag {
             b'Q' | b'S' | b'F' => self.tracker.request_sent(),
-            // One statement runs per Bind (and its Execute).
-            b'B' => self.tracker.statements_sent(1),
+            // Any of these can fail after an earlier Execute of the batch ran.
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.tracker.statements_sent(1),
             _ => {}
         }
         if let Some(a) = self.attached() {

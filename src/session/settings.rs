@@ -7,16 +7,22 @@
 //! Inside a transaction block the changes are kept on a stack of savepoint
 //! frames, as PostgreSQL keeps them: `SAVEPOINT` opens a frame, `RELEASE`
 //! merges a frame (and those above it) into the one below, `ROLLBACK TO`
-//! empties it. A request that fails inside a block leaves the block failed
-//! until a `ROLLBACK TO` empties the frame its statements went to (or one
-//! below), so what such a request set never needs to be known; but a
-//! savepoint command in a request that failed part-way (dbproxy does not
-//! count the statements that ran) leaves the frames unknown.
+//! empties it, `COMMIT` confirms them all and `ROLLBACK` drops them. These
+//! commands are steps of the request that carries them, in order with its
+//! changes; a request that dbproxy did not analyse (no trigger word, so no
+//! changes) ends a block by the CommandComplete tags it answers with.
+//!
+//! A request that fails runs none of its steps. If it had one statement,
+//! that is exact. If it had several, some ran: its changes went to the top
+//! frame, which the `ROLLBACK TO` or `ROLLBACK` that ends the block's failed
+//! state empties anyway; but a transaction or savepoint command among them
+//! leaves dbproxy unsure of the server's settings until the block ends, and
+//! then the connection is reset.
 
 use std::collections::VecDeque;
 
 use crate::protocol::TransactionStatus;
-use crate::sql::{Effects, Savepoint, SettingChange};
+use crate::sql::{Effects, SettingChange, TxCommand};
 
 /// What a ReadyForQuery settled.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -32,7 +38,7 @@ pub struct Settled {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
     Change(SettingChange),
-    Savepoint(Savepoint),
+    Tx(TxCommand),
 }
 
 /// A savepoint's share of a transaction (the first frame is the
@@ -56,16 +62,21 @@ pub struct Tracker {
     multi: VecDeque<u64>,
     /// The open transaction block's savepoint frames; empty outside one.
     frames: Vec<Frame>,
-    /// The block's savepoints are not known (a savepoint command in a request
-    /// that failed part-way, or a name not found): only a rollback of the
-    /// whole transaction settles it.
+    /// The block's savepoints are not known (a name not found, or one that
+    /// could not be read): its commit is uncertain.
     lost_track: bool,
-    /// The block has run a setting change (in force or not).
+    /// What the server's settings are is not known until the block ends (a
+    /// transaction or savepoint command in a request that failed part-way,
+    /// a commit with `lost_track`, `PREPARE TRANSACTION`).
+    unknown: bool,
+    /// A change was sent since the last block ended (in force or not).
     touched: bool,
+    /// The block is in the failed state: its COMMIT rolls back.
+    block_failed: bool,
+    /// Changes committed by a `COMMIT` tag of an unanalysed request, to be
+    /// reported with its ReadyForQuery.
+    committed: Vec<SettingChange>,
     failed: bool,
-    /// ROLLBACK tags in the answers to the oldest outstanding request (a
-    /// ROLLBACK TO's tag is `ROLLBACK` too).
-    rollback_tags: usize,
 }
 
 impl Tracker {
@@ -74,22 +85,23 @@ impl Tracker {
         !self.pending.is_empty() || !self.frames.is_empty()
     }
 
-    /// Changes and savepoint commands carried by the request being sent now.
+    /// Changes and transaction commands carried by the request being sent now.
     pub fn record(&mut self, fx: &Effects) {
         let at = self.sent;
-        let mut savepoints = fx.savepoints.iter().peekable();
+        let mut commands = fx.tx.iter().peekable();
         for (i, change) in fx.changes.iter().enumerate() {
-            while let Some((_, sp)) = savepoints.next_if(|(before, _)| *before <= i) {
-                self.pending.push_back((at, Step::Savepoint(sp.clone())));
+            while let Some((_, c)) = commands.next_if(|(before, _)| *before <= i) {
+                self.pending.push_back((at, Step::Tx(c.clone())));
             }
             self.pending.push_back((at, Step::Change(change.clone())));
         }
-        for (_, sp) in savepoints {
-            self.pending.push_back((at, Step::Savepoint(sp.clone())));
+        for (_, c) in commands {
+            self.pending.push_back((at, Step::Tx(c.clone())));
         }
     }
 
-    /// `n` statements go in the request being sent.
+    /// `n` statements (or extended-protocol messages that can fail) go in the
+    /// request being sent.
     pub fn statements_sent(&mut self, n: usize) {
         self.statements += n;
     }
@@ -121,10 +133,20 @@ impl Tracker {
         }
     }
 
-    /// A CommandComplete tag went by.
+    /// A CommandComplete tag went by (while [`Self::waiting`]).
     pub fn command_complete(&mut self, tag: &[u8]) {
-        if tag.starts_with(b"ROLLBACK") {
-            self.rollback_tags += 1;
+        if self.pending.front().is_some_and(|(u, _)| *u == self.answered) {
+            // An analysed request: its steps say what its statements did.
+            return;
+        }
+        if tag.starts_with(b"COMMIT") && !tag.starts_with(b"COMMIT PREPARED") {
+            self.end_block(true);
+        } else if tag.starts_with(b"ROLLBACK") && !tag.starts_with(b"ROLLBACK PREPARED") {
+            // A failed block's COMMIT answers ROLLBACK.
+            self.end_block(false);
+        } else if tag.starts_with(b"PREPARE TRANSACTION") {
+            self.unknown = true;
+            self.end_block(false);
         }
     }
 
@@ -132,10 +154,10 @@ impl Tracker {
     pub fn ready(&mut self, status: TransactionStatus) -> Settled {
         let unit = self.answered;
         self.answered += 1;
-        if self.pending.is_empty() && self.frames.is_empty() && !self.lost_track && !self.touched {
+        if self.pending.is_empty() && self.frames.is_empty() && self.committed.is_empty() && !self.dirty_block() {
             // Nothing to settle (nearly every request).
             self.failed = false;
-            self.rollback_tags = 0;
+            self.block_failed = status == TransactionStatus::Failed;
             return Settled::default();
         }
         let mut steps = Vec::new();
@@ -147,53 +169,68 @@ impl Tracker {
             multi = true;
         }
         let failed = std::mem::take(&mut self.failed);
-        let rollback_tags = std::mem::take(&mut self.rollback_tags);
-        let rollbacks_to = steps
-            .iter()
-            .filter(|s| matches!(s, Step::Savepoint(Savepoint::RollbackTo(_))))
-            .count();
-        let changed_here = steps.iter().any(|s| matches!(s, Step::Change(_)));
-        self.touched |= changed_here;
+        self.touched |= steps.iter().any(|s| matches!(s, Step::Change(_)));
         if !failed {
             self.apply(steps);
-        } else if multi && steps.iter().any(|s| matches!(s, Step::Savepoint(_))) {
+        } else if multi && steps.iter().any(|s| matches!(s, Step::Tx(_))) {
             // Some statements ran, and dbproxy does not know which.
-            self.lost_track = true;
+            self.unknown = true;
         }
-        // Otherwise what the failed request set is undone with its block, or
-        // by the ROLLBACK TO that ends the block's failed state.
+        let mut confirmed = std::mem::take(&mut self.committed);
         match status {
-            TransactionStatus::InTransaction | TransactionStatus::Failed => Settled::default(),
-            TransactionStatus::Idle => {
-                let frames = std::mem::take(&mut self.frames);
-                let lost_track = std::mem::take(&mut self.lost_track);
-                let touched = std::mem::take(&mut self.touched);
-                // A failed request rolls its implicit transaction back, and a
-                // ROLLBACK (or COMMIT of a failed block) the whole block. In a
-                // string of several statements, a COMMIT before that may have
-                // made some of its changes permanent.
-                if failed || rollback_tags > rollbacks_to {
-                    return Settled {
-                        confirmed: Vec::new(),
-                        uncertain: multi && changed_here,
-                    };
+            TransactionStatus::InTransaction | TransactionStatus::Failed => {
+                self.block_failed = status == TransactionStatus::Failed;
+                Settled {
+                    confirmed,
+                    uncertain: false,
                 }
-                if lost_track {
-                    return Settled {
-                        confirmed: Vec::new(),
-                        uncertain: touched,
-                    };
+            }
+            TransactionStatus::Idle => {
+                // What is left is an autocommit request's (or an implicit
+                // block's): in force if it succeeded, rolled back if not.
+                if !failed {
+                    self.end_block(true);
+                    confirmed.append(&mut self.committed);
+                }
+                self.frames.clear();
+                self.lost_track = false;
+                self.block_failed = false;
+                let unknown = std::mem::take(&mut self.unknown);
+                let touched = std::mem::take(&mut self.touched);
+                if unknown {
+                    // Nothing is confirmed: the client keeps its previous values.
+                    confirmed.clear();
                 }
                 Settled {
-                    confirmed: frames.into_iter().flat_map(|f| f.changes).collect(),
-                    uncertain: false,
+                    confirmed,
+                    uncertain: unknown && touched,
                 }
             }
         }
     }
 
+    /// Whether the block holds state beyond its frames.
+    fn dirty_block(&self) -> bool {
+        self.lost_track || self.unknown || self.touched
+    }
+
+    /// The block ends: committed (its changes go to `committed`) or rolled
+    /// back. A failed block's commit rolls back.
+    fn end_block(&mut self, commit: bool) {
+        let frames = std::mem::take(&mut self.frames);
+        if commit && !self.block_failed {
+            if self.lost_track || self.unknown {
+                self.unknown = true;
+            } else {
+                self.committed.extend(frames.into_iter().flat_map(|f| f.changes));
+            }
+        }
+        self.lost_track = false;
+        self.block_failed = false;
+    }
+
     /// The innermost frame, opened if there is none yet.
-    fn ensure_frame(&mut self) -> &mut Frame {
+    fn top_frame(&mut self) -> &mut Frame {
         if self.frames.is_empty() {
             self.frames.push(Frame::default());
         }
@@ -205,15 +242,18 @@ impl Tracker {
     fn apply(&mut self, steps: Vec<Step>) {
         for step in steps {
             match step {
-                Step::Change(c) => self.ensure_frame().changes.push(c),
-                Step::Savepoint(Savepoint::Create(name)) => {
-                    self.ensure_frame();
+                Step::Change(c) => self.top_frame().changes.push(c),
+                Step::Tx(TxCommand::Savepoint(name)) => {
+                    self.top_frame();
+                    if name.is_empty() {
+                        self.lost_track = true;
+                    }
                     self.frames.push(Frame {
                         name,
                         ..Frame::default()
                     });
                 }
-                Step::Savepoint(Savepoint::Release(name)) => match self.find(&name) {
+                Step::Tx(TxCommand::Release(name)) => match self.find(&name) {
                     Some(i) => {
                         let merged: Vec<Frame> = self.frames.drain(i..).collect();
                         let below = &mut self.frames[i - 1];
@@ -221,19 +261,32 @@ impl Tracker {
                     }
                     None => self.lost_track = true,
                 },
-                Step::Savepoint(Savepoint::RollbackTo(name)) => match self.find(&name) {
-                    Some(i) => {
-                        self.frames.truncate(i + 1);
-                        self.frames[i].changes.clear();
+                Step::Tx(TxCommand::RollbackTo(name)) => {
+                    self.block_failed = false;
+                    match self.find(&name) {
+                        Some(i) => {
+                            self.frames.truncate(i + 1);
+                            self.frames[i].changes.clear();
+                        }
+                        None => self.lost_track = true,
                     }
-                    None => self.lost_track = true,
-                },
+                }
+                Step::Tx(TxCommand::Commit) => self.end_block(true),
+                Step::Tx(TxCommand::Rollback) => self.end_block(false),
+                Step::Tx(TxCommand::Unknown) => {
+                    self.unknown = true;
+                    self.end_block(false);
+                }
             }
         }
     }
 
-    /// The newest savepoint frame named `name` (never the transaction's own).
+    /// The newest savepoint frame named `name` (never the transaction's own,
+    /// nor one whose name could not be read).
     fn find(&self, name: &str) -> Option<usize> {
+        if name.is_empty() {
+            return None;
+        }
         (1..self.frames.len()).rev().find(|&i| self.frames[i].name == name)
     }
 }
@@ -389,6 +442,17 @@ mod tests {
         run(&mut t, "ROLLBACK TO s", &["ROLLBACK"], InTransaction);
         assert_eq!(run(&mut t, "COMMIT", &["COMMIT"], Idle), UNCERTAIN);
 
+        // A savepoint whose name dbproxy cannot read.
+        run(
+            &mut t,
+            "BEGIN; SET a = 1; SAVEPOINT s; SET b = 1",
+            &["BEGIN"],
+            InTransaction,
+        );
+        run(&mut t, "SAVEPOINT U&\"s\"", &["SAVEPOINT"], InTransaction);
+        run(&mut t, "ROLLBACK TO s", &["ROLLBACK"], InTransaction);
+        assert_eq!(run(&mut t, "COMMIT", &["COMMIT"], Idle), UNCERTAIN);
+
         // A savepoint created where dbproxy could not see it.
         run(&mut t, "BEGIN", &["BEGIN"], InTransaction);
         run(&mut t, "SET a = 1", &["SET"], InTransaction);
@@ -410,20 +474,47 @@ mod tests {
     }
 
     #[test]
-    fn a_string_that_commits_and_then_fails_is_uncertain() {
+    fn transaction_commands_inside_one_string_are_followed() {
         let mut t = Tracker::default();
-        let tags = ["BEGIN", "SET", "COMMIT", "ERROR"];
-        assert_eq!(
-            run(&mut t, "BEGIN; SET a = 1; COMMIT; SELECT 1/0", &tags, Idle),
-            UNCERTAIN
-        );
         let tags = ["BEGIN", "SET", "ROLLBACK", "SET"];
         assert_eq!(
             run(&mut t, "BEGIN; SET a = 1; ROLLBACK; SET b = 1", &tags, Idle),
-            UNCERTAIN
+            confirmed(&["b"])
         );
+        let tags = ["BEGIN", "SET", "COMMIT", "BEGIN", "SET"];
+        let sql = "BEGIN; SET a = 1; COMMIT; BEGIN; SET b = 1";
+        assert_eq!(run(&mut t, sql, &tags, InTransaction), confirmed(&["a"]));
+        assert_eq!(run(&mut t, "ROLLBACK", &["ROLLBACK"], Idle), Settled::default());
+        // A string that commits and then fails: how far it got is not known.
+        let tags = ["BEGIN", "SET", "COMMIT", "BEGIN", "ERROR"];
+        let sql = "BEGIN; SET a = 1; COMMIT; BEGIN; SELECT 1/0";
+        assert_eq!(run(&mut t, sql, &tags, Failed), Settled::default());
+        assert_eq!(run(&mut t, "ROLLBACK", &["ROLLBACK"], Idle), UNCERTAIN);
         // One statement that fails changed nothing.
         assert_eq!(run(&mut t, "SET a = 'x'", &["ERROR"], Idle), Settled::default());
+    }
+
+    #[test]
+    fn a_block_ended_by_a_string_dbproxy_did_not_analyse_settles_by_its_tags() {
+        let mut t = Tracker::default();
+        run(&mut t, "BEGIN", &["BEGIN"], InTransaction);
+        run(&mut t, "SET a = 1", &["SET"], InTransaction);
+        // No trigger word: not analysed; its COMMIT tag ends the block.
+        assert_eq!(
+            run(&mut t, "COMMIT; BEGIN", &["COMMIT", "BEGIN"], InTransaction),
+            confirmed(&["a"])
+        );
+        assert_eq!(
+            run(&mut t, "SELECT 1", &["SELECT 1"], InTransaction),
+            Settled::default()
+        );
+        assert_eq!(run(&mut t, "ROLLBACK", &["ROLLBACK"], Idle), Settled::default());
+        // A failed block's COMMIT answers ROLLBACK.
+        run(&mut t, "BEGIN", &["BEGIN"], InTransaction);
+        run(&mut t, "SET a = 1", &["SET"], InTransaction);
+        run(&mut t, "SELECT 1/0", &["ERROR"], Failed);
+        assert_eq!(run(&mut t, "COMMIT", &["ROLLBACK"], Idle), Settled::default());
+        assert!(!t.waiting());
     }
 
     #[test]
@@ -450,17 +541,21 @@ mod tests {
     }
 
     #[test]
-    fn an_extended_batch_counts_its_binds_as_statements() {
+    fn an_extended_batch_that_fails_part_way_is_uncertain() {
         let mut t = Tracker::default();
-        run(&mut t, "BEGIN", &["BEGIN"], InTransaction);
-        run(&mut t, "SAVEPOINT s", &["SAVEPOINT"], InTransaction);
-        // Bind/Execute of a SET, then of a failing statement, one Sync.
-        t.record(&crate::sql::analyze("SET a = 1"));
+        run(
+            &mut t,
+            "BEGIN; SET a = 1; SAVEPOINT s; SET b = 1; SAVEPOINT s",
+            &["BEGIN"],
+            InTransaction,
+        );
+        // Bind/Execute of RELEASE s, then a Parse that fails, one Sync.
+        t.record(&crate::sql::analyze("RELEASE s"));
         t.statements_sent(1);
         t.statements_sent(1);
         t.request_sent();
-        answer(&mut t, &["SET", "ERROR"], Failed);
+        answer(&mut t, &["RELEASE", "ERROR"], Failed);
         run(&mut t, "ROLLBACK TO s", &["ROLLBACK"], InTransaction);
-        assert_eq!(run(&mut t, "COMMIT", &["COMMIT"], Idle), Settled::default());
+        assert_eq!(run(&mut t, "COMMIT", &["COMMIT"], Idle), UNCERTAIN);
     }
 }

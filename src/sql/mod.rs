@@ -6,4 +6,4 @@ pub mod lexer;
 pub mod session;
 
 pub use lexer::{Kind, Token, tokenize};
-pub use session::{Effects, LocalCommand, Pins, Savepoint, SettingChange, analyze, quote_literal, set_config_sql};
+pub use session::{Effects, LocalCommand, Pins, SettingChange, TxCommand, analyze, quote_literal, set_config_sql};

@@ -92,24 +92,34 @@ impl LocalCommand {
     }
 }
 
-/// A savepoint command, with the savepoint's name (case-folded unless
-/// quoted, as PostgreSQL compares them).
+/// A statement that ends a transaction block or works on its savepoints.
+/// Savepoint names are case-folded unless quoted, as PostgreSQL compares
+/// them; an empty name is one dbproxy could not read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Savepoint {
-    Create(String),
+pub enum TxCommand {
+    Savepoint(String),
     Release(String),
     RollbackTo(String),
+    /// `COMMIT`, `END` (also `AND CHAIN`).
+    Commit,
+    /// `ROLLBACK`, `ABORT` (also `AND CHAIN`).
+    Rollback,
+    /// `PREPARE TRANSACTION`: what it leaves of the block's settings is not
+    /// followed.
+    Unknown,
 }
 
 /// Everything [`analyze`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Effects {
     pub changes: Vec<SettingChange>,
-    /// Savepoint commands, each with the number of `changes` before it (so a
-    /// `SET` between `SAVEPOINT` and `ROLLBACK TO` is known to be undone).
-    pub savepoints: Vec<(usize, Savepoint)>,
-    /// Statements in the text, when it has changes or savepoints (a request
-    /// that fails after running some of them leaves their fate unknown).
+    /// Transaction and savepoint commands, each with the number of `changes`
+    /// before it (so a `SET` between `SAVEPOINT` and `ROLLBACK TO` is known
+    /// to be undone, and one before a `COMMIT` in the same string to be kept).
+    /// Recorded only where the text was analysed (it had a trigger word).
+    pub tx: Vec<(usize, TxCommand)>,
+    /// Statements in the text, when it was analysed (a request that fails
+    /// after running some of them leaves their fate unknown).
     pub statements: usize,
     pub pins: Pins,
     pub unpins: Pins,
@@ -121,7 +131,7 @@ impl Effects {
     /// Nothing session-related.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
-            && self.savepoints.is_empty()
+            && self.tx.is_empty()
             && self.pins.is_empty()
             && self.unpins.is_empty()
             && self.local.is_none()
@@ -306,17 +316,22 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
             .push(name.map_or(SettingChange::ResetAll, SettingChange::Reset));
     } else if word(0, "rollback") && (word(1, "to") || word(2, "to")) {
         let at = if word(1, "to") { 2 } else { 3 };
-        // A name dbproxy cannot read still undoes something: an empty one
-        // matches no savepoint, which makes the transaction uncertain.
+        // A name dbproxy cannot read matches no savepoint: the transaction
+        // becomes uncertain.
         let name = savepoint_name(sql, t, at).unwrap_or_default();
-        fx.savepoints.push((fx.changes.len(), Savepoint::RollbackTo(name)));
+        fx.tx.push((fx.changes.len(), TxCommand::RollbackTo(name)));
+    } else if (word(0, "rollback") || word(0, "abort")) && !word(1, "prepared") {
+        fx.tx.push((fx.changes.len(), TxCommand::Rollback));
+    } else if (word(0, "commit") || word(0, "end")) && !word(1, "prepared") {
+        fx.tx.push((fx.changes.len(), TxCommand::Commit));
+    } else if word(0, "prepare") && word(1, "transaction") {
+        fx.tx.push((fx.changes.len(), TxCommand::Unknown));
     } else if word(0, "savepoint") {
-        if let Some(name) = savepoint_name(sql, t, 1) {
-            fx.savepoints.push((fx.changes.len(), Savepoint::Create(name)));
-        }
+        let name = savepoint_name(sql, t, 1).unwrap_or_default();
+        fx.tx.push((fx.changes.len(), TxCommand::Savepoint(name)));
     } else if word(0, "release") {
         let name = savepoint_name(sql, t, 1).unwrap_or_default();
-        fx.savepoints.push((fx.changes.len(), Savepoint::Release(name)));
+        fx.tx.push((fx.changes.len(), TxCommand::Release(name)));
     } else if word(0, "listen") {
         fx.pins.add(Pins::LISTEN);
     } else if word(0, "unlisten") && t.get(1).is_some_and(|tok| tok.is_punct(sql, b'*')) {
@@ -554,32 +569,39 @@ mod tests {
             "ROLLBACK WORK TO SAVEPOINT a",
             "ROLLBACK TRANSACTION TO \"a\"",
         ] {
-            assert_eq!(analyze(sql).savepoints, [(0, Savepoint::RollbackTo(a()))], "{sql}");
+            assert_eq!(analyze(sql).tx, [(0, TxCommand::RollbackTo(a()))], "{sql}");
         }
         for sql in ["RELEASE a", "RELEASE SAVEPOINT a"] {
-            assert_eq!(analyze(sql).savepoints, [(0, Savepoint::Release(a()))], "{sql}");
+            assert_eq!(analyze(sql).tx, [(0, TxCommand::Release(a()))], "{sql}");
         }
-        assert_eq!(analyze("SAVEPOINT a").savepoints, [(0, Savepoint::Create(a()))]);
+        assert_eq!(analyze("SAVEPOINT a").tx, [(0, TxCommand::Savepoint(a()))]);
         // The name is kept as written when quoted; SAVEPOINT may be the name.
         assert_eq!(
-            analyze("SAVEPOINT \"My \"\"sp\"\"\"").savepoints,
-            [(0, Savepoint::Create("My \"sp\"".to_owned()))]
+            analyze("SAVEPOINT \"My \"\"sp\"\"\"").tx,
+            [(0, TxCommand::Savepoint("My \"sp\"".to_owned()))]
         );
         assert_eq!(
-            analyze("ROLLBACK TO savepoint").savepoints,
-            [(0, Savepoint::RollbackTo("savepoint".to_owned()))]
+            analyze("ROLLBACK TO savepoint").tx,
+            [(0, TxCommand::RollbackTo("savepoint".to_owned()))]
         );
         let fx = analyze("SET a = 1; SAVEPOINT s; SET b = 2; ROLLBACK TO s; SELECT 1");
         assert_eq!(fx.changes.len(), 2);
         assert_eq!(
-            fx.savepoints,
+            fx.tx,
             [
-                (1, Savepoint::Create("s".into())),
-                (2, Savepoint::RollbackTo("s".into()))
+                (1, TxCommand::Savepoint("s".into())),
+                (2, TxCommand::RollbackTo("s".into()))
             ]
         );
         assert_eq!(fx.statements, 5);
-        assert!(analyze("ROLLBACK").savepoints.is_empty());
+        assert_eq!(analyze("ROLLBACK").tx, [(0, TxCommand::Rollback)]);
+        assert_eq!(analyze("SET a = 1; END").tx, [(1, TxCommand::Commit)]);
+        assert_eq!(analyze("SET a = 1; COMMIT AND CHAIN").tx, [(1, TxCommand::Commit)]);
+        assert_eq!(
+            analyze("SET a = 1; PREPARE TRANSACTION 'x'").tx,
+            [(1, TxCommand::Unknown)]
+        );
+        assert!(analyze("SET a = 1; ROLLBACK PREPARED 'x'").tx.is_empty());
         assert!(analyze("SELECT savepoint_id, released FROM t").is_empty());
     }
 

@@ -210,6 +210,23 @@ async fn only_committed_session_level_sets_are_remembered() {
     a.batch_execute("ROLLBACK TO lost; COMMIT").await.unwrap();
     assert_eq!(work_mem(&other).await, "9MB");
     assert_eq!(work_mem(&a).await, "6MB", "uncertain: the previous value");
+    // A string that commits a SET and then fails: its connection is reset,
+    // so a client without settings of its own does not inherit the SET.
+    let plain = connect(&proxy, &user).await.unwrap();
+    assert!(
+        a.batch_execute("BEGIN; SET lock_timeout = '11s'; COMMIT; BEGIN; SELECT 1/0")
+            .await
+            .is_err()
+    );
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let lock_timeout: String = plain.query_one("SHOW lock_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(lock_timeout, "0", "nobody inherits the committed SET");
+    // Transaction commands inside one string are followed.
+    a.batch_execute("BEGIN; SET work_mem = '12MB'; ROLLBACK; SET work_mem = '13MB'")
+        .await
+        .unwrap();
+    assert_eq!(work_mem(&plain).await, "4MB");
+    assert_eq!(work_mem(&a).await, "13MB");
 }
 
 async fn work_mem(c: &tokio_postgres::Client) -> String {
