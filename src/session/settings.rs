@@ -76,6 +76,11 @@ pub struct Tracker {
     /// Changes committed by a `COMMIT` tag of an unanalysed request, to be
     /// reported with its ReadyForQuery.
     committed: Vec<SettingChange>,
+    /// Transaction-ending tags (`COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`)
+    /// in the answers to an analysed request: more than its steps account
+    /// for means a statement dbproxy did not analyse ended a block (an
+    /// extended batch's `COMMIT`, whose Parse has no trigger word).
+    tx_tags: usize,
     failed: bool,
 }
 
@@ -126,17 +131,25 @@ impl Tracker {
         self.multi.iter_mut().for_each(earlier);
     }
 
-    /// The server reported an error for a client request.
+    /// The server reported an error for a client request (whether or not
+    /// its steps are recorded yet: a batch may be sent in several parts).
     pub fn error(&mut self) {
-        if self.waiting() {
-            self.failed = true;
-        }
+        self.failed = true;
     }
 
     /// A CommandComplete tag went by (while [`Self::waiting`]).
     pub fn command_complete(&mut self, tag: &[u8]) {
+        let ends_block = |t: &[u8]| {
+            (t.starts_with(b"COMMIT") || t.starts_with(b"ROLLBACK") || t.starts_with(b"PREPARE TRANSACTION"))
+                && !t.starts_with(b"COMMIT PREPARED")
+                && !t.starts_with(b"ROLLBACK PREPARED")
+        };
         if self.pending.front().is_some_and(|(u, _)| *u == self.answered) {
-            // An analysed request: its steps say what its statements did.
+            // An analysed request: its steps say what its statements did,
+            // unless some of its statements were not analysed.
+            if ends_block(tag) {
+                self.tx_tags += 1;
+            }
             return;
         }
         if tag.starts_with(b"COMMIT") && !tag.starts_with(b"COMMIT PREPARED") {
@@ -157,6 +170,7 @@ impl Tracker {
         if self.pending.is_empty() && self.frames.is_empty() && self.committed.is_empty() && !self.dirty_block() {
             // Nothing to settle (nearly every request).
             self.failed = false;
+            self.tx_tags = 0;
             self.block_failed = status == TransactionStatus::Failed;
             return Settled::default();
         }
@@ -169,7 +183,21 @@ impl Tracker {
             multi = true;
         }
         let failed = std::mem::take(&mut self.failed);
+        let tx_tags = std::mem::take(&mut self.tx_tags);
         self.touched |= steps.iter().any(|s| matches!(s, Step::Change(_)));
+        let tx_steps = steps
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s,
+                    Step::Tx(TxCommand::Commit | TxCommand::Rollback | TxCommand::RollbackTo(_) | TxCommand::Unknown)
+                )
+            })
+            .count();
+        if tx_tags > tx_steps || (failed && tx_tags > 0) {
+            // A block ended where dbproxy did not see it, or before an error.
+            self.unknown = true;
+        }
         if !failed {
             self.apply(steps);
         } else if multi && steps.iter().any(|s| matches!(s, Step::Tx(_))) {
@@ -538,6 +566,36 @@ mod tests {
         assert_eq!(answer(&mut t, &["SET"], Idle), confirmed(&["a"]));
         assert_eq!(answer(&mut t, &["SELECT 1"], Idle), Settled::default());
         assert_eq!(answer(&mut t, &["SET"], Idle), confirmed(&["c"]));
+    }
+
+    #[test]
+    fn an_extended_batch_ending_a_block_unseen_is_uncertain() {
+        let mut t = Tracker::default();
+        // Parse/Bind/Execute each of BEGIN, SET, COMMIT, BEGIN; one Sync:
+        // COMMIT has no trigger word, so only the SET is analysed.
+        t.record(&crate::sql::analyze("SET a = 1"));
+        t.statements_sent(12);
+        t.request_sent();
+        answer(&mut t, &["BEGIN", "SET", "COMMIT", "BEGIN"], InTransaction);
+        assert_eq!(run(&mut t, "ROLLBACK", &["ROLLBACK"], Idle), UNCERTAIN);
+        // SET, ABORT in one batch: the ABORT rolled the SET back.
+        t.record(&crate::sql::analyze("SET a = 1"));
+        t.statements_sent(6);
+        t.request_sent();
+        assert_eq!(answer(&mut t, &["SET", "ROLLBACK"], Idle), UNCERTAIN);
+    }
+
+    #[test]
+    fn an_error_before_the_steps_are_recorded_counts() {
+        let mut t = Tracker::default();
+        // Execute of SELECT 1/0 answered (after a Flush) before the Bind of
+        // a SET in the same batch arrives.
+        t.statements_sent(3);
+        t.error();
+        t.record(&crate::sql::analyze("SET a = 1"));
+        t.statements_sent(3);
+        t.request_sent();
+        assert_eq!(t.ready(Idle), Settled::default());
     }
 
     #[test]
