@@ -268,6 +268,18 @@ async fn until_closed(
     }
 }
 
+/// The command's database argument (`KILL db`, `RECONNECT [db]`, ...), if any.
+fn database_arg(sql: &str) -> Option<&str> {
+    sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'))
+}
+
+/// ERROR 3D000 for a database dbproxy does not serve.
+fn no_such_database(out: &mut BytesMut, name: &str) -> Outcome {
+    let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
+    error_response(out, &err);
+    Outcome::Done
+}
+
 /// Runs one console command, writing its result or error to `out`.
 fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
     let live = shared.live();
@@ -291,16 +303,10 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
         }
         ["PAUSE" | "RESUME", rest @ ..] if rest.len() <= 1 => {
             let pause = words[0] == "PAUSE";
-            let db = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
-            let targets: Vec<&String> = match db {
+            let targets: Vec<&String> = match database_arg(sql) {
                 Some(name) => match live.paused.keys().find(|k| k.as_str() == name) {
                     Some(k) => vec![k],
-                    None => {
-                        let err =
-                            ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
-                        error_response(out, &err);
-                        return Outcome::Done;
-                    }
+                    None => return no_such_database(out, name),
                 },
                 None => live.paused.keys().collect(),
             };
@@ -326,11 +332,9 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             Outcome::Done
         }
         ["KILL", _] => {
-            let name = sql.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(';');
+            let name = database_arg(sql).unwrap_or_default();
             if !live.databases.contains_key(name) {
-                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
-                error_response(out, &err);
-                return Outcome::Done;
+                return no_such_database(out, name);
             }
             let killed = shared.registry.kill_database(name);
             for pool in shared.pools.all().iter().filter(|p| p.key.database == name) {
@@ -341,11 +345,9 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             Outcome::Done
         }
         ["DISABLE" | "ENABLE", _] => {
-            let name = sql.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(';');
+            let name = database_arg(sql).unwrap_or_default();
             if !live.databases.contains_key(name) {
-                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
-                error_response(out, &err);
-                return Outcome::Done;
+                return no_such_database(out, name);
             }
             let mut disabled = shared.disabled.lock().unwrap_or_else(|e| e.into_inner());
             if words[0] == "DISABLE" {
@@ -358,11 +360,9 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             Outcome::Done
         }
         ["RECONNECT", rest @ ..] if rest.len() <= 1 => {
-            let name = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
+            let name = database_arg(sql);
             if let Some(name) = name.filter(|n| !live.databases.contains_key(*n)) {
-                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
-                error_response(out, &err);
-                return Outcome::Done;
+                return no_such_database(out, name);
             }
             for pool in shared
                 .pools
@@ -377,11 +377,9 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             Outcome::Done
         }
         ["WAIT_CLOSE", rest @ ..] if rest.len() <= 1 => {
-            let name = sql.split_whitespace().nth(1).map(|d| d.trim_end_matches(';'));
+            let name = database_arg(sql);
             if let Some(name) = name.filter(|n| !live.databases.contains_key(*n)) {
-                let err = ErrorFields::error(SqlState::INVALID_CATALOG_NAME, format!("no such database: {name}"));
-                error_response(out, &err);
-                return Outcome::Done;
+                return no_such_database(out, name);
             }
             Outcome::WaitClose(name.map(str::to_owned))
         }

@@ -323,17 +323,21 @@ impl Conn<'_> {
             self.expect.copy_end();
         }
         match tag {
-            b'Q' | b'S' | b'F' => self.tracker.request_sent(),
-            // Any of these can fail after an earlier Execute of the batch ran.
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => self.tracker.statements_sent(1),
-            _ => {}
-        }
-        if let Some(a) = self.attached() {
-            match tag {
-                b'S' => a.unsynced = false,
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => a.unsynced = true,
-                _ => {}
+            b'Q' | b'F' => self.tracker.request_sent(),
+            b'S' => {
+                self.tracker.request_sent();
+                if let Some(a) = self.attached() {
+                    a.unsynced = false;
+                }
             }
+            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => {
+                // Any of these can fail after an earlier Execute of the batch ran.
+                self.tracker.statements_sent(1);
+                if let Some(a) = self.attached() {
+                    a.unsynced = true;
+                }
+            }
+            _ => {}
         }
     }
 
