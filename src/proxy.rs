@@ -132,6 +132,9 @@ impl Shared {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
+        if config.proxy.workers != old.config.proxy.workers {
+            tracing::warn!("proxy.workers changed: it takes effect at the next restart");
+        }
         // Read again whether or not the section changed: a CA file may have
         // been replaced in place.
         let server_tls = server_tls(&config)?;
@@ -296,7 +299,8 @@ impl Proxy {
             tasks.push(tokio::spawn(crate::metrics::serve(listener, shared.clone())));
         }
         shared.spawn_monitors(&live, None);
-        tracing::info!(%addr, "dbproxy listening");
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(%addr, workers, "dbproxy listening");
         Ok(Proxy {
             addr,
             metrics_addr,

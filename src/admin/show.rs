@@ -428,6 +428,13 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         ("proxy.max_message_size", c.proxy.max_message_size.to_string()),
         ("proxy.shutdown_timeout", dur(c.proxy.shutdown_timeout)),
         (
+            "proxy.workers",
+            c.proxy
+                .workers
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "auto".to_owned()),
+        ),
+        (
             "tls.cert",
             c.tls.as_ref().map(|t| t.cert.display().to_string()).unwrap_or_default(),
         ),

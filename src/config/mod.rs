@@ -34,6 +34,8 @@ pub struct ProxyConfig {
     /// Longest a graceful shutdown waits for transactions in flight.
     #[serde(deserialize_with = "types::duration")]
     pub shutdown_timeout: Duration,
+    /// Worker threads of the runtime; unset: one per CPU the process may use.
+    pub workers: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -46,6 +48,7 @@ impl Default for ProxyConfig {
             client_login_timeout: Duration::from_secs(10),
             max_message_size: 256 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            workers: None,
         }
     }
 }
@@ -323,6 +326,9 @@ impl Config {
         if self.proxy.max_client_conn == 0 {
             p.add("proxy.max_client_conn", "must be at least 1");
         }
+        if self.proxy.workers == Some(0) {
+            p.add("proxy.workers", "must be at least 1");
+        }
         if self.proxy.max_message_size < 1024 {
             p.add("proxy.max_message_size", "must be at least 1024 bytes");
         }
@@ -510,6 +516,7 @@ password = ""
         let text = r#"
 [proxy]
 admin_users = ["root"]
+workers = 0
 [pool]
 size = 0
 [[databases]]
@@ -527,6 +534,7 @@ password = "p"
         assert_eq!(
             keys,
             [
+                "proxy.workers",
                 "pool.size",
                 "databases[0].name",
                 "users[1].name",

@@ -311,6 +311,25 @@ async fn sighup_reloads_without_dropping_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_workers_sets_the_number_of_runtime_threads() {
+    let user = create_user("workers").await;
+    let mut setup = Setup::new(&[&user]);
+    // Three: not the default on a machine with one, two or four CPUs.
+    setup.proxy = "workers = 3".to_owned();
+    let (proxy, client, _) = start_binary(&mut setup, &user).await;
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    // Nothing has run on tokio's blocking pool yet (it shares the name).
+    let threads = std::fs::read_dir(format!("/proc/{}/task", proxy.0.id()))
+        .unwrap()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap();
+            comm.trim() == "tokio-rt-worker"
+        })
+        .count();
+    assert_eq!(threads, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_transaction_in_flight_finish_then_exits_cleanly() {
     let user = create_user("sigterm").await;
     let (mut proxy, client, port) = start_binary(&mut Setup::new(&[&user]), &user).await;
