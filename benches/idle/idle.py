@@ -5,6 +5,10 @@ growth of dbproxy's RSS per client.
 
     python3 benches/idle/idle.py --url postgresql://app:app-secret@127.0.0.1:6432/appdb \
         --pid $(pgrep -f 'dbproxy --config') [--clients 2000]
+
+10,000 clients need `proxy.max_client_conn` above 10,000 (it counts logins in progress) and
+about 10,100 file descriptors for both this script and dbproxy (`ulimit -n`); one source
+address has enough ephemeral ports (`net.ipv4.ip_local_port_range`, 28,000 by default).
 """
 import argparse
 import asyncio
@@ -43,8 +47,11 @@ async def main():
     time.sleep(2)
     after = rss_kib(args.pid)
     per = (after - before) * 1024 / args.clients
-    print(f"{args.clients} idle clients: RSS {before} -> {after} KiB, {per / 1024:.1f} KiB per client, "
-          f"{per * 10000 / 1e6:.0f} MB extrapolated to 10,000")
+    line = (f"{args.clients} idle clients: RSS {before} -> {after} KiB ({after * 1024 / 1e6:.1f} MB), "
+            f"{per / 1024:.1f} KiB per client")
+    if args.clients < 10000:
+        line += f", {(before * 1024 + per * 10000) / 1e6:.0f} MB extrapolated to 10,000"
+    print(line)
     await asyncio.sleep(float(__import__("os").environ.get("HOLD", "0")))
     await asyncio.gather(*(c.close() for c in clients))
     await warm.close()
