@@ -480,9 +480,10 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
 /// `[[users]]` are not settings.
 fn config(c: &Config, out: &mut BytesMut) {
     let defaults = settings(&Config::default());
-    // RELOAD applies everything but the listen addresses (those need a restart).
+    // RELOAD applies everything but the listen addresses and the runtime's
+    // threads (those need a restart).
     let changeable = |k: &str| {
-        if k == "proxy.listen" || k == "proxy.metrics_listen" {
+        if k == "proxy.listen" || k == "proxy.metrics_listen" || k == "proxy.workers" {
             "no"
         } else {
             "yes"

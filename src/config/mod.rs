@@ -18,6 +18,9 @@ pub use types::{Balance, PoolMode, ServerAddr, ServerSslMode, SessionFeatures, T
 /// Name of the admin console's virtual database.
 pub const ADMIN_DATABASE: &str = "dbproxy";
 
+/// Most worker threads `proxy.workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
 /// `[proxy]`: the client-facing listener and global limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -35,6 +38,8 @@ pub struct ProxyConfig {
     #[serde(deserialize_with = "types::duration")]
     pub shutdown_timeout: Duration,
     /// Worker threads of the runtime; unset: one per CPU the process may use.
+    /// Applied by the binary when it builds its runtime; `Proxy::start` runs
+    /// on whatever runtime its caller has.
     pub workers: Option<usize>,
 }
 
@@ -326,8 +331,10 @@ impl Config {
         if self.proxy.max_client_conn == 0 {
             p.add("proxy.max_client_conn", "must be at least 1");
         }
-        if self.proxy.workers == Some(0) {
-            p.add("proxy.workers", "must be at least 1");
+        if let Some(n) = self.proxy.workers
+            && !(1..=MAX_WORKERS).contains(&n)
+        {
+            p.add("proxy.workers", format!("must be between 1 and {MAX_WORKERS}"));
         }
         if self.proxy.max_message_size < 1024 {
             p.add("proxy.max_message_size", "must be at least 1024 bytes");

@@ -100,6 +100,11 @@ async fn show_commands_have_pgbouncer_columns_and_real_values() {
     assert_eq!(cols, ["key", "value", "default", "changeable"]);
     let size = rows.iter().find(|r| r[0] == "pool.size").expect("pool.size listed");
     assert_eq!((size[1].as_str(), size[2].as_str()), ("5", "20"));
+    let workers = rows
+        .iter()
+        .find(|r| r[0] == "proxy.workers")
+        .expect("proxy.workers listed");
+    assert_eq!(workers[1..], ["auto", "auto", "no"], "read at start only");
     let all = format!("{rows:?}");
     assert!(
         !all.contains(&user.password) && !all.contains(&admin.password),

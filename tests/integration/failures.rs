@@ -262,6 +262,7 @@ async fn start_binary_at(
         Command::new(env!("CARGO_BIN_EXE_dbproxy"))
             .arg("--config")
             .arg(path)
+            .env_remove("TOKIO_WORKER_THREADS")
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -314,8 +315,9 @@ async fn sighup_reloads_without_dropping_clients() {
 async fn proxy_workers_sets_the_number_of_runtime_threads() {
     let user = create_user("workers").await;
     let mut setup = Setup::new(&[&user]);
-    // Three: not the default on a machine with one, two or four CPUs.
-    setup.proxy = "workers = 3".to_owned();
+    // One more than the default (start_binary_at clears TOKIO_WORKER_THREADS).
+    let workers = std::thread::available_parallelism().unwrap().get() + 1;
+    setup.proxy = format!("workers = {workers}");
     let (proxy, client, _) = start_binary(&mut setup, &user).await;
     client.query_one("SELECT 1", &[]).await.unwrap();
     // Nothing has run on tokio's blocking pool yet (it shares the name).
@@ -326,7 +328,7 @@ async fn proxy_workers_sets_the_number_of_runtime_threads() {
             comm.trim() == "tokio-rt-worker"
         })
         .count();
-    assert_eq!(threads, 3);
+    assert_eq!(threads, workers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
