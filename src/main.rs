@@ -57,10 +57,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(args.log_format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.proxy.workers {
-        builder.worker_threads(n);
-    }
+    // One worker: tokio's single-threaded scheduler on this thread, which
+    // spends less CPU per wake-up than the work-stealing one (no queues shared
+    // between workers, no searching for work; docs/benchmarks.md, entry 16).
+    let mut builder = match config.proxy.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        workers => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = workers {
+                builder.worker_threads(n);
+            }
+            builder
+        }
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

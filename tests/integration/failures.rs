@@ -314,21 +314,26 @@ async fn sighup_reloads_without_dropping_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_workers_sets_the_number_of_runtime_threads() {
     let user = create_user("workers").await;
-    let mut setup = Setup::new(&[&user]);
-    // One more than the default (start_binary_at clears TOKIO_WORKER_THREADS).
-    let workers = std::thread::available_parallelism().unwrap().get() + 1;
-    setup.proxy = format!("workers = {workers}");
-    let (proxy, client, _) = start_binary(&mut setup, &user).await;
-    client.query_one("SELECT 1", &[]).await.unwrap();
-    // Nothing has run on tokio's blocking pool yet (it shares the name).
-    let threads = std::fs::read_dir(format!("/proc/{}/task", proxy.0.id()))
-        .unwrap()
-        .filter(|t| {
-            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap();
-            comm.trim() == "tokio-rt-worker"
-        })
-        .count();
-    assert_eq!(threads, workers);
+    // One more than the default (start_binary_at clears TOKIO_WORKER_THREADS);
+    // one runs the single-threaded scheduler on the main thread, with no worker
+    // threads at all.
+    let more = std::thread::available_parallelism().unwrap().get() + 1;
+    for (workers, threads) in [(more, more), (1, 0)] {
+        let mut setup = Setup::new(&[&user]);
+        setup.proxy = format!("workers = {workers}");
+        let (proxy, client, _) = start_binary(&mut setup, &user).await;
+        let row = client.query_one("SELECT count(*) FROM generate_series(1, 1000)", &[]).await;
+        assert_eq!(row.unwrap().get::<_, i64>(0), 1000);
+        // Nothing has run on tokio's blocking pool yet (it shares the name).
+        let found = std::fs::read_dir(format!("/proc/{}/task", proxy.0.id()))
+            .unwrap()
+            .filter(|t| {
+                let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap();
+                comm.trim() == "tokio-rt-worker"
+            })
+            .count();
+        assert_eq!(found, threads, "workers = {workers}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,12 +75,16 @@ def free_port():
 
 
 def proxy_config(port, cluster, mode):
-    """A config file in the format of CONTRACT.md; routing stays off for these tests."""
+    """A config file in the format of CONTRACT.md; routing stays off for these tests.
+    The session-mode proxy runs on one thread (workers = 1: tokio's single-threaded
+    scheduler), the transaction-mode one on the default multi-threaded runtime."""
     replicas = ", ".join(f'"127.0.0.1:{p}"' for p in cluster.replica_ports)
+    workers = "workers = 1" if mode == "session" else ""
     return f"""\
 [proxy]
 listen = "127.0.0.1:{port}"
 admin_users = ["{ADMIN_USER}"]
+{workers}
 
 [pool]
 mode = "{mode}"
