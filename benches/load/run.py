@@ -303,9 +303,11 @@ def chart(rows, path):
     ax.set_xticklabels(keys)
     ax.set_ylabel("throughput ratio (tps)")
     ax.set_title("dbproxy vs PgBouncer vs direct (pgbench, interleaved medians; higher is better)")
-    ax.legend(loc="lower right", framealpha=0.95)
+    ax.legend(loc="upper left", framealpha=0.95)
     for i, v in enumerate(vs_bouncer):
-        ax.text(i + w, v + 0.03, f"{v:.2f}", ha="center", fontsize=8)
+        # No ratio where PgBouncer's run failed (e.g. -M prepared, which it does not track).
+        label = f"{v:.2f}" if v else "PgBouncer\nfailed"
+        ax.text(i + w, v + 0.03, label, ha="center", fontsize=8)
     for i, v in enumerate(vs_direct):
         ax.text(i, v + 0.03, f"{v:.2f}", ha="center", fontsize=8)
     fig.tight_layout()
