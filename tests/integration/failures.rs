@@ -322,7 +322,9 @@ async fn proxy_workers_sets_the_number_of_runtime_threads() {
         let mut setup = Setup::new(&[&user]);
         setup.proxy = format!("workers = {workers}");
         let (proxy, client, _) = start_binary(&mut setup, &user).await;
-        let row = client.query_one("SELECT count(*) FROM generate_series(1, 1000)", &[]).await;
+        let row = client
+            .query_one("SELECT count(*) FROM generate_series(1, 1000)", &[])
+            .await;
         assert_eq!(row.unwrap().get::<_, i64>(0), 1000);
         // Nothing has run on tokio's blocking pool yet (it shares the name).
         let found = std::fs::read_dir(format!("/proc/{}/task", proxy.0.id()))
