@@ -107,7 +107,7 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             _ = proxy.shutdown_requested() => break,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = proxy.shared().reload();
+                let _ = proxy.shared().reload_off_thread().await;
             }
         }
     }

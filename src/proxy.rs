@@ -115,6 +115,22 @@ impl Shared {
         outcome
     }
 
+    /// [`Shared::reload`] on tokio's blocking pool: it reads files and derives
+    /// the SCRAM secrets of new or changed passwords (about 1 ms each), which
+    /// must not hold up a worker thread, least of all the only one
+    /// (`proxy.workers = 1`).
+    pub async fn reload_off_thread(self: &Arc<Self>) -> Result<(), Vec<Problem>> {
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || shared.reload())
+            .await
+            .unwrap_or_else(|e| {
+                Err(vec![Problem {
+                    key: "(reload)".to_owned(),
+                    message: format!("the reload did not finish: {e}"),
+                }])
+            })
+    }
+
     fn try_reload(self: &Arc<Self>) -> Result<(), Vec<Problem>> {
         // SIGHUP and the console's RELOAD may come together: one at a time.
         let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());

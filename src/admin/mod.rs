@@ -101,6 +101,18 @@ pub async fn run(shared: &Arc<Shared>, mut stream: ClientStream, user: &User, ke
                         }
                         command_complete(&mut out, "WAIT_CLOSE");
                     }
+                    Outcome::Reload => match shared.reload_off_thread().await {
+                        Ok(()) => command_complete(&mut out, "RELOAD"),
+                        Err(problems) => {
+                            let detail: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                            let err = ErrorFields::error(
+                                SqlState::INVALID_PARAMETER_VALUE,
+                                "the configuration file is invalid; the running configuration stays",
+                            )
+                            .with_detail(detail.join("\n"));
+                            error_response(&mut out, &err);
+                        }
+                    },
                 }
                 ready_for_query(&mut out, TransactionStatus::Idle);
             }
@@ -141,6 +153,8 @@ enum Outcome {
     /// WAIT_CLOSE of one database or all: completes once no server
     /// connection to be closed is in use (see [`until_closed`]).
     WaitClose(Option<String>),
+    /// RELOAD: runs on the blocking pool ([`Shared::reload_off_thread`]).
+    Reload,
 }
 
 /// How often PAUSE looks whether the transactions in flight have finished.
@@ -383,21 +397,7 @@ fn execute(shared: &Arc<Shared>, sql: &str, out: &mut BytesMut) -> Outcome {
             }
             Outcome::WaitClose(name.map(str::to_owned))
         }
-        ["RELOAD"] => {
-            match shared.reload() {
-                Ok(()) => command_complete(out, "RELOAD"),
-                Err(problems) => {
-                    let detail: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                    let err = ErrorFields::error(
-                        SqlState::INVALID_PARAMETER_VALUE,
-                        "the configuration file is invalid; the running configuration stays",
-                    )
-                    .with_detail(detail.join("\n"));
-                    error_response(out, &err);
-                }
-            }
-            Outcome::Done
-        }
+        ["RELOAD"] => Outcome::Reload,
         ["SHUTDOWN"] => {
             tracing::info!("SHUTDOWN from the admin console");
             shared.begin_shutdown();

@@ -336,6 +336,30 @@ async fn proxy_workers_sets_the_number_of_runtime_threads() {
             .count();
         assert_eq!(found, threads, "workers = {workers}");
     }
+    // On the one thread: the server hop's TLS (the cluster has it on, and
+    // `prefer` takes it), a reload, and the drain at SIGTERM.
+    let mut setup = Setup::new(&[&user]);
+    setup.proxy = "workers = 1".to_owned();
+    let (mut proxy, client, _) = start_binary(&mut setup, &user).await;
+    let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    assert!(client.query_one(sql, &[]).await.unwrap().get::<_, bool>(0));
+    let pid = proxy.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("served after the reload");
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = proxy.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
