@@ -8,7 +8,8 @@
 //! - [`protocol`]: wire format only (framing, startup packet, messages the proxy
 //!   writes, reading and rewriting Parse/Bind/Describe/Close, SQLSTATEs); no I/O,
 //!   safe on any input.
-//! - [`auth`]: SCRAM-SHA-256 verification of clients.
+//! - [`auth`]: SCRAM-SHA-256 verification of clients, and the SCRAM client
+//!   that logs in to servers (a pool's salted password kept for its next logins).
 //! - [`tls`]: the rustls acceptor for clients that ask for TLS, and the
 //!   connector (with libpq's verification modes) for TLS to the servers, shared by
 //!   every pool and replaced by a reload (`ServerTlsSetting`).

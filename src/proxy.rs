@@ -80,6 +80,7 @@ impl Shared {
             user: user.name.clone(),
             password: user.server_password.clone(),
             tls: self.server_tls.clone(),
+            salted: Default::default(),
         })
     }
 

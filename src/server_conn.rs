@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::auth::{SaltedPasswordCache, ScramClient};
 use crate::config::ServerAddr;
 use crate::protocol::{SqlState, TransactionStatus};
 use crate::server_state::ServerState;
@@ -32,6 +33,8 @@ pub struct LoginTarget {
     pub password: String,
     /// Read afresh for each connection (a reload may replace it).
     pub tls: crate::tls::ServerTlsSetting,
+    /// The SCRAM salted password of the pool's logins (shared by clones).
+    pub salted: SaltedPasswordCache,
 }
 
 impl std::fmt::Debug for LoginTarget {
@@ -140,7 +143,7 @@ impl ServerConn {
         ];
         frontend::startup_message(params, &mut out).map_err(|e| login.protocol(e.to_string()))?;
         login.send(&mut out).await?;
-        login.authenticate(&target.user, &target.password).await?;
+        login.authenticate(target).await?;
         let mut params = Vec::new();
         let mut key = (0, 0);
         loop {
@@ -332,7 +335,8 @@ impl Login<'_> {
         }
     }
 
-    async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ServerError> {
+    async fn authenticate(&mut self, target: &LoginTarget) -> Result<(), ServerError> {
+        let (user, password) = (&target.user, &target.password);
         let mut out = BytesMut::new();
         match self.recv().await? {
             Message::AuthenticationOk => return Ok(()),
@@ -357,7 +361,7 @@ impl Login<'_> {
                         method: "SASL without SCRAM-SHA-256",
                     });
                 }
-                self.scram(password).await?;
+                self.scram(password, &target.salted).await?;
             }
             Message::ErrorResponse(body) => return Err(self.rejected(&body)),
             _ => {
@@ -374,10 +378,10 @@ impl Login<'_> {
         }
     }
 
-    async fn scram(&mut self, password: &str) -> Result<(), ServerError> {
+    async fn scram(&mut self, password: &str, cache: &SaltedPasswordCache) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
-        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut out)
+        let mut scram = ScramClient::new(password);
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.client_first().as_bytes(), &mut out)
             .map_err(|e| self.protocol(e.to_string()))?;
         self.send(&mut out).await?;
         let server_first = match self.recv().await? {
@@ -385,13 +389,15 @@ impl Login<'_> {
             Message::ErrorResponse(body) => return Err(self.rejected(&body)),
             _ => return Err(self.protocol("expected SASL continue".to_owned())),
         };
-        scram.update(&server_first).map_err(|e| self.protocol(e.to_string()))?;
-        frontend::sasl_response(scram.message(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
+        let client_final = scram
+            .client_final(&server_first, cache)
+            .map_err(|e| self.protocol(e.to_string()))?;
+        frontend::sasl_response(client_final.as_bytes(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
         self.send(&mut out).await?;
         match self.recv().await? {
-            Message::AuthenticationSaslFinal(body) => scram
-                .finish(body.data())
-                .map_err(|e| self.protocol(format!("server signature invalid: {e}"))),
+            Message::AuthenticationSaslFinal(body) => {
+                scram.verify(body.data()).map_err(|e| self.protocol(e.to_string()))
+            }
             Message::ErrorResponse(body) => Err(self.rejected(&body)),
             _ => Err(self.protocol("expected SASL final".to_owned())),
         }

@@ -1,10 +1,12 @@
-//! Authentication: verifying clients (SCRAM-SHA-256) against `[[users]]`.
-//! Logging in to servers lives in `server_conn`, which uses postgres-protocol's
-//! SCRAM client.
+//! Authentication: verifying clients (SCRAM-SHA-256) against `[[users]]`, and
+//! the SCRAM client `server_conn` logs in to servers with, which keeps each
+//! pool's salted password so that only its first login pays for PBKDF2.
 
 pub mod scram;
+pub mod scram_client;
 
 pub use scram::{ScramError, ScramExchange, ScramSecret};
+pub use scram_client::{SaltedPasswordCache, ScramClient};
 
 /// A configured user, with its password prepared once for client verification.
 /// `Debug` never prints the password.

@@ -130,6 +130,7 @@ async fn pool_serves_waiters_first_come_first_served() {
         user: user.name.clone(),
         password: user.password.clone(),
         tls: dbproxy::tls::ServerTls::disabled().into(),
+        salted: Default::default(),
     };
     let settings = PoolSettings {
         size: 4,

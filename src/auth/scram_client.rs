@@ -1,0 +1,216 @@
+//! Client side of SCRAM-SHA-256 (RFC 5802/7677) without channel binding: the
+//! proxy logging in to a server. The salted password (4096 or more rounds of
+//! PBKDF2, about 1 ms) depends only on the password and the role's salt and
+//! iteration count, which the server sends at every login; a pool keeps it in a
+//! [`SaltedPasswordCache`], so only its first connection derives it.
+
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::scram::{ScramError, attr, hmac, normalize, salted_password};
+
+/// The GS2 header "n,," (no channel binding, no authorization identity), base64.
+const GS2_HEADER_B64: &str = "biws";
+
+/// A salted password with the salt and iteration count it was derived for.
+struct Salted {
+    salt: Vec<u8>,
+    iterations: u32,
+    key: [u8; 32],
+}
+
+/// The salted password of a pool's last login, shared by its connections. It
+/// belongs to one password (a pool's: a changed `server_password` makes new
+/// pools). `Debug` shows nothing of it.
+#[derive(Clone, Default)]
+pub struct SaltedPasswordCache(Arc<Mutex<Option<Salted>>>);
+
+impl std::fmt::Debug for SaltedPasswordCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SaltedPasswordCache(..)")
+    }
+}
+
+impl SaltedPasswordCache {
+    /// The salted password for `salt` and `iterations`, derived only when the
+    /// cache holds none for them (a role whose password changed has a new salt).
+    fn get(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        let hit = |s: &Option<Salted>| {
+            s.as_ref()
+                .filter(|s| s.salt == salt && s.iterations == iterations)
+                .map(|s| s.key)
+        };
+        if let Some(key) = hit(&self.0.lock().unwrap_or_else(|e| e.into_inner())) {
+            return key;
+        }
+        // Derived outside the lock: two first logins may both derive it.
+        let key = salted_password(password, salt, iterations);
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Salted {
+            salt: salt.to_vec(),
+            iterations,
+            key,
+        });
+        key
+    }
+}
+
+/// One login's exchange, from the client-first message to the server's
+/// signature.
+pub struct ScramClient {
+    password: Vec<u8>,
+    client_first_bare: String,
+    nonce: String,
+    /// The server signature expected in server-final, once client-final is made.
+    expected: Option<[u8; 32]>,
+}
+
+impl ScramClient {
+    /// Starts a login with a fresh nonce. PostgreSQL ignores SCRAM's user name
+    /// (the startup packet has it), so it is sent empty, as libpq does.
+    pub fn new(password: &str) -> Self {
+        let mut raw = [0u8; 18];
+        rand::fill(&mut raw[..]);
+        Self::with_nonce(password, "", &B64.encode(raw))
+    }
+
+    fn with_nonce(password: &str, user: &str, nonce: &str) -> Self {
+        ScramClient {
+            password: normalize(password),
+            client_first_bare: format!("n={user},r={nonce}"),
+            nonce: nonce.to_owned(),
+            expected: None,
+        }
+    }
+
+    /// The client-first message.
+    pub fn client_first(&self) -> String {
+        format!("n,,{}", self.client_first_bare)
+    }
+
+    /// Answers the server-first message with the client-final one, taking the
+    /// salted password from `cache` when it holds the one for this salt.
+    pub fn client_final(&mut self, server_first: &[u8], cache: &SaltedPasswordCache) -> Result<String, ScramError> {
+        let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let mut fields = msg.split(',');
+        let nonce = attr(fields.next(), 'r')?;
+        if nonce.len() <= self.nonce.len() || !nonce.starts_with(&self.nonce) {
+            return Err(ScramError::Malformed("the server nonce does not extend ours"));
+        }
+        let salt = B64
+            .decode(attr(fields.next(), 's')?)
+            .map_err(|_| ScramError::Malformed("invalid salt encoding"))?;
+        let iterations: u32 = attr(fields.next(), 'i')?
+            .parse()
+            .ok()
+            .filter(|&i| i > 0)
+            .ok_or(ScramError::Malformed("invalid iteration count"))?;
+        let salted = cache.get(&self.password, &salt, iterations);
+        let without_proof = format!("c={GS2_HEADER_B64},r={nonce}");
+        let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let client_key = hmac(&salted, &[b"Client Key"]);
+        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let mut proof = hmac(&stored_key, &[auth_message.as_bytes()]);
+        proof.iter_mut().zip(client_key.iter()).for_each(|(p, k)| *p ^= k);
+        let server_key = hmac(&salted, &[b"Server Key"]);
+        self.expected = Some(hmac(&server_key, &[auth_message.as_bytes()]));
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks the server-final message: the server proves it knows the password.
+    pub fn verify(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let msg = std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        if let Some(error) = msg.strip_prefix("e=") {
+            return Err(ScramError::ServerError(error.to_owned()));
+        }
+        let expected = self
+            .expected
+            .ok_or(ScramError::Malformed("server-final before client-final"))?;
+        let signature = B64
+            .decode(attr(msg.split(',').next(), 'v')?)
+            .map_err(|_| ScramError::Malformed("invalid signature encoding"))?;
+        if bool::from(signature.as_slice().ct_eq(&expected)) {
+            Ok(())
+        } else {
+            Err(ScramError::InvalidServerSignature)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{ScramExchange, ScramSecret};
+
+    /// The example exchange of RFC 7677, section 3.
+    #[test]
+    fn rfc7677_example() {
+        let mut client = ScramClient::with_nonce("pencil", "user", "rOprNGfwEbeRWgbNEkqO");
+        assert_eq!(client.client_first(), "n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
+        let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+        let cache = SaltedPasswordCache::default();
+        let client_final = client.client_final(server_first.as_bytes(), &cache).unwrap();
+        assert_eq!(
+            client_final,
+            "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
+        );
+        assert_eq!(client.verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="), Ok(()));
+        assert_eq!(
+            client.verify(b"v=AAAATRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="),
+            Err(ScramError::InvalidServerSignature)
+        );
+        assert_eq!(
+            client.verify(b"e=invalid-proof"),
+            Err(ScramError::ServerError("invalid-proof".to_owned()))
+        );
+    }
+
+    /// A login against the proxy's own SCRAM server, with `cache`.
+    fn login(secret: &ScramSecret, password: &str, cache: &SaltedPasswordCache) -> Result<(), ScramError> {
+        let mut client = ScramClient::new(password);
+        let (exchange, server_first) = ScramExchange::start(secret, client.client_first().as_bytes())?;
+        let client_final = client.client_final(server_first.as_bytes(), cache)?;
+        let server_final = exchange.finish(client_final.as_bytes())?;
+        client.verify(server_final.as_bytes())
+    }
+
+    #[test]
+    fn the_cache_serves_later_logins_of_the_same_salt_only() {
+        let secret = ScramSecret::from_password("app-secret");
+        let cache = SaltedPasswordCache::default();
+        assert_eq!(login(&secret, "app-secret", &cache), Ok(()));
+        let first = cache.0.lock().unwrap().as_ref().map(|s| s.key).unwrap();
+        // A later login takes the cached key: a wrong one planted there fails it.
+        cache.0.lock().unwrap().as_mut().unwrap().key = [0; 32];
+        assert_eq!(login(&secret, "app-secret", &cache), Err(ScramError::InvalidProof));
+        cache.0.lock().unwrap().as_mut().unwrap().key = first;
+        assert_eq!(login(&secret, "app-secret", &cache), Ok(()));
+        // Another salt (the role's password was set again) derives afresh.
+        let again = ScramSecret::from_password("app-secret");
+        assert_eq!(login(&again, "app-secret", &cache), Ok(()));
+        assert_ne!(cache.0.lock().unwrap().as_ref().map(|s| s.key), Some(first));
+    }
+
+    #[test]
+    fn malformed_server_messages_are_rejected() {
+        let cache = SaltedPasswordCache::default();
+        let client = || ScramClient::with_nonce("pw", "", "abc");
+        for bad in [
+            &b""[..],
+            b"r=abc,s=AAAA,i=4096",
+            b"r=xyzdef,s=AAAA,i=4096",
+            b"r=abcdef,s=!!,i=4096",
+            b"r=abcdef,s=AAAA,i=0",
+            b"r=abcdef,s=AAAA,i=many",
+            b"r=abcdef,s=AAAA",
+            b"m=ext,r=abcdef,s=AAAA,i=1",
+            b"\xff",
+        ] {
+            assert!(client().client_final(bad, &cache).is_err(), "{bad:?}");
+        }
+        assert!(client().verify(b"v=AAAA").is_err(), "no client-final yet");
+    }
+}
