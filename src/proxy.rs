@@ -74,11 +74,19 @@ impl Shared {
             addr: addr.clone(),
             role,
         };
+        // The password of the configuration in force, not of the caller's copy:
+        // a client that logged in across a reload which changed it must not
+        // make a pool with the old one (the reload forgets that user's pools
+        // after storing the new configuration).
+        let password = match self.live().users.get(&user.name) {
+            Some(current) => current.server_password.clone(),
+            None => user.server_password.clone(),
+        };
         self.pools.get(key, || LoginTarget {
             addr: addr.clone(),
             dbname: db.server_dbname().to_owned(),
             user: user.name.clone(),
-            password: user.server_password.clone(),
+            password,
             tls: self.server_tls.clone(),
             salted: Default::default(),
         })
@@ -156,7 +164,11 @@ impl Shared {
         // been replaced in place.
         let server_tls = server_tls(&config)?;
         let live = Arc::new(Live::build(config, Some(&old))?);
-        // Server passwords changed: those users' pools start afresh.
+        self.pools.resize(PoolSettings::from(&live.config));
+        self.live.store(live.clone());
+        // Server passwords changed: those users' pools start afresh. After the
+        // store, so a pool made meanwhile (with the old password) is forgotten
+        // too, and every later one has the new password.
         for (name, user) in &live.users {
             if old
                 .users
@@ -166,8 +178,6 @@ impl Shared {
                 self.pools.forget_user(name);
             }
         }
-        self.pools.resize(PoolSettings::from(&live.config));
-        self.live.store(live.clone());
         if self.server_tls.replace(server_tls) {
             // Nothing opened under the old setting is used again: each
             // pool (also those of sessions and monitors that a reload
@@ -202,9 +212,17 @@ impl Shared {
             let full = live.monitors_replicas(db);
             // The watch of the same router goes on, unless it must change
             // kind (splitting or the pool mode changed): the old one then ends.
+            // A monitor logs in: it restarts, with new pools, when its user or
+            // that user's password changed.
+            let same_login = |p: &Live| match (p.monitor_user(), live.monitor_user()) {
+                (Some(a), Some(b)) => a.name == b.name && a.server_password == b.server_password,
+                (None, None) => true,
+                _ => false,
+            };
             let kept = previous.is_some_and(|p| {
                 p.routers.get(name).is_some_and(|r| Arc::ptr_eq(r, &router))
                     && p.databases.get(name).is_some_and(|d| p.monitors_replicas(d) == full)
+                    && (!full || same_login(p))
             });
             if kept {
                 continue;
@@ -316,8 +334,13 @@ impl Proxy {
             tasks.push(tokio::spawn(crate::metrics::serve(listener, shared.clone())));
         }
         shared.spawn_monitors(&live, None);
-        let workers = tokio::runtime::Handle::current().metrics().num_workers();
-        tracing::info!(%addr, workers, "dbproxy listening");
+        let runtime = tokio::runtime::Handle::current();
+        let workers = runtime.metrics().num_workers();
+        let scheduler = match runtime.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => "single-threaded",
+            _ => "multi-threaded",
+        };
+        tracing::info!(%addr, workers, scheduler, "dbproxy listening");
         Ok(Proxy {
             addr,
             metrics_addr,

@@ -36,34 +36,42 @@ impl std::fmt::Debug for SaltedPasswordCache {
 }
 
 impl SaltedPasswordCache {
-    /// The salted password for `salt` and `iterations`, derived only when the
-    /// cache holds none for them (a role whose password changed has a new salt).
-    fn get(&self, password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-        let hit = |s: &Option<Salted>| {
-            s.as_ref()
-                .filter(|s| s.salt == salt && s.iterations == iterations)
-                .map(|s| s.key)
-        };
-        if let Some(key) = hit(&self.0.lock().unwrap_or_else(|e| e.into_inner())) {
-            return key;
-        }
-        // Derived outside the lock: two first logins may both derive it.
-        let key = salted_password(password, salt, iterations);
+    /// The salted password kept for these parameters, if any (a role whose
+    /// password was set again has a new salt).
+    pub fn lookup(&self, params: &SaltParams) -> Option<[u8; 32]> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|s| s.salt == params.salt && s.iterations == params.iterations)
+            .map(|s| s.key)
+    }
+
+    /// Keeps `key`, the salted password for `params`, for later logins.
+    pub fn store(&self, params: SaltParams, key: [u8; 32]) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Salted {
-            salt: salt.to_vec(),
-            iterations,
+            salt: params.salt,
+            iterations: params.iterations,
             key,
         });
-        key
     }
+}
+
+/// The salt and iteration count a server sent in its server-first message.
+#[derive(Clone)]
+pub struct SaltParams {
+    salt: Vec<u8>,
+    iterations: u32,
 }
 
 /// One login's exchange, from the client-first message to the server's
 /// signature.
 pub struct ScramClient {
-    password: Vec<u8>,
+    password: Arc<[u8]>,
     client_first_bare: String,
     nonce: String,
+    /// The server-first message and its nonce, once received.
+    server_first: Option<(String, String)>,
     /// The server signature expected in server-final, once client-final is made.
     expected: Option<[u8; 32]>,
 }
@@ -79,9 +87,10 @@ impl ScramClient {
 
     fn with_nonce(password: &str, user: &str, nonce: &str) -> Self {
         ScramClient {
-            password: normalize(password),
+            password: normalize(password).into(),
             client_first_bare: format!("n={user},r={nonce}"),
             nonce: nonce.to_owned(),
+            server_first: None,
             expected: None,
         }
     }
@@ -91,9 +100,9 @@ impl ScramClient {
         format!("n,,{}", self.client_first_bare)
     }
 
-    /// Answers the server-first message with the client-final one, taking the
-    /// salted password from `cache` when it holds the one for this salt.
-    pub fn client_final(&mut self, server_first: &[u8], cache: &SaltedPasswordCache) -> Result<String, ScramError> {
+    /// Reads the server-first message; returns the salt and iteration count
+    /// the salted password is derived with.
+    pub fn server_first(&mut self, server_first: &[u8]) -> Result<SaltParams, ScramError> {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let mut fields = msg.split(',');
         let nonce = attr(fields.next(), 'r')?;
@@ -108,14 +117,31 @@ impl ScramClient {
             .ok()
             .filter(|&i| i > 0)
             .ok_or(ScramError::Malformed("invalid iteration count"))?;
-        let salted = cache.get(&self.password, &salt, iterations);
+        self.server_first = Some((msg.to_owned(), nonce.to_owned()));
+        Ok(SaltParams { salt, iterations })
+    }
+
+    /// The work of deriving the salted password for `params` (PBKDF2, about
+    /// 0.5 ms at 4096 rounds), to run where it holds up no client.
+    pub fn derive(&self, params: &SaltParams) -> impl FnOnce() -> [u8; 32] + Send + 'static {
+        let (password, params) = (self.password.clone(), params.clone());
+        move || salted_password(&password, &params.salt, params.iterations)
+    }
+
+    /// The client-final message, proving knowledge of `salted`, the salted
+    /// password for what [`ScramClient::server_first`] returned.
+    pub fn client_final(&mut self, salted: &[u8; 32]) -> Result<String, ScramError> {
+        let (msg, nonce) = self
+            .server_first
+            .as_ref()
+            .ok_or(ScramError::Malformed("client-final before server-first"))?;
         let without_proof = format!("c={GS2_HEADER_B64},r={nonce}");
         let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
-        let client_key = hmac(&salted, &[b"Client Key"]);
+        let client_key = hmac(salted, &[b"Client Key"]);
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         let mut proof = hmac(&stored_key, &[auth_message.as_bytes()]);
         proof.iter_mut().zip(client_key.iter()).for_each(|(p, k)| *p ^= k);
-        let server_key = hmac(&salted, &[b"Server Key"]);
+        let server_key = hmac(salted, &[b"Server Key"]);
         self.expected = Some(hmac(&server_key, &[auth_message.as_bytes()]));
         Ok(format!("{without_proof},p={}", B64.encode(proof)))
     }
@@ -145,6 +171,22 @@ mod tests {
     use super::*;
     use crate::auth::{ScramExchange, ScramSecret};
 
+    impl ScramClient {
+        /// The three steps as `server_conn` takes them, deriving inline.
+        fn answer(&mut self, server_first: &[u8], cache: &SaltedPasswordCache) -> Result<String, ScramError> {
+            let params = self.server_first(server_first)?;
+            let salted = match cache.lookup(&params) {
+                Some(key) => key,
+                None => {
+                    let key = self.derive(&params)();
+                    cache.store(params, key);
+                    key
+                }
+            };
+            self.client_final(&salted)
+        }
+    }
+
     /// The example exchange of RFC 7677, section 3.
     #[test]
     fn rfc7677_example() {
@@ -152,7 +194,7 @@ mod tests {
         assert_eq!(client.client_first(), "n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
         let cache = SaltedPasswordCache::default();
-        let client_final = client.client_final(server_first.as_bytes(), &cache).unwrap();
+        let client_final = client.answer(server_first.as_bytes(), &cache).unwrap();
         assert_eq!(
             client_final,
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
@@ -172,7 +214,7 @@ mod tests {
     fn login(secret: &ScramSecret, password: &str, cache: &SaltedPasswordCache) -> Result<(), ScramError> {
         let mut client = ScramClient::new(password);
         let (exchange, server_first) = ScramExchange::start(secret, client.client_first().as_bytes())?;
-        let client_final = client.client_final(server_first.as_bytes(), cache)?;
+        let client_final = client.answer(server_first.as_bytes(), cache)?;
         let server_final = exchange.finish(client_final.as_bytes())?;
         client.verify(server_final.as_bytes())
     }
@@ -209,8 +251,9 @@ mod tests {
             b"m=ext,r=abcdef,s=AAAA,i=1",
             b"\xff",
         ] {
-            assert!(client().client_final(bad, &cache).is_err(), "{bad:?}");
+            assert!(client().answer(bad, &cache).is_err(), "{bad:?}");
         }
         assert!(client().verify(b"v=AAAA").is_err(), "no client-final yet");
+        assert!(client().client_final(&[0; 32]).is_err(), "no server-first yet");
     }
 }

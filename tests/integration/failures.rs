@@ -1,7 +1,7 @@
 //! Cancel, clients and servers that vanish, servers that are down, and
 //! bounded memory on large results.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -262,8 +262,9 @@ async fn start_binary_at(
         Command::new(env!("CARGO_BIN_EXE_dbproxy"))
             .arg("--config")
             .arg(path)
+            .args(["--log-format", "json"])
             .env_remove("TOKIO_WORKER_THREADS")
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(path.with_extension("log")).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -315,26 +316,26 @@ async fn sighup_reloads_without_dropping_clients() {
 async fn proxy_workers_sets_the_number_of_runtime_threads() {
     let user = create_user("workers").await;
     // One more than the default (start_binary_at clears TOKIO_WORKER_THREADS);
-    // one runs the single-threaded scheduler on the main thread, with no worker
-    // threads at all.
+    // one runs the single-threaded scheduler on the main thread. The startup
+    // line says what the runtime has (tokio's own count of its workers).
     let more = std::thread::available_parallelism().unwrap().get() + 1;
-    for (workers, threads) in [(more, more), (1, 0)] {
+    for (workers, scheduler) in [(more, "multi-threaded"), (1, "single-threaded")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
         let mut setup = Setup::new(&[&user]);
         setup.proxy = format!("workers = {workers}");
-        let (proxy, client, _) = start_binary(&mut setup, &user).await;
+        let (_proxy, client, _) = start_binary_at(&mut setup, &user, &path).await;
         let row = client
             .query_one("SELECT count(*) FROM generate_series(1, 1000)", &[])
             .await;
         assert_eq!(row.unwrap().get::<_, i64>(0), 1000);
-        // Nothing has run on tokio's blocking pool yet (it shares the name).
-        let found = std::fs::read_dir(format!("/proc/{}/task", proxy.0.id()))
-            .unwrap()
-            .filter(|t| {
-                let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm")).unwrap();
-                comm.trim() == "tokio-rt-worker"
-            })
-            .count();
-        assert_eq!(found, threads, "workers = {workers}");
+        let log = std::fs::read_to_string(path.with_extension("log")).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("dbproxy listening"))
+            .unwrap_or_else(|| panic!("no startup line in {log}"));
+        assert!(line.contains(&format!("\"workers\":{workers},")), "{line}");
+        assert!(line.contains(&format!("\"scheduler\":\"{scheduler}\"")), "{line}");
     }
     // On the one thread: the server hop's TLS (the cluster has it on, and
     // `prefer` takes it), a reload, and the drain at SIGTERM.

@@ -648,6 +648,49 @@ async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
     assert!(http_get(metrics, "/readyz").await.0.contains("200"));
 }
 
+/// The health monitor logs in as the first user. A reload that changes that
+/// user's password (rotated on the servers too) starts the monitor again with
+/// new pools: once the connections that logged in with the old password are
+/// gone, its checks still log in and the replicas stay in the rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_whose_password_was_rotated_keeps_the_replicas_in() {
+    let _shared = DISRUPTION.read().await;
+    let user = create_user("repl_rotate").await;
+    let mut setup = split_setup(&user);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    proxy.shared().set_config_path(path.clone());
+    setup.listen = proxy.local_addr().to_string();
+    replicas_ready(&connect(&proxy, &user).await.unwrap()).await;
+
+    let rotated = TestUser {
+        name: user.name.clone(),
+        password: format!("{}-rotated", user.password),
+    };
+    let sql = format!("ALTER ROLE {} PASSWORD '{}'", rotated.name, rotated.password);
+    superuser().await.batch_execute(&sql).await.unwrap();
+    setup.users = vec![rotated.clone()];
+    std::fs::write(&path, setup.toml()).unwrap();
+    proxy.shared().reload().expect("the new file reloads");
+    // Let the replicas replay the new password, then end every connection
+    // that logged in with the old one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for port in std::iter::once(cluster().primary).chain(cluster().replicas.iter().copied()) {
+        let url = format!("host=127.0.0.1 port={port} user=postgres dbname=appdb");
+        let (su, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1";
+        su.execute(end, &[&rotated.name]).await.unwrap();
+    }
+    // Several rounds of checks (every 100 ms) later.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    replicas_ready(&connect(&proxy, &rotated).await.unwrap()).await;
+}
+
 /// This binary's servers have TLS off: `server_tls.sslmode = "require"`
 /// fails each request with a clear error instead of falling back to plain
 /// text, and the default `prefer` uses plain text.
