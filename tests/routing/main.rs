@@ -600,6 +600,20 @@ async fn without_splitting_clients_stuck_on_a_frozen_primary_are_released() {
     );
 }
 
+/// Starts a proxy from `setup` written to a file, which RELOAD reads again;
+/// `setup.listen` becomes its address, so the file can be rewritten as is.
+async fn start_from_file(setup: &mut Setup) -> (dbproxy::Proxy, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    proxy.shared().set_config_path(path.clone());
+    setup.listen = proxy.local_addr().to_string();
+    (proxy, dir, path)
+}
+
 /// Splitting turned on by a reload, for a database whose servers did not
 /// change: its replicas get a health monitor and join the rotation, and
 /// `/readyz` stays ready; turned off again, reads go to the primary.
@@ -611,14 +625,7 @@ async fn splitting_turned_on_by_a_reload_brings_the_replicas_in() {
     let split_off = split_on.replace("read_write_split = true", "read_write_split = false");
     setup.routing = split_off.clone();
     setup.proxy.push_str("\nmetrics_listen = \"127.0.0.1:0\"");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, setup.toml()).unwrap();
-    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
-        .await
-        .unwrap();
-    proxy.shared().set_config_path(path.clone());
-    setup.listen = proxy.local_addr().to_string();
+    let (proxy, _dir, path) = start_from_file(&mut setup).await;
     let metrics = proxy.metrics_addr().expect("metrics endpoint");
     let primary = cluster().primary;
     let client = connect(&proxy, &user).await.unwrap();
@@ -657,14 +664,7 @@ async fn a_monitor_whose_password_was_rotated_keeps_the_replicas_in() {
     let _shared = DISRUPTION.read().await;
     let user = create_user("repl_rotate").await;
     let mut setup = split_setup(&user);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, setup.toml()).unwrap();
-    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
-        .await
-        .unwrap();
-    proxy.shared().set_config_path(path.clone());
-    setup.listen = proxy.local_addr().to_string();
+    let (proxy, _dir, path) = start_from_file(&mut setup).await;
     replicas_ready(&connect(&proxy, &user).await.unwrap()).await;
 
     let rotated = TestUser {
