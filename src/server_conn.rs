@@ -389,21 +389,10 @@ impl Login<'_> {
             Message::ErrorResponse(body) => return Err(self.rejected(&body)),
             _ => return Err(self.protocol("expected SASL continue".to_owned())),
         };
-        let params = scram
-            .server_first(&server_first)
+        let client_final = scram
+            .answer(&server_first, cache)
+            .await
             .map_err(|e| self.protocol(e.to_string()))?;
-        let salted = match cache.lookup(&params) {
-            Some(key) => key,
-            None => {
-                // PBKDF2 off the worker threads: the iteration count is the server's.
-                let key = tokio::task::spawn_blocking(scram.derive(&params))
-                    .await
-                    .map_err(|e| self.protocol(format!("deriving the SCRAM key failed: {e}")))?;
-                cache.store(params, key);
-                key
-            }
-        };
-        let client_final = scram.client_final(&salted).map_err(|e| self.protocol(e.to_string()))?;
         frontend::sasl_response(client_final.as_bytes(), &mut out).map_err(|e| self.protocol(e.to_string()))?;
         self.send(&mut out).await?;
         match self.recv().await? {

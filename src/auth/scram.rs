@@ -45,6 +45,10 @@ pub enum ScramError {
     /// The server's signature does not match: it does not know the password.
     #[error("the server's SCRAM signature is invalid")]
     InvalidServerSignature,
+    /// The salted password's derivation did not finish (the runtime is
+    /// shutting down).
+    #[error("the SCRAM key derivation did not finish")]
+    Interrupted,
     /// The server ended the exchange with an error (`e=`).
     #[error("the server refused the SCRAM exchange: {0}")]
     ServerError(String),

@@ -39,7 +39,7 @@ impl std::fmt::Debug for SaltedPasswordCache {
 impl SaltedPasswordCache {
     /// The salted password kept for these parameters, if any (a role whose
     /// password was set again has a new salt).
-    pub fn lookup(&self, params: &SaltParams) -> Option<[u8; 32]> {
+    fn lookup(&self, params: &SaltParams) -> Option<[u8; 32]> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -49,7 +49,7 @@ impl SaltedPasswordCache {
     }
 
     /// Keeps `key`, the salted password for `params`, for later logins.
-    pub fn store(&self, params: SaltParams, key: [u8; 32]) {
+    fn store(&self, params: SaltParams, key: [u8; 32]) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Salted {
             salt: params.salt,
             iterations: params.iterations,
@@ -60,7 +60,7 @@ impl SaltedPasswordCache {
 
 /// The salt and iteration count a server sent in its server-first message.
 #[derive(Clone)]
-pub struct SaltParams {
+struct SaltParams {
     salt: Vec<u8>,
     iterations: u32,
 }
@@ -101,9 +101,29 @@ impl ScramClient {
         format!("n,,{}", self.client_first_bare)
     }
 
+    /// Answers the server-first message with the client-final one. The salted
+    /// password comes from `cache` when it holds the one for this salt;
+    /// otherwise it is derived on tokio's blocking pool (PBKDF2 at the
+    /// server's iteration count, about 0.5 ms at 4096) and kept there.
+    pub async fn answer(&mut self, server_first: &[u8], cache: &SaltedPasswordCache) -> Result<String, ScramError> {
+        let params = self.server_first(server_first)?;
+        let salted = match cache.lookup(&params) {
+            Some(key) => key,
+            None => {
+                let (password, p) = (self.password.clone(), params.clone());
+                let key = tokio::task::spawn_blocking(move || salted_password(&password, &p.salt, p.iterations))
+                    .await
+                    .map_err(|_| ScramError::Interrupted)?;
+                cache.store(params, key);
+                key
+            }
+        };
+        self.client_final(&salted)
+    }
+
     /// Reads the server-first message; returns the salt and iteration count
     /// the salted password is derived with.
-    pub fn server_first(&mut self, server_first: &[u8]) -> Result<SaltParams, ScramError> {
+    fn server_first(&mut self, server_first: &[u8]) -> Result<SaltParams, ScramError> {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let mut fields = msg.split(',');
         let nonce = attr(fields.next(), 'r')?;
@@ -122,16 +142,9 @@ impl ScramClient {
         Ok(SaltParams { salt, iterations })
     }
 
-    /// The work of deriving the salted password for `params` (PBKDF2, about
-    /// 0.5 ms at 4096 rounds), to run where it holds up no client.
-    pub fn derive(&self, params: &SaltParams) -> impl FnOnce() -> [u8; 32] + Send + 'static {
-        let (password, params) = (self.password.clone(), params.clone());
-        move || salted_password(&password, &params.salt, params.iterations)
-    }
-
     /// The client-final message, proving knowledge of `salted`, the salted
     /// password for what [`ScramClient::server_first`] returned.
-    pub fn client_final(&mut self, salted: &[u8; 32]) -> Result<String, ScramError> {
+    fn client_final(&mut self, salted: &[u8; 32]) -> Result<String, ScramError> {
         let (msg, nonce) = self
             .server_first
             .as_ref()
@@ -172,30 +185,14 @@ mod tests {
     use super::*;
     use crate::auth::{ScramExchange, ScramSecret};
 
-    impl ScramClient {
-        /// The three steps as `server_conn` takes them, deriving inline.
-        fn answer(&mut self, server_first: &[u8], cache: &SaltedPasswordCache) -> Result<String, ScramError> {
-            let params = self.server_first(server_first)?;
-            let salted = match cache.lookup(&params) {
-                Some(key) => key,
-                None => {
-                    let key = self.derive(&params)();
-                    cache.store(params, key);
-                    key
-                }
-            };
-            self.client_final(&salted)
-        }
-    }
-
     /// The example exchange of RFC 7677, section 3.
-    #[test]
-    fn rfc7677_example() {
+    #[tokio::test]
+    async fn rfc7677_example() {
         let mut client = ScramClient::with_nonce("pencil", "user", "rOprNGfwEbeRWgbNEkqO");
         assert_eq!(client.client_first(), "n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         let server_first = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
         let cache = SaltedPasswordCache::default();
-        let client_final = client.answer(server_first.as_bytes(), &cache).unwrap();
+        let client_final = client.answer(server_first.as_bytes(), &cache).await.unwrap();
         assert_eq!(
             client_final,
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
@@ -212,33 +209,36 @@ mod tests {
     }
 
     /// A login against the proxy's own SCRAM server, with `cache`.
-    fn login(secret: &ScramSecret, password: &str, cache: &SaltedPasswordCache) -> Result<(), ScramError> {
+    async fn login(secret: &ScramSecret, password: &str, cache: &SaltedPasswordCache) -> Result<(), ScramError> {
         let mut client = ScramClient::new(password);
         let (exchange, server_first) = ScramExchange::start(secret, client.client_first().as_bytes())?;
-        let client_final = client.answer(server_first.as_bytes(), cache)?;
+        let client_final = client.answer(server_first.as_bytes(), cache).await?;
         let server_final = exchange.finish(client_final.as_bytes())?;
         client.verify(server_final.as_bytes())
     }
 
-    #[test]
-    fn the_cache_serves_later_logins_of_the_same_salt_only() {
+    #[tokio::test]
+    async fn the_cache_serves_later_logins_of_the_same_salt_only() {
         let secret = ScramSecret::from_password("app-secret");
         let cache = SaltedPasswordCache::default();
-        assert_eq!(login(&secret, "app-secret", &cache), Ok(()));
+        assert_eq!(login(&secret, "app-secret", &cache).await, Ok(()));
         let first = cache.0.lock().unwrap().as_ref().map(|s| s.key).unwrap();
         // A later login takes the cached key: a wrong one planted there fails it.
         cache.0.lock().unwrap().as_mut().unwrap().key = [0; 32];
-        assert_eq!(login(&secret, "app-secret", &cache), Err(ScramError::InvalidProof));
+        assert_eq!(
+            login(&secret, "app-secret", &cache).await,
+            Err(ScramError::InvalidProof)
+        );
         cache.0.lock().unwrap().as_mut().unwrap().key = first;
-        assert_eq!(login(&secret, "app-secret", &cache), Ok(()));
+        assert_eq!(login(&secret, "app-secret", &cache).await, Ok(()));
         // Another salt (the role's password was set again) derives afresh.
         let again = ScramSecret::from_password("app-secret");
-        assert_eq!(login(&again, "app-secret", &cache), Ok(()));
+        assert_eq!(login(&again, "app-secret", &cache).await, Ok(()));
         assert_ne!(cache.0.lock().unwrap().as_ref().map(|s| s.key), Some(first));
     }
 
-    #[test]
-    fn malformed_server_messages_are_rejected() {
+    #[tokio::test]
+    async fn malformed_server_messages_are_rejected() {
         let cache = SaltedPasswordCache::default();
         let client = || ScramClient::with_nonce("pw", "", "abc");
         for bad in [
@@ -252,7 +252,7 @@ mod tests {
             b"m=ext,r=abcdef,s=AAAA,i=1",
             b"\xff",
         ] {
-            assert!(client().answer(bad, &cache).is_err(), "{bad:?}");
+            assert!(client().answer(bad, &cache).await.is_err(), "{bad:?}");
         }
         assert!(client().verify(b"v=AAAA").is_err(), "no client-final yet");
         assert!(client().client_final(&[0; 32]).is_err(), "no server-first yet");

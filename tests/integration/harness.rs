@@ -118,11 +118,15 @@ pub fn cluster() -> &'static Cluster {
 
 /// A superuser connection to the primary's `appdb`, bypassing the proxy.
 pub async fn superuser() -> Client {
-    let port = cluster().primary;
+    superuser_on(cluster().primary).await
+}
+
+/// A superuser connection to the server on `port` (the primary or a replica).
+pub async fn superuser_on(port: u16) -> Client {
     let (client, conn) =
         tokio_postgres::connect(&format!("host=127.0.0.1 port={port} user=postgres dbname=appdb"), NoTls)
             .await
-            .expect("superuser connects to the primary");
+            .unwrap_or_else(|e| panic!("superuser connects to port {port}: {e}"));
     tokio::spawn(conn);
     client
 }

@@ -203,13 +203,7 @@ async fn replica_delay(ms: u64) {
         let line = format!("recovery_min_apply_delay = '{ms}ms'");
         lines.push(&line);
         std::fs::write(&conf, lines.join("\n") + "\n").unwrap();
-        let (client, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=postgres dbname=appdb"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let client = superuser_on(*port).await;
         client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     }
 }
@@ -680,11 +674,8 @@ async fn a_monitor_whose_password_was_rotated_keeps_the_replicas_in() {
     // that logged in with the old one.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for port in std::iter::once(cluster().primary).chain(cluster().replicas.iter().copied()) {
-        let url = format!("host=127.0.0.1 port={port} user=postgres dbname=appdb");
-        let (su, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
         let end = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1";
-        su.execute(end, &[&rotated.name]).await.unwrap();
+        superuser_on(port).await.execute(end, &[&rotated.name]).await.unwrap();
     }
     // Several rounds of checks (every 100 ms) later.
     tokio::time::sleep(Duration::from_millis(600)).await;
