@@ -130,6 +130,12 @@ impl ClientInfo {
         }
     }
 
+    /// Records what the client is doing while it holds no server connection
+    /// (and held none since the last [`Self::set`] with `None`).
+    pub fn set_state(&self, state: ClientState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
     /// Records what the client is doing, and with which server connection.
     pub fn set(&self, state: ClientState, server: Option<HeldServer>) {
         self.state.store(state as u8, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::sql::SettingChange;
 
@@ -62,37 +62,75 @@ impl Prepared {
     }
 }
 
+type Values = BTreeMap<String, String>;
+
 /// Session settings as `name -> statement that sets it`, with a fingerprint
 /// so two sets compare in O(1) on the hot path.
+///
+/// The map is shared: clients whose startup packets ask for the same
+/// settings share one (see [`intern`]), and a server connection that was
+/// given a client's settings shares that client's, so the check on every
+/// checkout is a pointer comparison rather than a walk over strings in
+/// memory no other transaction has touched lately.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
-    values: BTreeMap<String, String>,
+    values: Arc<Values>,
     fingerprint: u64,
+}
+
+fn fingerprint(values: &Values) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    values.hash(&mut h);
+    h.finish()
+}
+
+/// The one shared map holding `values`, if clients already hold an equal
+/// one. Bounded: entries whose clients have all gone are dropped when the
+/// table fills, and a table full of live ones stops taking new entries.
+fn intern(values: Values, fingerprint: u64) -> Arc<Values> {
+    const MAX_INTERNED: usize = 1024;
+    static INTERNED: LazyLock<Mutex<HashMap<u64, Weak<Values>>>> = LazyLock::new(Default::default);
+    let mut table = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shared) = table.get(&fingerprint).and_then(Weak::upgrade)
+        && *shared == values
+    {
+        return shared;
+    }
+    let values = Arc::new(values);
+    if table.len() >= MAX_INTERNED {
+        table.retain(|_, w| w.strong_count() > 0);
+    }
+    if table.len() < MAX_INTERNED {
+        table.insert(fingerprint, Arc::downgrade(&values));
+    }
+    values
 }
 
 impl Settings {
     /// Settings from `(name, value)` pairs given as plain values (startup
     /// parameters), set through `set_config` so lists stay lists.
     pub fn from_values<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Settings {
-        let mut s = Settings::default();
+        let mut values = Values::new();
         for (name, value) in pairs {
             let name = name.to_ascii_lowercase();
             let sql = crate::sql::set_config_sql(&name, value);
-            s.values.insert(name, sql);
+            values.insert(name, sql);
         }
-        s.refresh();
-        s
+        let fingerprint = fingerprint(&values);
+        Settings {
+            values: intern(values, fingerprint),
+            fingerprint,
+        }
     }
 
     fn refresh(&mut self) {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.values.hash(&mut h);
-        self.fingerprint = h.finish();
+        self.fingerprint = fingerprint(&self.values);
     }
 
     /// Whether both hold the same values.
     pub fn same_as(&self, other: &Settings) -> bool {
-        self.fingerprint == other.fingerprint && self.values == other.values
+        Arc::ptr_eq(&self.values, &other.values)
+            || (self.fingerprint == other.fingerprint && self.values == other.values)
     }
 
     /// Applies a confirmed change as a client sees it: RESET returns to the
@@ -100,14 +138,14 @@ impl Settings {
     pub fn apply_for_client(&mut self, change: &SettingChange, startup: &Settings) {
         match change {
             SettingChange::Set { name, sql } => {
-                self.values.insert(name.clone(), sql.clone());
+                Arc::make_mut(&mut self.values).insert(name.clone(), sql.clone());
             }
             SettingChange::Reset(name) => match startup.values.get(name) {
                 Some(v) => {
-                    self.values.insert(name.clone(), v.clone());
+                    Arc::make_mut(&mut self.values).insert(name.clone(), v.clone());
                 }
                 None => {
-                    self.values.remove(name);
+                    Arc::make_mut(&mut self.values).remove(name);
                 }
             },
             SettingChange::ResetAll => self.values = startup.values.clone(),
@@ -120,12 +158,12 @@ impl Settings {
     pub fn apply_for_server(&mut self, change: &SettingChange) {
         match change {
             SettingChange::Set { name, sql } => {
-                self.values.insert(name.clone(), sql.clone());
+                Arc::make_mut(&mut self.values).insert(name.clone(), sql.clone());
             }
             SettingChange::Reset(name) => {
-                self.values.remove(name);
+                Arc::make_mut(&mut self.values).remove(name);
             }
-            SettingChange::ResetAll => self.values.clear(),
+            SettingChange::ResetAll => self.values = Arc::default(),
         }
         self.refresh();
     }
@@ -134,10 +172,12 @@ impl Settings {
     /// `None` when they already match.
     pub fn carry_to(&self, current: &mut Settings) -> Option<String> {
         if self.same_as(current) {
+            // Share the map, so the next check is a pointer comparison.
+            current.values = Arc::clone(&self.values);
             return None;
         }
         let mut sql = Vec::new();
-        for (name, statement) in &self.values {
+        for (name, statement) in self.values.iter() {
             if current.values.get(name) != Some(statement) {
                 sql.push(statement.clone());
             }
@@ -153,7 +193,7 @@ impl Settings {
 
     /// Forgets everything (the connection was reset).
     pub fn clear(&mut self) {
-        self.values.clear();
+        self.values = Arc::default();
         self.refresh();
     }
 }
@@ -216,5 +256,45 @@ mod tests {
         assert_eq!(client.carry_to(&mut server), None);
         client.apply_for_client(&SettingChange::ResetAll, &startup);
         assert!(client.same_as(&startup));
+    }
+
+    #[test]
+    fn equal_startup_settings_share_one_map_and_changes_do_not_leak_into_it() {
+        let a = Settings::from_values([("application_name", "share-test"), ("DateStyle", "ISO")]);
+        let mut b = Settings::from_values([("datestyle", "ISO"), ("application_name", "share-test")]);
+        assert!(Arc::ptr_eq(&a.values, &b.values));
+        let c = Settings::from_values([("application_name", "share-test-2")]);
+        assert!(!Arc::ptr_eq(&a.values, &c.values) && !a.same_as(&c));
+
+        // A server connection given `a`'s settings shares them; the
+        // same values reached another way are adopted on the next check.
+        let mut server = Settings::default();
+        assert!(a.carry_to(&mut server).is_some());
+        assert!(Arc::ptr_eq(&a.values, &server.values));
+        let mut other = Settings::default();
+        other.apply_for_server(&SettingChange::Set {
+            name: "application_name".into(),
+            sql: crate::sql::set_config_sql("application_name", "share-test"),
+        });
+        other.apply_for_server(&SettingChange::Set {
+            name: "datestyle".into(),
+            sql: crate::sql::set_config_sql("datestyle", "ISO"),
+        });
+        assert!(!Arc::ptr_eq(&a.values, &other.values));
+        assert_eq!(a.carry_to(&mut other), None);
+        assert!(Arc::ptr_eq(&a.values, &other.values));
+
+        // Changing one holder's copy leaves the shared one alone.
+        b.apply_for_client(
+            &SettingChange::Set {
+                name: "search_path".into(),
+                sql: "SET search_path TO x".into(),
+            },
+            &a,
+        );
+        server.apply_for_server(&SettingChange::Reset("datestyle".into()));
+        assert!(!b.same_as(&a) && !server.same_as(&a));
+        assert_eq!(a.values.len(), 2);
+        assert_eq!(a.carry_to(&mut server).as_deref(), Some(a.values["datestyle"].as_str()));
     }
 }

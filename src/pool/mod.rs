@@ -177,7 +177,9 @@ impl Pool {
                 let connecting = Gauge::raise(&self.stats.connecting);
                 // Before connecting: a RECONNECT during the login makes this one stale.
                 let generation = self.generation.load(Ordering::Acquire);
-                let conn = ServerConn::connect(&self.target, self.settings.connect_timeout).await;
+                // Boxed: a login is a large future, and every checkout that
+                // waits for a slot would otherwise carry (and copy) it.
+                let conn = Box::pin(ServerConn::connect(&self.target, self.settings.connect_timeout)).await;
                 drop(connecting);
                 let mut conn = conn?;
                 conn.generation = generation;

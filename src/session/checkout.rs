@@ -61,7 +61,7 @@ impl Conn<'_> {
         }
         self.stats.routed(reason.as_str());
         self.stats.wait.observe(std::time::Duration::ZERO);
-        self.hold_now(conn, role, replica, class);
+        self.hold_now(conn, role, replica, class, std::time::Instant::now());
         true
     }
 
@@ -79,7 +79,8 @@ impl Conn<'_> {
             self.to_client.clear();
         }
         let waiting_since = std::time::Instant::now();
-        self.me.set(crate::clients::ClientState::Waiting, None);
+        // Not attached, so no server connection to clear (detach did).
+        self.me.set_state(crate::clients::ClientState::Waiting);
         if let Some(paused) = &self.paused
             && *paused.borrow()
         {
@@ -91,25 +92,36 @@ impl Conn<'_> {
         }
         let wait = self.shared.live().config.pool.checkout_timeout;
         let result = self.checkout_routed(class, wait).await;
-        if result.is_err() {
-            self.me.set(crate::clients::ClientState::Idle, None);
-        }
-        let waited = waiting_since.elapsed();
+        let now = std::time::Instant::now();
+        let waited = now.saturating_duration_since(waiting_since);
         crate::stats::DbStats::add_time(&self.stats.wait_time_us, waited);
         self.stats.wait.observe(waited);
-        Ok(result)
+        match result {
+            Ok((conn, role, replica)) => {
+                self.hold(conn, role, replica, class, now).await;
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                self.me.set_state(crate::clients::ClientState::Idle);
+                Ok(Err(e))
+            }
+        }
     }
 
-    /// The checkout of [`Self::attach`]: replicas first when allowed, then the primary.
-    async fn checkout_routed(&mut self, class: Class, wait: std::time::Duration) -> Result<(), CheckoutError> {
+    /// The checkout of [`Self::attach`]: replicas first when allowed, then the
+    /// primary. Returns the connection, its role and its replica's index.
+    async fn checkout_routed(
+        &mut self,
+        class: Class,
+        wait: std::time::Duration,
+    ) -> Result<(crate::pool::Checkout, Role, Option<usize>), CheckoutError> {
         for _ in 0..=self.replica_pools.len() {
             let (replica, reason) = self.choose_replica(class);
             let (pool, role) = self.pool_of(replica);
             match pool.clone().checkout(wait).await {
                 Ok(conn) => {
                     self.stats.routed(reason.as_str());
-                    self.hold(conn, role, replica, class).await;
-                    return Ok(());
+                    return Ok((conn, role, replica));
                 }
                 Err(CheckoutError::Connect(e)) if replica.is_some() => {
                     tracing::warn!(error = %e, "replica unreachable; trying elsewhere");
@@ -123,19 +135,36 @@ impl Conn<'_> {
         // Every replica failed just now; the primary is the last resort.
         let conn = self.pool.checkout(wait).await?;
         self.stats.routed(crate::router::Reason::NoHealthyReplica.as_str());
-        self.hold(conn, Role::Primary, None, class).await;
-        Ok(())
+        Ok((conn, Role::Primary, None))
     }
 
     /// Takes `conn` for the client: registers it for cancel and carries the
     /// client's settings over, in the same write as the request that follows.
-    async fn hold(&mut self, conn: crate::pool::Checkout, role: Role, replica: Option<usize>, class: Class) {
-        self.slot.set(conn.conn.cancel_key()).await;
-        self.hold_now(conn, role, replica, class);
+    /// `now`: a clock reading taken just before.
+    async fn hold(
+        &mut self,
+        conn: crate::pool::Checkout,
+        role: Role,
+        replica: Option<usize>,
+        class: Class,
+        now: std::time::Instant,
+    ) {
+        if let Err(key) = self.slot.try_set(conn.conn.cancel_key()) {
+            // A cancel of the client's last request is still on its way.
+            self.slot.set(key).await;
+        }
+        self.hold_now(conn, role, replica, class, now);
     }
 
     /// [`Self::hold`] once the cancel slot names `conn`.
-    fn hold_now(&mut self, mut conn: crate::pool::Checkout, role: Role, replica: Option<usize>, class: Class) {
+    fn hold_now(
+        &mut self,
+        mut conn: crate::pool::Checkout,
+        role: Role,
+        replica: Option<usize>,
+        class: Class,
+        now: std::time::Instant,
+    ) {
         if let Some(sql) = self.settings.carry_to(&mut conn.conn.state.settings) {
             write_query(&mut self.to_server, &sql);
             self.expect.sent(Request::Query, true, None);
@@ -153,7 +182,6 @@ impl Conn<'_> {
             tls_epoch: conn.conn.tls_epoch,
         };
         self.me.set(crate::clients::ClientState::Active, Some(server));
-        let now = std::time::Instant::now();
         self.phase = Phase::Attached(Attached {
             conn,
             role,
