@@ -156,6 +156,7 @@ impl Conn<'_> {
         tracing::warn!(server = %addr, reason = why, "server connection lost");
         self.shared.errors.count("server_lost");
         self.slot.clear().await;
+        self.me.set(ClientState::Idle, None);
         if frozen {
             self.shared.errors.count("server_unresponsive");
             tokio::spawn(conn.abandon(self.shared.live().config.pool.server_connect_timeout));

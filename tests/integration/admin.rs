@@ -536,3 +536,44 @@ async fn wait_close_waits_for_connections_a_reconnect_replaces() {
     let err = console.simple_query("WAIT_CLOSE nosuch").await.unwrap_err();
     assert_eq!(sqlstate(&err), "3D000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_server_connection_was_lost_is_listed_without_it() {
+    let user = create_user("adm_lost").await;
+    let admin = console_admin("console_admin_lost");
+    let proxy = admin_setup(&user, &admin).start().await;
+    let console = admin_client(&proxy, &admin).await;
+    let client = connect(&proxy, &user).await.unwrap();
+    let link_of = |rows: &[Vec<String>]| {
+        rows.iter()
+            .find(|r| r[1] == user.name)
+            .map(|r| r[14].clone())
+            .expect("the client's row")
+    };
+    let name = user.name.clone();
+    let killer = tokio::spawn(async move {
+        let su = superuser().await;
+        eventually(std::time::Duration::from_secs(5), || async {
+            let sql = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND state = 'active'";
+            !su.query(sql, &[&name]).await.unwrap().is_empty()
+        })
+        .await
+    });
+    let err = client.query_one("SELECT pg_sleep(10)", &[]).await.unwrap_err();
+    assert!(killer.await.unwrap());
+    assert!(sqlstate(&err).starts_with("08"), "{}", describe(&err));
+    // The client stays, idle, and holds nothing: not the backend that is gone.
+    let (cols, rows) = show(&console, "SHOW CLIENTS").await;
+    assert_eq!(cols[14], "link");
+    assert_eq!(link_of(&rows), "", "{rows:?}");
+    let (_, servers) = show(&console, "SHOW SERVERS").await;
+    assert!(!servers.iter().any(|r| r[1] == user.name), "{servers:?}");
+    client.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let (_, rows) = show(&console, "SHOW CLIENTS").await;
+    assert_eq!(
+        link_of(&rows),
+        pid.to_string(),
+        "a new one, held inside its transaction"
+    );
+}
