@@ -11,7 +11,7 @@ use crate::sql::SettingChange;
 /// Statements prepared on one server connection, by server-side name.
 #[derive(Debug, Default)]
 pub struct Prepared {
-    last_used: HashMap<Arc<str>, u64>,
+    last_used: foldhash::HashMap<Arc<str>, u64>,
     tick: u64,
 }
 
