@@ -53,7 +53,7 @@ pub struct ClientInfo {
 #[derive(Debug, Clone)]
 pub struct HeldServer {
     /// The server's address (`host:port`).
-    pub addr: Arc<str>,
+    pub addr: &'static str,
     /// The backend's process id.
     pub pid: i32,
     /// Whether the connection to the server is encrypted.

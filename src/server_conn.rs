@@ -4,7 +4,7 @@
 //! byte stream that sessions forward frames over.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -48,11 +48,36 @@ impl std::fmt::Debug for LoginTarget {
 }
 
 /// Where and how to cancel the query running on one server connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CancelKey {
-    pub addr: Arc<ServerAddr>,
+    pub addr: &'static ServerAddr,
     pub process_id: i32,
     pub secret_key: i32,
+}
+
+/// A server address and its text, made once per distinct address for the
+/// life of the process and never freed (there are as many as addresses were
+/// ever configured), so that naming a connection's server on every checkout
+/// (its cancel key, the client's SHOW CLIENTS entry) copies a reference
+/// instead of counting one on a line another thread may hold.
+#[derive(Debug)]
+struct Endpoint {
+    addr: ServerAddr,
+    label: Box<str>,
+}
+
+fn endpoint(addr: &ServerAddr) -> &'static Endpoint {
+    static ALL: Mutex<Vec<&'static Endpoint>> = Mutex::new(Vec::new());
+    let mut all = ALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = all.iter().find(|e| e.addr == *addr) {
+        return known;
+    }
+    let new: &'static Endpoint = Box::leak(Box::new(Endpoint {
+        addr: addr.clone(),
+        label: addr.to_string().into(),
+    }));
+    all.push(new);
+    new
 }
 
 /// Why a server connection could not be made or used.
@@ -91,10 +116,10 @@ impl ServerError {
 #[derive(Debug)]
 pub struct ServerConn {
     pub stream: ServerStream,
-    pub addr: Arc<ServerAddr>,
+    pub addr: &'static ServerAddr,
     /// `addr` as text, made once (SHOW CLIENTS and SHOW SERVERS name it on
     /// every checkout).
-    pub label: Arc<str>,
+    pub label: &'static str,
     /// ParameterStatus values reported at login, in order.
     pub params: ServerParams,
     pub process_id: i32,
@@ -164,10 +189,11 @@ impl ServerConn {
             return Err(login.protocol("data after ReadyForQuery during login".to_owned()));
         }
         let now = Instant::now();
+        let endpoint = endpoint(addr);
         Ok(ServerConn {
             stream: login.stream,
-            addr: Arc::new(addr.clone()),
-            label: Arc::from(addr.to_string()),
+            addr: &endpoint.addr,
+            label: &endpoint.label,
             params: Arc::new(params),
             process_id: key.0,
             secret_key: key.1,
@@ -182,7 +208,7 @@ impl ServerConn {
     /// The key that cancels whatever this connection is running.
     pub fn cancel_key(&self) -> CancelKey {
         CancelKey {
-            addr: self.addr.clone(),
+            addr: self.addr,
             process_id: self.process_id,
             secret_key: self.secret_key,
         }
@@ -255,7 +281,7 @@ impl ServerConn {
 pub async fn send_cancel(key: &CancelKey, timeout: Duration) -> io::Result<()> {
     let work = async {
         // In plain text, as libpq before PostgreSQL 17: the key is all it carries.
-        let mut stream = ServerStream::connect(&key.addr, &crate::tls::ServerTls::disabled()).await?;
+        let mut stream = ServerStream::connect(key.addr, &crate::tls::ServerTls::disabled()).await?;
         let mut out = BytesMut::new();
         frontend::cancel_request(key.process_id, key.secret_key, &mut out);
         stream.write_all(&out).await?;
@@ -402,5 +428,27 @@ impl Login<'_> {
             Message::ErrorResponse(body) => Err(self.rejected(&body)),
             _ => Err(self.protocol("expected SASL final".to_owned())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_address_is_interned_once() {
+        let a = ServerAddr {
+            host: "db-intern-test".into(),
+            port: 5432,
+        };
+        let b = ServerAddr {
+            port: 5433,
+            ..a.clone()
+        };
+        let first = endpoint(&a);
+        assert!(std::ptr::eq(first, endpoint(&a.clone())));
+        assert!(!std::ptr::eq(first, endpoint(&b)));
+        assert_eq!(&*first.label, "db-intern-test:5432");
+        assert_eq!(endpoint(&b).addr, b);
     }
 }

@@ -324,7 +324,7 @@ fn servers(shared: &Shared, out: &mut BytesMut) {
     let pools = shared.pools.all();
     for c in shared.registry.all() {
         if let Some(held) = c.server() {
-            let (host, port) = held.addr.rsplit_once(':').unwrap_or((&held.addr, ""));
+            let (host, port) = held.addr.rsplit_once(':').unwrap_or((held.addr, ""));
             let pinned = c.pins().names().join(", ");
             rows.push(server_row(
                 [&c.user, &c.database, "active", host, port, &c.application_name, &pinned],

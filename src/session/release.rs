@@ -151,7 +151,7 @@ impl Conn<'_> {
         let Attached {
             conn, unsynced, status, ..
         } = a;
-        let addr = conn.conn.addr.clone();
+        let addr = conn.conn.addr;
         self.retry.reset();
         tracing::warn!(server = %addr, reason = why, "server connection lost");
         self.shared.errors.count("server_lost");
