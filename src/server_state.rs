@@ -11,6 +11,9 @@ use crate::sql::SettingChange;
 /// Statements prepared on one server connection, by server-side name.
 #[derive(Debug, Default)]
 pub struct Prepared {
+    /// foldhash rather than SipHash (every Bind touches this map): the names
+    /// are dbproxy's own, derived by SHA-256 from the statement, and at most
+    /// `max_prepared_statements` of them.
     last_used: foldhash::HashMap<Arc<str>, u64>,
     tick: u64,
 }

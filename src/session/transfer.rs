@@ -14,6 +14,7 @@
 //! leaves. What the client sends is translated in `requests.rs`; giving the
 //! server connection back or up is in `release.rs`.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -147,9 +148,9 @@ pub(super) struct Conn<'a> {
     /// Answers owed by the server connection held.
     pub(super) expect: Expectations,
     /// The client's named prepared statements.
-    /// By the client's names; every Bind looks its statement up, so with a
-    /// fast hash (foldhash, randomly seeded) rather than SipHash.
-    pub(super) statements: foldhash::HashMap<String, Arc<Statement>>,
+    /// By the client's names. SipHash, not a faster hash: the names are the
+    /// client's to choose, and their number is not bounded.
+    pub(super) statements: HashMap<String, Arc<Statement>>,
     /// Session effects of the client's last unnamed Parse.
     pub(super) unnamed: Effects,
     /// The client's session settings, carried to each server connection.
@@ -261,7 +262,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         release_due: false,
         draining: false,
         expect: Expectations::default(),
-        statements: foldhash::HashMap::default(),
+        statements: HashMap::new(),
         unnamed: Effects::default(),
         settings: startup.clone(),
         startup,
