@@ -254,8 +254,9 @@ impl Conn<'_> {
 
     /// Handles one client message, routed or not.
     pub(super) async fn dispatch(&mut self, tag: u8, msg: BytesMut) -> Result<(), Exit> {
-        if self.tracking() && !self.retry.replaying {
-            self.record_for_retry(tag, &msg);
+        // A Bind is recorded by `on_bind`, which looks its statement up anyway.
+        if tag != b'B' && self.tracking() && !self.retry.replaying {
+            self.record_for_retry(tag, &msg, None);
         }
         let body = &msg[HEADER_LEN..];
         match tag {
@@ -539,6 +540,9 @@ impl Conn<'_> {
             Some((_, name, _)) if self.tracking() && !name.is_empty() => self.statements.get(name).cloned(),
             _ => None,
         };
+        if self.tracking() && !self.retry.replaying {
+            self.record_for_retry(b'B', msg, known.as_ref());
+        }
         let class = match (&names, &known) {
             (_, Some(stmt)) => stmt.class,
             (Some((_, "", _)), _) => self.unnamed_class,

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use super::requests::{Statement, server_name};
 use super::transfer::{Conn, Exit, Phase};
 use crate::protocol::TransactionStatus;
-use crate::protocol::extended::{parse_bind_names, parse_target};
+use crate::protocol::extended::parse_target;
 use crate::protocol::framing::HEADER_LEN;
 
 /// A batch that may be sent again after "cached plan must not change result
@@ -80,7 +80,9 @@ const KEEP: usize = 4096;
 
 impl Conn<'_> {
     /// Keeps what `Retry` needs of the current extended batch.
-    pub(super) fn record_for_retry(&mut self, tag: u8, msg: &[u8]) {
+    /// `bound`: for a Bind, the client's statement it names, as the caller
+    /// already looked it up (`None`: unnamed or unknown).
+    pub(super) fn record_for_retry(&mut self, tag: u8, msg: &[u8], bound: Option<&Arc<Statement>>) {
         if self.retry.closed {
             // The previous batch is over; this message starts the next one.
             self.retry.reset();
@@ -92,22 +94,14 @@ impl Conn<'_> {
         match tag {
             b'E' => self.retry.executed = true,
             b'S' => self.retry.executed = false,
-            b'B' | b'D' if !self.retry.executed => self.start_recording(tag, msg),
+            b'B' | b'D' if !self.retry.executed => self.start_recording(tag, msg, bound),
             _ => {}
         }
     }
 
     /// Starts recording at a Bind or Describe of one of the client's named
     /// statements, outside a transaction block.
-    fn start_recording(&mut self, tag: u8, msg: &[u8]) {
-        let body = &msg[HEADER_LEN..];
-        let name = match tag {
-            b'B' => parse_bind_names(body).map(|(_, s, _)| s),
-            _ => parse_target(body).and_then(|(k, s)| (k == b'S').then_some(s)),
-        };
-        let Some(name) = name.filter(|n| !n.is_empty()) else {
-            return;
-        };
+    fn start_recording(&mut self, tag: u8, msg: &[u8], bound: Option<&Arc<Statement>>) {
         if let Phase::Attached(a) = &self.phase
             && a.status != TransactionStatus::Idle
         {
@@ -116,7 +110,13 @@ impl Conn<'_> {
         if msg.len() > LIMIT {
             return;
         }
-        let Some(stmt) = self.statements.get(name) else {
+        let stmt = match tag {
+            b'B' => bound,
+            _ => parse_target(&msg[HEADER_LEN..])
+                .and_then(|(k, s)| (k == b'S' && !s.is_empty()).then_some(s))
+                .and_then(|name| self.statements.get(name)),
+        };
+        let Some(stmt) = stmt else {
             return;
         };
         let r = &mut self.retry;
