@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ use crate::session::CancelRegistry;
 pub struct Shared {
     /// What a reload replaces (configuration, users, databases, TLS, ...).
     live: ArcSwap<Live>,
+    /// `pool.max_prepared_statements` of `live`, which sessions consult
+    /// for most client messages: one plain load instead of a guarded one.
+    pub max_prepared: AtomicUsize,
     /// The file RELOAD and SIGHUP re-read, when the proxy was started from one.
     config_path: Mutex<Option<PathBuf>>,
     /// When the proxy started (for per-second averages).
@@ -166,6 +169,8 @@ impl Shared {
         let live = Arc::new(Live::build(config, Some(&old))?);
         self.pools.resize(PoolSettings::from(&live.config));
         self.live.store(live.clone());
+        self.max_prepared
+            .store(live.config.pool.max_prepared_statements, Ordering::Relaxed);
         // Server passwords changed: those users' pools start afresh. After the
         // store, so a pool made meanwhile (with the old password) is forgotten
         // too, and every later one has the new password.
@@ -311,6 +316,7 @@ impl Proxy {
         let live = Arc::new(Live::build(config, None).map_err(StartError::Config)?);
         let shared = Arc::new(Shared {
             live: ArcSwap::new(live.clone()),
+            max_prepared: AtomicUsize::new(live.config.pool.max_prepared_statements),
             config_path: Mutex::new(None),
             started: std::time::Instant::now(),
             pools: Pools::new(settings),

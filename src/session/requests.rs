@@ -61,7 +61,7 @@ pub(super) fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<st
 impl Conn<'_> {
     /// Statement renaming is on: transaction mode with a statement budget.
     fn tracking(&self) -> bool {
-        self.mode == PoolMode::Transaction && self.shared.live().config.pool.max_prepared_statements > 0
+        self.mode == PoolMode::Transaction && self.shared.max_prepared.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// Handles every complete client message that can be handled now.

@@ -577,3 +577,46 @@ async fn a_client_whose_server_connection_was_lost_is_listed_without_it() {
         "a new one, held inside its transaction"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_statement_renaming_off_by_reload_applies_to_connected_clients_at_once() {
+    let user = create_user("adm_renaming").await;
+    let admin = console_admin("console_admin_renaming");
+    let mut setup = admin_setup(&user, &admin);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    proxy.shared().set_config_path(path.clone());
+    let console = admin_client(&proxy, &admin).await;
+    let client = connect(&proxy, &user).await.unwrap();
+    // The server-side names of the statements prepared on the connection the
+    // client holds inside a transaction, after it prepares `sql` there.
+    let names_after_preparing = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client.batch_execute("BEGIN").await.unwrap();
+            client.prepare(sql).await.unwrap();
+            let rows = client
+                .query("SELECT name FROM pg_prepared_statements", &[])
+                .await
+                .unwrap();
+            client.batch_execute("COMMIT").await.unwrap();
+            rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
+        }
+    };
+    let renamed = names_after_preparing("SELECT 1").await;
+    assert!(
+        !renamed.is_empty() && renamed.iter().all(|n| n.starts_with("dbp_")),
+        "{renamed:?}"
+    );
+
+    setup.listen = proxy.local_addr().to_string();
+    setup.pool = "max_prepared_statements = 0".into();
+    std::fs::write(&path, setup.toml()).unwrap();
+    console.simple_query("RELOAD").await.expect("a valid file reloads");
+    let names = names_after_preparing("SELECT 2").await;
+    assert!(names.iter().any(|n| !n.starts_with("dbp_")), "{names:?}");
+}
