@@ -64,6 +64,11 @@ impl Scanner {
         Scanner { remaining: 0, max_len }
     }
 
+    /// Forgets a message in progress (its stream was cut), keeping the limit.
+    pub fn reset(&mut self) {
+        self.remaining = 0;
+    }
+
     /// Whether the scanner is between messages (no streamed body pending).
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0

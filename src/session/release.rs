@@ -17,7 +17,7 @@ use crate::clients::ClientState;
 use crate::config::PoolMode;
 use crate::pool::Role;
 use crate::protocol::backend::{ErrorFields, error_response, ready_for_query};
-use crate::protocol::{Scanner, SqlState, TransactionStatus};
+use crate::protocol::{SqlState, TransactionStatus};
 use crate::router::WriteMark;
 use crate::router::health::parse_lsn;
 use crate::stats::DbStats;
@@ -50,7 +50,7 @@ impl Conn<'_> {
         recycle(&mut self.to_client);
         self.expect.clear();
         self.retry.reset();
-        self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
+        self.sscan.reset();
         if clean {
             // A client leaving while pinned leaves session state behind.
             let reset = self.mode == PoolMode::Session || !self.pins.is_empty() || a.conn.conn.state.dirty;
@@ -168,7 +168,7 @@ impl Conn<'_> {
         self.to_server.clear();
         self.expect.clear();
         self.tracker = Tracker::default();
-        self.sscan = Scanner::new(self.shared.live().config.proxy.max_message_size);
+        self.sscan.reset();
         if mid_message {
             return Err(Exit::Abort);
         }
