@@ -360,19 +360,13 @@ async fn reload_applies_a_new_file_and_refuses_an_invalid_one() {
     let newcomer = create_user("adm_newcomer").await;
     let admin = console_admin("console_admin6");
     let mut setup = admin_setup(&user, &admin);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, setup.toml()).unwrap();
-    let config = dbproxy::Config::load(&path).unwrap();
-    let proxy = dbproxy::Proxy::start(config).await.unwrap();
-    proxy.shared().set_config_path(path.clone());
+    let (proxy, _dir, path) = start_from_file(&mut setup).await;
     let console = admin_client(&proxy, &admin).await;
     let client = connect(&proxy, &user).await.unwrap();
     client.batch_execute("BEGIN; SELECT 1").await.unwrap();
     assert!(connect(&proxy, &newcomer).await.is_err(), "not configured yet");
 
     // Same listen address (the proxy keeps its socket), a new user, a new pool size.
-    setup.listen = proxy.local_addr().to_string();
     setup.users.push(newcomer.clone());
     setup.pool = "size = 2\ncheckout_timeout = \"3s\"".into();
     std::fs::write(&path, setup.toml()).unwrap();
@@ -583,13 +577,7 @@ async fn turning_statement_renaming_off_by_reload_applies_to_connected_clients_a
     let user = create_user("adm_renaming").await;
     let admin = console_admin("console_admin_renaming");
     let mut setup = admin_setup(&user, &admin);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, setup.toml()).unwrap();
-    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
-        .await
-        .unwrap();
-    proxy.shared().set_config_path(path.clone());
+    let (proxy, _dir, path) = start_from_file(&mut setup).await;
     let console = admin_client(&proxy, &admin).await;
     let client = connect(&proxy, &user).await.unwrap();
     // The server-side names of the statements prepared on the connection the
@@ -613,7 +601,6 @@ async fn turning_statement_renaming_off_by_reload_applies_to_connected_clients_a
         "{renamed:?}"
     );
 
-    setup.listen = proxy.local_addr().to_string();
     setup.pool = "max_prepared_statements = 0".into();
     std::fs::write(&path, setup.toml()).unwrap();
     console.simple_query("RELOAD").await.expect("a valid file reloads");

@@ -385,3 +385,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
 }
+
+/// Starts a proxy from `setup` written to a file, which RELOAD reads again;
+/// `setup.listen` becomes its address, so the file can be rewritten as is.
+pub async fn start_from_file(setup: &mut Setup) -> (dbproxy::Proxy, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, setup.toml()).unwrap();
+    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    proxy.shared().set_config_path(path.clone());
+    setup.listen = proxy.local_addr().to_string();
+    (proxy, dir, path)
+}

@@ -594,20 +594,6 @@ async fn without_splitting_clients_stuck_on_a_frozen_primary_are_released() {
     );
 }
 
-/// Starts a proxy from `setup` written to a file, which RELOAD reads again;
-/// `setup.listen` becomes its address, so the file can be rewritten as is.
-async fn start_from_file(setup: &mut Setup) -> (dbproxy::Proxy, tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, setup.toml()).unwrap();
-    let proxy = dbproxy::Proxy::start(dbproxy::Config::load(&path).unwrap())
-        .await
-        .unwrap();
-    proxy.shared().set_config_path(path.clone());
-    setup.listen = proxy.local_addr().to_string();
-    (proxy, dir, path)
-}
-
 /// Splitting turned on by a reload, for a database whose servers did not
 /// change: its replicas get a health monitor and join the rotation, and
 /// `/readyz` stays ready; turned off again, reads go to the primary.
