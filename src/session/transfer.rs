@@ -147,9 +147,8 @@ pub(super) struct Conn<'a> {
     pub(super) draining: bool,
     /// Answers owed by the server connection held.
     pub(super) expect: Expectations,
-    /// The client's named prepared statements.
-    /// By the client's names. SipHash, not a faster hash: the names are the
-    /// client's to choose, and their number is not bounded.
+    /// The client's named prepared statements, by its names. SipHash, not a
+    /// faster hash: the names are the client's to choose, as many as it likes.
     pub(super) statements: HashMap<String, Arc<Statement>>,
     /// Session effects of the client's last unnamed Parse.
     pub(super) unnamed: Effects,
