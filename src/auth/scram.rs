@@ -84,6 +84,25 @@ pub(super) fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> 
     out
 }
 
+/// The keys RFC 5802 derives from a salted password.
+pub(super) struct Keys {
+    pub client: [u8; 32],
+    /// H(ClientKey): what the server keeps to check a proof.
+    pub stored: [u8; 32],
+    pub server: [u8; 32],
+}
+
+impl Keys {
+    pub(super) fn of(salted: &[u8; 32]) -> Keys {
+        let client = hmac(salted, &[b"Client Key"]);
+        Keys {
+            client,
+            stored: Sha256::digest(client).into(),
+            server: hmac(salted, &[b"Server Key"]),
+        }
+    }
+}
+
 /// Normalises a password as PostgreSQL does; passwords SASLprep rejects are used as is.
 pub(super) fn normalize(password: &str) -> Vec<u8> {
     match stringprep::saslprep(password) {
@@ -101,13 +120,12 @@ impl ScramSecret {
     }
 
     fn derive(password: &str, salt: Vec<u8>, iterations: u32) -> Self {
-        let salted = salted_password(&normalize(password), &salt, iterations);
-        let client_key = hmac(&salted, &[b"Client Key"]);
+        let keys = Keys::of(&salted_password(&normalize(password), &salt, iterations));
         ScramSecret {
             iterations,
             salt,
-            stored_key: Sha256::digest(client_key).into(),
-            server_key: hmac(&salted, &[b"Server Key"]),
+            stored_key: keys.stored,
+            server_key: keys.server,
         }
     }
 

@@ -9,18 +9,16 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::scram::{ScramError, attr, hmac, normalize, salted_password};
+use super::scram::{Keys, ScramError, attr, hmac, normalize, salted_password};
 
 /// The GS2 header "n,," (no channel binding, no authorization identity), base64.
 const GS2_HEADER_B64: &str = "biws";
 
 /// A salted password with the salt and iteration count it was derived for.
 struct Salted {
-    salt: Vec<u8>,
-    iterations: u32,
+    params: SaltParams,
     key: [u8; 32],
 }
 
@@ -44,22 +42,18 @@ impl SaltedPasswordCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .filter(|s| s.salt == params.salt && s.iterations == params.iterations)
+            .filter(|s| s.params == *params)
             .map(|s| s.key)
     }
 
     /// Keeps `key`, the salted password for `params`, for later logins.
     fn store(&self, params: SaltParams, key: [u8; 32]) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Salted {
-            salt: params.salt,
-            iterations: params.iterations,
-            key,
-        });
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Salted { params, key });
     }
 }
 
 /// The salt and iteration count a server sent in its server-first message.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 struct SaltParams {
     salt: Vec<u8>,
     iterations: u32,
@@ -151,12 +145,10 @@ impl ScramClient {
             .ok_or(ScramError::Malformed("client-final before server-first"))?;
         let without_proof = format!("c={GS2_HEADER_B64},r={nonce}");
         let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
-        let client_key = hmac(salted, &[b"Client Key"]);
-        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        let mut proof = hmac(&stored_key, &[auth_message.as_bytes()]);
-        proof.iter_mut().zip(client_key.iter()).for_each(|(p, k)| *p ^= k);
-        let server_key = hmac(salted, &[b"Server Key"]);
-        self.expected = Some(hmac(&server_key, &[auth_message.as_bytes()]));
+        let keys = Keys::of(salted);
+        let mut proof = hmac(&keys.stored, &[auth_message.as_bytes()]);
+        proof.iter_mut().zip(keys.client.iter()).for_each(|(p, k)| *p ^= k);
+        self.expected = Some(hmac(&keys.server, &[auth_message.as_bytes()]));
         Ok(format!("{without_proof},p={}", B64.encode(proof)))
     }
 
