@@ -56,6 +56,8 @@
 //! - [`admin`]: the admin console on database `dbproxy`: session and commands
 //!   (`admin/mod.rs`), the SHOW tables (`admin/show.rs`).
 //! - [`stats`]: per-database counters and histograms (SHOW STATS, `/metrics`).
+//! - [`logging`]: the binary's log lines to stderr through a bounded queue and
+//!   a thread of their own, so that a stalled log reader never blocks a worker.
 //! - [`metrics`]: the HTTP endpoint on `metrics_listen`: `/metrics`, `/healthz`,
 //!   `/readyz`.
 
@@ -71,6 +73,7 @@ pub mod clients;
 pub mod config;
 pub mod listener;
 pub mod live;
+pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
+use dbproxy::config::MAX_WORKERS;
 use dbproxy::{Config, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -29,14 +30,32 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr through `dbproxy::logging`'s queue; the returned handle
+/// flushes it at exit.
+fn init_logging(format: LogFormat) -> std::io::Result<dbproxy::logging::Flusher> {
+    let (writer, flusher) = dbproxy::logging::start(std::io::stderr())?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal, not in files and collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    Ok(flusher)
+}
+
+/// `TOKIO_WORKER_THREADS`, which sets the number of workers when
+/// `proxy.workers` does not, must be a number in the range `proxy.workers` takes.
+fn check_worker_threads_env() -> Result<(), String> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Ok(v) if v.parse::<usize>().is_ok_and(|n| (1..=MAX_WORKERS).contains(&n)) => Ok(()),
+        Ok(v) => Err(format!("must be an integer from 1 to {MAX_WORKERS}, not {v:?}")),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("must be an integer from 1 to {MAX_WORKERS}")),
     }
 }
 
@@ -52,11 +71,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.proxy.workers.is_none()
+        && let Err(problem) = check_worker_threads_env()
+    {
+        // tokio would panic on it when building the runtime.
+        eprintln!("TOKIO_WORKER_THREADS: {problem}");
+        return ExitCode::from(2);
+    }
     if args.check {
         println!("{}: configuration is valid", args.config.display());
         return ExitCode::SUCCESS;
     }
-    init_logging(args.log_format);
+    let flusher = match init_logging(args.log_format) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot start the log writer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // One worker: tokio's single-threaded scheduler on this thread, which
     // spends less CPU per wake-up than the work-stealing one (no queues shared
     // between workers, no searching for work; docs/benchmarks.md, entry 16).
@@ -77,7 +109,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config, args.config))
+    let code = runtime.block_on(run(config, args.config));
+    // Stop the runtime first, so that its threads' last lines are in the queue.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    flusher.flush(std::time::Duration::from_secs(2));
+    code
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {

@@ -122,6 +122,11 @@ pub fn render(shared: &Shared) -> String {
             c.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP dbproxy_log_lines_dropped_total Log lines dropped because stderr did not take them fast enough.\n# TYPE dbproxy_log_lines_dropped_total counter\ndbproxy_log_lines_dropped_total {}",
+        crate::logging::dropped_lines()
+    );
     let pools = shared.pools.all();
     let active: usize = pools.iter().map(|p| p.stats.active.load(Ordering::Relaxed)).sum();
     let waiting: usize = pools.iter().map(|p| p.stats.waiting.load(Ordering::Relaxed)).sum();

@@ -52,6 +52,13 @@ impl SaltedPasswordCache {
     }
 }
 
+/// The highest iteration count a server may ask for. PostgreSQL's default is
+/// 4096 (`scram_iterations`, up to `INT_MAX` since version 16); ten million
+/// rounds take about 1.3 s of one blocking-pool thread, which no login
+/// timeout interrupts, and more would let a server (or whoever impersonates it
+/// on a plain-TCP path) keep a thread busy for minutes per login attempt.
+pub const MAX_SERVER_ITERATIONS: u32 = 10_000_000;
+
 /// The salt and iteration count a server sent in its server-first message.
 #[derive(Clone, PartialEq, Eq)]
 struct SaltParams {
@@ -132,6 +139,9 @@ impl ScramClient {
             .ok()
             .filter(|&i| i > 0)
             .ok_or(ScramError::Malformed("invalid iteration count"))?;
+        if iterations > MAX_SERVER_ITERATIONS {
+            return Err(ScramError::Malformed("iteration count above 10,000,000"));
+        }
         self.server_first = Some((msg.to_owned(), nonce.to_owned()));
         Ok(SaltParams { salt, iterations })
     }
@@ -240,6 +250,8 @@ mod tests {
             b"r=abcdef,s=!!,i=4096",
             b"r=abcdef,s=AAAA,i=0",
             b"r=abcdef,s=AAAA,i=many",
+            b"r=abcdef,s=AAAA,i=10000001",
+            b"r=abcdef,s=AAAA,i=4294967295",
             b"r=abcdef,s=AAAA",
             b"m=ext,r=abcdef,s=AAAA,i=1",
             b"\xff",

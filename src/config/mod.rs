@@ -19,7 +19,7 @@ pub use types::{Balance, PoolMode, ServerAddr, ServerSslMode, SessionFeatures, T
 pub const ADMIN_DATABASE: &str = "dbproxy";
 
 /// Most worker threads `proxy.workers` may ask for.
-const MAX_WORKERS: usize = 1024;
+pub const MAX_WORKERS: usize = 1024;
 
 /// `[proxy]`: the client-facing listener and global limits.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,7 +1,7 @@
 //! Cancel, clients and servers that vanish, servers that are down, and
 //! bounded memory on large results.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -251,6 +251,17 @@ async fn start_binary_at(
     user: &TestUser,
     path: &std::path::Path,
 ) -> (Child, tokio_postgres::Client, u16) {
+    let log = std::fs::File::create(path.with_extension("log")).unwrap();
+    start_binary_logging_to(setup, user, path, log.into()).await
+}
+
+/// Like [`start_binary_at`], with the proxy's stderr going to `stderr`.
+async fn start_binary_logging_to(
+    setup: &mut Setup,
+    user: &TestUser,
+    path: &std::path::Path,
+    stderr: Stdio,
+) -> (Child, tokio_postgres::Client, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -264,7 +275,7 @@ async fn start_binary_at(
             .arg(path)
             .args(["--log-format", "json"])
             .env_remove("TOKIO_WORKER_THREADS")
-            .stderr(std::fs::File::create(path.with_extension("log")).unwrap())
+            .stderr(stderr)
             .spawn()
             .unwrap(),
     );
@@ -417,6 +428,48 @@ async fn a_300_mb_result_streams_through_with_bounded_memory() {
         growth_mib < 50,
         "proxy RSS grew by {growth_mib} MiB while streaming 300 MB"
     );
+}
+
+/// A log collector that stops reading (the proxy's stderr a pipe nobody drains,
+/// as when a container's log shipper stalls) must not stop the proxy: its log
+/// lines queue (and beyond what the queue holds, are dropped and counted), and
+/// logins go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
+    let user = create_user("stalled_log").await;
+    let path = tempfile::tempdir().unwrap().keep().join("proxy.toml");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut setup = Setup::new(&[&user]);
+    setup.proxy = format!("metrics_listen = \"{metrics}\"");
+    let (mut proxy, _client, port) = start_binary_logging_to(&mut setup, &user, &path, Stdio::piped()).await;
+    // Held open and never read: the pipe fills after 64 KiB.
+    let _unread = proxy.0.stderr.take();
+    let url = format!("postgresql://{}:{}@127.0.0.1:{port}/appdb", user.name, user.password);
+    // Each login and logout logs two lines of about 200 bytes each (JSON).
+    for i in 0..1000 {
+        let session = async {
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            let conn = tokio::spawn(conn);
+            c.simple_query("SELECT 1").await?;
+            drop(c);
+            let _ = conn.await;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), session).await {
+            Ok(r) => r.unwrap_or_else(|e| panic!("login {i}: {}", describe(&e))),
+            Err(_) => panic!("login {i} stalled: the proxy blocks on its full stderr"),
+        }
+    }
+    // 2,000 lines fit in the queue (16,384 lines; dropping beyond it is the
+    // unit test's): none lost yet, and the counter is there to say so.
+    let (_, body) = http_get(metrics, "/metrics").await;
+    let dropped = body
+        .lines()
+        .find_map(|l| l.strip_prefix("dbproxy_log_lines_dropped_total "));
+    assert_eq!(dropped, Some("0"), "{body}");
 }
 
 fn open_fds(pid: u32) -> usize {

@@ -3,6 +3,7 @@
 //! and real clients (tokio-postgres, psql, pgbench).
 
 mod admin;
+mod cli;
 mod failures;
 mod harness;
 mod login;
