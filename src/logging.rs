@@ -10,21 +10,32 @@
 //! warning says how many were lost.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
-/// Lines the queue holds: a few MiB of text at most, minutes of ordinary logging.
+/// Lines the queue holds: minutes of ordinary logging.
 pub const QUEUE_LINES: usize = 16 * 1024;
+
+/// Bytes the queued lines may hold between them. Some lines repeat what a
+/// client sent (a refused login names its user, up to a startup packet's
+/// 10,000 bytes), so the line count alone would not bound the memory.
+pub const QUEUE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Bytes gathered into one write to stderr.
 const BATCH_BYTES: usize = 64 * 1024;
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// Log lines dropped so far because the queue to stderr was full.
+/// Log lines dropped so far: the queue to stderr was full, or stderr refused
+/// the write.
 pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
+}
+
+fn count_dropped(lines: usize) {
+    DROPPED.fetch_add(lines as u64, Ordering::Relaxed);
 }
 
 enum Msg {
@@ -38,6 +49,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct QueueWriter {
     tx: SyncSender<Msg>,
+    /// Bytes queued and not yet written.
+    queued: Arc<AtomicUsize>,
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
@@ -50,8 +63,13 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
 
 impl Write for &QueueWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(buf.to_vec())) {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
+        if self.queued.fetch_add(buf.len(), Ordering::Relaxed) + buf.len() > QUEUE_BYTES {
+            self.queued.fetch_sub(buf.len(), Ordering::Relaxed);
+            count_dropped(1);
+        } else if self.tx.try_send(Msg::Line(buf.to_vec())).is_err() {
+            // Full, or the writer thread is gone.
+            self.queued.fetch_sub(buf.len(), Ordering::Relaxed);
+            count_dropped(1);
         }
         Ok(buf.len())
     }
@@ -65,44 +83,74 @@ impl Write for &QueueWriter {
 /// Returns the writer to log through and a handle to flush it at exit.
 pub fn start(out: impl Write + Send + 'static) -> std::io::Result<(QueueWriter, Flusher)> {
     let (tx, rx) = sync_channel(QUEUE_LINES);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let thread_queued = queued.clone();
     std::thread::Builder::new()
         .name("dbproxy-log".into())
-        .spawn(move || write_lines(rx, out))?;
-    Ok((QueueWriter { tx: tx.clone() }, Flusher { tx }))
+        .spawn(move || write_lines(rx, out, &thread_queued))?;
+    Ok((QueueWriter { tx: tx.clone(), queued }, Flusher { tx }))
 }
 
-fn write_lines(rx: Receiver<Msg>, mut out: impl Write) {
+fn write_lines(rx: Receiver<Msg>, mut out: impl Write, queued: &AtomicUsize) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let mut reported = 0;
-    while let Ok(first) = rx.recv() {
-        let mut acks = Vec::new();
-        let mut next = Ok(first);
+    let mut reported = dropped_lines();
+    // Flushes wait until the lines before them are written and the drops
+    // among them reported.
+    let mut acks: Vec<SyncSender<()>> = Vec::new();
+    loop {
+        let first = if acks.is_empty() {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            // The report did not come through (no subscriber, or the queue
+            // was full again): do not hold the flush for it.
+            rx.recv_timeout(Duration::from_millis(20))
+        };
+        let first = match first {
+            Ok(msg) => msg,
+            Err(RecvTimeoutError::Timeout) => {
+                acks.drain(..).for_each(|ack| {
+                    let _ = ack.try_send(());
+                });
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut lines = 0;
+        let mut next = Some(first);
         // Gather what is already queued into one write.
-        while let Ok(msg) = next {
+        while let Some(msg) = next {
             match msg {
-                Msg::Line(line) => batch.extend_from_slice(&line),
+                Msg::Line(line) => {
+                    batch.extend_from_slice(&line);
+                    lines += 1;
+                }
                 Msg::Flush(ack) => acks.push(ack),
             }
             if batch.len() >= BATCH_BYTES {
                 break;
             }
-            next = rx.try_recv().map_err(|e| matches!(e, TryRecvError::Disconnected));
+            next = rx.try_recv().ok();
         }
-        // A write error (stderr closed) drops the batch: nothing else to tell.
-        let _ = out.write_all(&batch).and_then(|()| out.flush());
+        if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
+            // stderr closed or refusing: nothing to tell, but count them.
+            count_dropped(lines);
+        }
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
         batch.clear();
-        for ack in acks {
-            let _ = ack.try_send(());
-        }
         let dropped = dropped_lines();
         if dropped > reported {
             // Through the subscriber, so it has the configured format; it
-            // queues like any other line, and cannot wait on this thread.
+            // queues like any other line (without waiting), and a flush waits
+            // for it.
             tracing::warn!(
                 dropped = dropped - reported,
                 "log lines dropped: stderr did not take them fast enough"
             );
             reported = dropped;
+        } else {
+            acks.drain(..).for_each(|ack| {
+                let _ = ack.try_send(());
+            });
         }
     }
 }
@@ -175,15 +223,15 @@ mod tests {
         let closed = sink.gate.lock().unwrap();
         let (writer, flusher) = start(sink.clone()).unwrap();
         let before = dropped_lines();
-        let line = [b'x'; 512];
+        let line = [b'x'; 256];
         let started = Instant::now();
         for _ in 0..QUEUE_LINES + 1000 {
             (&writer).write_all(&line).unwrap();
         }
         assert!(started.elapsed() < Duration::from_secs(5));
-        // The writer thread holds one batch it cannot write (at most 129 of
+        // The writer thread holds one batch it cannot write (at most 256 of
         // these lines), the queue the next QUEUE_LINES; the rest are dropped.
-        assert!(dropped_lines() - before >= 1000 - 129, "{}", dropped_lines() - before);
+        assert!(dropped_lines() - before >= 1000 - 256, "{}", dropped_lines() - before);
         // A flush with stderr blocked gives up after its limit.
         let started = Instant::now();
         flusher.flush(Duration::from_millis(100));
@@ -191,5 +239,25 @@ mod tests {
         drop(closed);
         flusher.flush(Duration::from_secs(10));
         assert!(sink.bytes.lock().unwrap().len() >= QUEUE_LINES * line.len());
+    }
+
+    #[test]
+    fn the_queue_holds_at_most_queue_bytes() {
+        let sink = Sink::default();
+        let closed = sink.gate.lock().unwrap();
+        let (writer, flusher) = start(sink.clone()).unwrap();
+        let before = dropped_lines();
+        let line = vec![b'y'; 100 * 1024];
+        for _ in 0..200 {
+            (&writer).write_all(&line).unwrap();
+        }
+        // QUEUE_BYTES / 100 KiB = 81 lines, the one in the blocked batch
+        // included; the other test may drop lines too (a global count).
+        assert!(dropped_lines() - before >= 200 - 81);
+        assert!(writer.queued.load(Ordering::Relaxed) <= QUEUE_BYTES);
+        drop(closed);
+        flusher.flush(Duration::from_secs(10));
+        assert_eq!(writer.queued.load(Ordering::Relaxed), 0);
+        assert_eq!(sink.bytes.lock().unwrap().len(), 81 * line.len());
     }
 }

@@ -35,8 +35,10 @@ enum LogFormat {
 fn init_logging(format: LogFormat) -> std::io::Result<dbproxy::logging::Flusher> {
     let (writer, flusher) = dbproxy::logging::start(std::io::stderr())?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colours only for a person at a terminal, not in files and collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Colours only for a person at a terminal (not in files and collectors)
+    // who did not ask for none (https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

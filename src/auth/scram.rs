@@ -49,6 +49,10 @@ pub enum ScramError {
     /// shutting down).
     #[error("the SCRAM key derivation did not finish")]
     Interrupted,
+    /// The server asks for more PBKDF2 iterations than dbproxy will run
+    /// (`scram_client::MAX_SERVER_ITERATIONS`).
+    #[error("the server asks for {0} SCRAM iterations, more than the 10,000,000 dbproxy runs")]
+    TooManyIterations(u32),
     /// The server ended the exchange with an error (`e=`).
     #[error("the server refused the SCRAM exchange: {0}")]
     ServerError(String),

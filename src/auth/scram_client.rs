@@ -140,7 +140,7 @@ impl ScramClient {
             .filter(|&i| i > 0)
             .ok_or(ScramError::Malformed("invalid iteration count"))?;
         if iterations > MAX_SERVER_ITERATIONS {
-            return Err(ScramError::Malformed("iteration count above 10,000,000"));
+            return Err(ScramError::TooManyIterations(iterations));
         }
         self.server_first = Some((msg.to_owned(), nonce.to_owned()));
         Ok(SaltParams { salt, iterations })
@@ -250,13 +250,19 @@ mod tests {
             b"r=abcdef,s=!!,i=4096",
             b"r=abcdef,s=AAAA,i=0",
             b"r=abcdef,s=AAAA,i=many",
-            b"r=abcdef,s=AAAA,i=10000001",
-            b"r=abcdef,s=AAAA,i=4294967295",
             b"r=abcdef,s=AAAA",
             b"m=ext,r=abcdef,s=AAAA,i=1",
             b"\xff",
         ] {
             assert!(client().answer(bad, &cache).await.is_err(), "{bad:?}");
+        }
+        // Refused before any hashing (2^32 - 1 rounds would take minutes).
+        for i in [10_000_001, u32::MAX] {
+            let server_first = format!("r=abcdef,s=AAAA,i={i}");
+            assert_eq!(
+                client().answer(server_first.as_bytes(), &cache).await,
+                Err(ScramError::TooManyIterations(i))
+            );
         }
         assert!(client().verify(b"v=AAAA").is_err(), "no client-final yet");
         assert!(client().client_final(&[0; 32]).is_err(), "no server-first yet");

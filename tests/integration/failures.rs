@@ -275,6 +275,7 @@ async fn start_binary_logging_to(
             .arg(path)
             .args(["--log-format", "json"])
             .env_remove("TOKIO_WORKER_THREADS")
+            .env("RUST_LOG", "info")
             .stderr(stderr)
             .spawn()
             .unwrap(),
