@@ -17,7 +17,14 @@ have TLS on (pg-cluster.sh --ssl) but every scenario except T connects in plain 
 third dbproxy and PgBouncer with TLS to the server (sslmode require, no certificate check) and
 pgbench directly with sslmode=require; clients reach the proxies in plain TCP.
 
+With --relay, a fourth target runs in the primary-only TCP scenarios (S, S500, E, P, S1, C, B):
+HAProxy (Debian package `haproxy`) in TCP mode with two threads, one server connection per client
+and no look at the protocol. It makes the same socket calls per transaction as a proxy can at
+the least (a read and a write each way), so it measures what relaying through the kernel costs
+on this machine, whatever the proxy does on top; a second table gives its ratios.
+
     benches/load/run.sh [--seconds 10] [--rounds 3] [--scenarios S,S500,E,P,...] [--chart out.png]
+        [--relay]
 """
 
 import argparse
@@ -57,6 +64,8 @@ SCENARIOS = {
 }
 # Scenarios whose direct runs and proxies use TLS to the server; every other one is plain TCP.
 TLS_SCENARIOS = {"T"}
+# Scenarios the --relay target runs in: the primary alone, over plain TCP.
+RELAY_SCENARIOS = {"S", "S500", "E", "P", "S1", "C", "B"}
 # Fraction of transactions pgbench logs, for the p99 latency.
 SAMPLING = "0.2"
 
@@ -154,7 +163,19 @@ class Bench:
         subprocess.run(["chown", "-R", "postgres", self.dir], check=False)
         for name in ("pgbouncer", "pgbouncer-unix", "pgbouncer-tls"):
             self.procs.append(subprocess.Popen(as_postgres(["pgbouncer", str(self.dir / f"{name}.ini")])))
-        for port in (self.proxy, self.split, self.unix, self.tls, self.bouncer, self.bouncer_unix, self.bouncer_tls):
+        ports = [self.proxy, self.split, self.unix, self.tls, self.bouncer, self.bouncer_unix, self.bouncer_tls]
+        if self.args.relay:
+            self.relay = free_port()
+            (self.dir / "haproxy.cfg").write_text(
+                "global\n    maxconn 4000\n    nbthread 2\n"
+                "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n"
+                f"listen pg\n    bind 127.0.0.1:{self.relay}\n    server primary 127.0.0.1:{self.pg}\n"
+            )
+            # -db: in the foreground, so that stop() ends it like the others.
+            self.procs.append(subprocess.Popen(["haproxy", "-db", "-f", self.dir / "haproxy.cfg"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            ports.append(self.relay)
+        for port in ports:
             wait_port(port)
         subprocess.run(["pgbench", "-i", "-s", "10", "-q", self.url(self.pg)], check=True, capture_output=True)
 
@@ -220,6 +241,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--chart", help="write a PNG bar chart of the ratios here")
+    ap.add_argument("--relay", action="store_true",
+                    help="also run HAProxy as a plain TCP relay (see above)")
     args = ap.parse_args()
     bench = Bench(args)
     rows = []
@@ -231,6 +254,8 @@ def main():
             proxy = {"R": bench.split, "U": bench.unix, "T": bench.tls}.get(key, bench.proxy)
             bouncer = {"U": bench.bouncer_unix, "T": bench.bouncer_tls}.get(key, bench.bouncer)
             targets = [("direct", bench.pg), ("pgbouncer", bouncer), ("dbproxy", proxy)]
+            if args.relay and key in RELAY_SCENARIOS:
+                targets.append(("relay", bench.relay))
             results = {name: [] for name, _ in targets}
             errors = {}
             moved = {}
@@ -273,6 +298,17 @@ def main():
         p99 = " / ".join(cell(n, 2) for n in ("direct", "pgbouncer", "dbproxy"))
         print(f"| {desc} | {cell('direct', 0)} | {cell('pgbouncer', 0)} | {cell('dbproxy', 0)} "
               f"| {ratio(p, d)} | {ratio(p, b)} | {lat} | {p99} |")
+    relayed = [(desc, med) for _, desc, med, _ in rows if med.get("relay")]
+    if relayed:
+        print("\nHAProxy as a plain TCP relay (one server connection per client, no pooling), same "
+              "rounds:\n")
+        print("| scenario | relay tps | relay / direct | PgBouncer / relay | dbproxy / relay "
+              "| avg latency ms, relay | p99 latency ms, relay |")
+        print("|---|---|---|---|---|---|---|")
+        for desc, med in relayed:
+            r, d, b, p = (med[n][0] if med[n] else None for n in ("relay", "direct", "pgbouncer", "dbproxy"))
+            print(f"| {desc} | {r:.0f} | {ratio(r, d)} | {ratio(b, r)} | {ratio(p, r)} "
+                  f"| {med['relay'][1]:.2f} | {med['relay'][2]:.2f} |")
     if spread:
         total = sum(spread.values()) or 1
         print("\nScenario R through dbproxy, transactions committed per server: " + ", ".join(
