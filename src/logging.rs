@@ -34,10 +34,6 @@ pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-fn count_dropped(lines: usize) {
-    DROPPED.fetch_add(lines as u64, Ordering::Relaxed);
-}
-
 enum Msg {
     Line(Vec<u8>),
     /// Everything queued before it has been written: say so on the channel.
@@ -49,8 +45,24 @@ enum Msg {
 #[derive(Clone)]
 pub struct QueueWriter {
     tx: SyncSender<Msg>,
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
     /// Bytes queued and not yet written.
-    queued: Arc<AtomicUsize>,
+    queued: AtomicUsize,
+    /// Lines queued and not yet written.
+    queued_lines: AtomicUsize,
+    /// Lines this queue dropped (`DROPPED` counts those of all queues).
+    dropped: AtomicU64,
+}
+
+impl QueueWriter {
+    fn count_dropped(&self, lines: usize) {
+        self.counts.dropped.fetch_add(lines as u64, Ordering::Relaxed);
+        DROPPED.fetch_add(lines as u64, Ordering::Relaxed);
+    }
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
@@ -63,13 +75,16 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueueWriter {
 
 impl Write for &QueueWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.queued.fetch_add(buf.len(), Ordering::Relaxed) + buf.len() > QUEUE_BYTES {
-            self.queued.fetch_sub(buf.len(), Ordering::Relaxed);
-            count_dropped(1);
-        } else if self.tx.try_send(Msg::Line(buf.to_vec())).is_err() {
-            // Full, or the writer thread is gone.
-            self.queued.fetch_sub(buf.len(), Ordering::Relaxed);
-            count_dropped(1);
+        // Counted before it is sent, so that the writer thread, which
+        // uncounts what it wrote, never takes the counts below zero.
+        let (bytes, lines) = (&self.counts.queued, &self.counts.queued_lines);
+        let over = bytes.fetch_add(buf.len(), Ordering::Relaxed) + buf.len() > QUEUE_BYTES;
+        lines.fetch_add(1, Ordering::Relaxed);
+        // Full, or the writer thread is gone.
+        if over || self.tx.try_send(Msg::Line(buf.to_vec())).is_err() {
+            bytes.fetch_sub(buf.len(), Ordering::Relaxed);
+            lines.fetch_sub(1, Ordering::Relaxed);
+            self.count_dropped(1);
         }
         Ok(buf.len())
     }
@@ -82,72 +97,99 @@ impl Write for &QueueWriter {
 /// Starts the thread that writes queued lines to `out` (stderr in the binary).
 /// Returns the writer to log through and a handle to flush it at exit.
 pub fn start(out: impl Write + Send + 'static) -> std::io::Result<(QueueWriter, Flusher)> {
-    let (tx, rx) = sync_channel(QUEUE_LINES);
-    let queued = Arc::new(AtomicUsize::new(0));
-    let thread_queued = queued.clone();
-    std::thread::Builder::new()
-        .name("dbproxy-log".into())
-        .spawn(move || write_lines(rx, out, &thread_queued))?;
-    Ok((QueueWriter { tx: tx.clone(), queued }, Flusher { tx }))
+    // Through the subscriber, so it has the configured format; it queues
+    // like any other line (without waiting).
+    spawn(out, |_, dropped| {
+        tracing::warn!(dropped, "log lines dropped: stderr did not take them fast enough")
+    })
 }
 
-fn write_lines(rx: Receiver<Msg>, mut out: impl Write, queued: &AtomicUsize) {
+/// [`start`] with `report(writer, n)` saying that `n` more lines were dropped.
+fn spawn(
+    out: impl Write + Send + 'static,
+    report: impl Fn(&QueueWriter, u64) + Send + 'static,
+) -> std::io::Result<(QueueWriter, Flusher)> {
+    let (tx, rx) = sync_channel(QUEUE_LINES);
+    let writer = QueueWriter {
+        tx: tx.clone(),
+        counts: Arc::default(),
+    };
+    let own = writer.clone();
+    std::thread::Builder::new()
+        .name("dbproxy-log".into())
+        .spawn(move || write_lines(rx, out, &own, report))?;
+    Ok((writer, Flusher { tx }))
+}
+
+fn write_lines(rx: Receiver<Msg>, mut out: impl Write, own: &QueueWriter, report: impl Fn(&QueueWriter, u64)) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
-    let mut reported = dropped_lines();
-    // Flushes wait until the lines before them are written and the drops
-    // among them reported.
+    let dropped_so_far = || own.counts.dropped.load(Ordering::Relaxed);
+    let mut reported = 0;
+    // While stderr trickles, at most one report a second.
+    let mut last_report: Option<Instant> = None;
+    // Flushes wait until the lines before them are written, and the report of
+    // lines dropped before them.
     let mut acks: Vec<SyncSender<()>> = Vec::new();
     loop {
-        let first = if acks.is_empty() {
-            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-        } else {
-            // The report did not come through (no subscriber, or the queue
-            // was full again): do not hold the flush for it.
+        let unreported = dropped_so_far() > reported;
+        let first = if !acks.is_empty() {
+            // A flush waits; if the report does not come through (no
+            // subscriber, or the queue was full again), not for long.
             rx.recv_timeout(Duration::from_millis(20))
-        };
-        let first = match first {
-            Ok(msg) => msg,
-            Err(RecvTimeoutError::Timeout) => {
-                acks.drain(..).for_each(|ack| {
-                    let _ = ack.try_send(());
-                });
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut lines = 0;
-        let mut next = Some(first);
-        // Gather what is already queued into one write.
-        while let Some(msg) = next {
-            match msg {
-                Msg::Line(line) => {
-                    batch.extend_from_slice(&line);
-                    lines += 1;
-                }
-                Msg::Flush(ack) => acks.push(ack),
-            }
-            if batch.len() >= BATCH_BYTES {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if out.write_all(&batch).and_then(|()| out.flush()).is_err() {
-            // stderr closed or refusing: nothing to tell, but count them.
-            count_dropped(lines);
-        }
-        queued.fetch_sub(batch.len(), Ordering::Relaxed);
-        batch.clear();
-        let dropped = dropped_lines();
-        if dropped > reported {
-            // Through the subscriber, so it has the configured format; it
-            // queues like any other line (without waiting), and a flush waits
-            // for it.
-            tracing::warn!(
-                dropped = dropped - reported,
-                "log lines dropped: stderr did not take them fast enough"
-            );
-            reported = dropped;
+        } else if unreported {
+            // Drops not yet reported: report them within a second even if
+            // nothing else is logged.
+            rx.recv_timeout(Duration::from_secs(1))
         } else {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        };
+        let timed_out = matches!(first, Err(RecvTimeoutError::Timeout));
+        let mut lines = 0;
+        match first {
+            Ok(first) => {
+                let mut next = Some(first);
+                // Gather what is already queued into one write.
+                while let Some(msg) = next {
+                    match msg {
+                        Msg::Line(line) => {
+                            batch.extend_from_slice(&line);
+                            lines += 1;
+                        }
+                        Msg::Flush(ack) => acks.push(ack),
+                    }
+                    if batch.len() >= BATCH_BYTES {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if !batch.is_empty() && out.write_all(&batch).and_then(|()| out.flush()).is_err() {
+            // stderr closed or refusing: nothing to tell, but count them.
+            own.count_dropped(lines);
+        }
+        own.counts.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        own.counts.queued_lines.fetch_sub(lines, Ordering::Relaxed);
+        batch.clear();
+        let dropped = dropped_so_far();
+        let due = last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        // A flush that just came in gets its report at once; and only with
+        // room in the queue, lest the report itself be dropped.
+        let room = own.counts.queued.load(Ordering::Relaxed) < QUEUE_BYTES / 2
+            && own.counts.queued_lines.load(Ordering::Relaxed) < QUEUE_LINES / 2;
+        let due_now = dropped > reported && room && (due || (!acks.is_empty() && !timed_out));
+        if due_now {
+            // A flush waits for this line (up to the 20 ms above).
+            report(own, dropped - reported);
+            reported = dropped;
+            last_report = Some(Instant::now());
+        }
+        // Once the queue is empty (the report written too), or nothing came
+        // for 20 ms.
+        let drained = own.counts.queued_lines.load(Ordering::Relaxed) == 0;
+        if timed_out || (!due_now && drained && dropped == reported) {
             acks.drain(..).for_each(|ack| {
                 let _ = ack.try_send(());
             });
@@ -222,7 +264,6 @@ mod tests {
         let sink = Sink::default();
         let closed = sink.gate.lock().unwrap();
         let (writer, flusher) = start(sink.clone()).unwrap();
-        let before = dropped_lines();
         let line = [b'x'; 256];
         let started = Instant::now();
         for _ in 0..QUEUE_LINES + 1000 {
@@ -231,7 +272,8 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         // The writer thread holds one batch it cannot write (at most 256 of
         // these lines), the queue the next QUEUE_LINES; the rest are dropped.
-        assert!(dropped_lines() - before >= 1000 - 256, "{}", dropped_lines() - before);
+        let dropped = writer.counts.dropped.load(Ordering::Relaxed);
+        assert!(dropped >= 1000 - 256, "{dropped}");
         // A flush with stderr blocked gives up after its limit.
         let started = Instant::now();
         flusher.flush(Duration::from_millis(100));
@@ -242,22 +284,43 @@ mod tests {
     }
 
     #[test]
+    fn dropped_lines_are_reported_before_a_flush_returns() {
+        let sink = Sink::default();
+        let closed = sink.gate.lock().unwrap();
+        let (writer, flusher) = spawn(sink.clone(), |mut w, n| {
+            let _ = w.write_all(format!("dropped {n}\n").as_bytes());
+        })
+        .unwrap();
+        // Long enough that the writer thread's blocked batch holds few.
+        let line = [b'x'; 255].iter().chain(b"\n").copied().collect::<Vec<u8>>();
+        for _ in 0..QUEUE_LINES + 1000 {
+            (&writer).write_all(&line).unwrap();
+        }
+        drop(closed);
+        flusher.flush(Duration::from_secs(10));
+        let text = String::from_utf8(sink.bytes.lock().unwrap().clone()).unwrap();
+        let last = text.lines().last().unwrap_or_default();
+        let n: usize = last.strip_prefix("dropped ").and_then(|n| n.parse().ok()).unwrap_or(0);
+        // The writer thread's batch took some lines before it blocked.
+        assert!(n > 0 && text.lines().count() == QUEUE_LINES + 1000 - n + 1, "{last}");
+    }
+
+    #[test]
     fn the_queue_holds_at_most_queue_bytes() {
         let sink = Sink::default();
         let closed = sink.gate.lock().unwrap();
         let (writer, flusher) = start(sink.clone()).unwrap();
-        let before = dropped_lines();
         let line = vec![b'y'; 100 * 1024];
         for _ in 0..200 {
             (&writer).write_all(&line).unwrap();
         }
         // QUEUE_BYTES / 100 KiB = 81 lines, the one in the blocked batch
-        // included; the other test may drop lines too (a global count).
-        assert!(dropped_lines() - before >= 200 - 81);
-        assert!(writer.queued.load(Ordering::Relaxed) <= QUEUE_BYTES);
+        // included.
+        assert_eq!(writer.counts.dropped.load(Ordering::Relaxed), 200 - 81);
+        assert!(writer.counts.queued.load(Ordering::Relaxed) <= QUEUE_BYTES);
         drop(closed);
         flusher.flush(Duration::from_secs(10));
-        assert_eq!(writer.queued.load(Ordering::Relaxed), 0);
+        assert_eq!(writer.counts.queued.load(Ordering::Relaxed), 0);
         assert_eq!(sink.bytes.lock().unwrap().len(), 81 * line.len());
     }
 }
