@@ -116,10 +116,8 @@ impl ServerError {
 #[derive(Debug)]
 pub struct ServerConn {
     pub stream: ServerStream,
-    pub addr: &'static ServerAddr,
-    /// `addr` as text, made once (SHOW CLIENTS and SHOW SERVERS name it on
-    /// every checkout).
-    pub label: &'static str,
+    /// The server's address and its text, interned.
+    endpoint: &'static Endpoint,
     /// ParameterStatus values reported at login, in order.
     pub params: ServerParams,
     pub process_id: i32,
@@ -189,11 +187,9 @@ impl ServerConn {
             return Err(login.protocol("data after ReadyForQuery during login".to_owned()));
         }
         let now = Instant::now();
-        let endpoint = endpoint(addr);
         Ok(ServerConn {
             stream: login.stream,
-            addr: &endpoint.addr,
-            label: &endpoint.label,
+            endpoint: endpoint(addr),
             params: Arc::new(params),
             process_id: key.0,
             secret_key: key.1,
@@ -205,10 +201,21 @@ impl ServerConn {
         })
     }
 
+    /// The server this connection is to.
+    pub fn addr(&self) -> &'static ServerAddr {
+        &self.endpoint.addr
+    }
+
+    /// [`Self::addr`] as text, made once (SHOW CLIENTS and SHOW SERVERS name
+    /// it on every checkout).
+    pub fn label(&self) -> &'static str {
+        &self.endpoint.label
+    }
+
     /// The key that cancels whatever this connection is running.
     pub fn cancel_key(&self) -> CancelKey {
         CancelKey {
-            addr: self.addr,
+            addr: self.addr(),
             process_id: self.process_id,
             secret_key: self.secret_key,
         }

@@ -218,7 +218,7 @@ impl Pool {
             if self.is_current(&conn) && conn.is_alive() && conn.last_used.elapsed() < self.settings.idle_timeout {
                 return Some(conn);
             }
-            tracing::debug!(server = %conn.addr, pid = conn.process_id, "discarding dead or expired idle server connection");
+            tracing::debug!(server = %conn.addr(), pid = conn.process_id, "discarding dead or expired idle server connection");
         }
         None
     }

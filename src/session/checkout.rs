@@ -175,7 +175,7 @@ impl Conn<'_> {
         };
         routed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let server = crate::clients::HeldServer {
-            addr: conn.conn.label,
+            addr: conn.conn.label(),
             pid: conn.conn.process_id,
             tls: conn.conn.stream.is_tls(),
             generation: conn.conn.generation,

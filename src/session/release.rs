@@ -60,7 +60,7 @@ impl Conn<'_> {
             self.retire(a, reset, mark);
         } else {
             // Closing alone would leave the backend running until it next writes.
-            tracing::debug!(server = %a.conn.conn.addr, "cancelling and closing a server connection left mid-request");
+            tracing::debug!(server = %a.conn.conn.addr(), "cancelling and closing a server connection left mid-request");
             tokio::spawn(a.conn.abandon(self.shared.live().config.pool.server_connect_timeout));
         }
     }
@@ -80,7 +80,7 @@ impl Conn<'_> {
             false => (false, None),
         };
         if close && mark.is_none() {
-            tracing::debug!(server = %a.conn.conn.addr, "closing a server connection with session state and no reset query");
+            tracing::debug!(server = %a.conn.conn.addr(), "closing a server connection with session state and no reset query");
             return;
         }
         if !rollback && reset.is_none() && mark.is_none() {
@@ -127,7 +127,7 @@ impl Conn<'_> {
             match tokio::time::timeout(RETIRE_TIMEOUT, work).await {
                 Ok(Ok(TransactionStatus::Idle)) if !conn.conn.state.dirty && !close => conn.checkin(),
                 outcome => {
-                    tracing::info!(?outcome, server = %conn.conn.addr, "closing server connection that could not be reset")
+                    tracing::info!(?outcome, server = %conn.conn.addr(), "closing server connection that could not be reset")
                 }
             }
         });
@@ -151,7 +151,7 @@ impl Conn<'_> {
         let Attached {
             conn, unsynced, status, ..
         } = a;
-        let addr = conn.conn.addr;
+        let addr = conn.conn.addr();
         self.retry.reset();
         tracing::warn!(server = %addr, reason = why, "server connection lost");
         self.shared.errors.count("server_lost");
