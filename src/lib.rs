@@ -22,8 +22,10 @@
 //!   giving a server connection back or up, the read-your-writes position after a
 //!   write, and the end of a session (`session/release.rs`), client messages: batch
 //!   staging and routing, statement renaming, settings carry, pinning
-//!   (`session/requests.rs`), taking a server connection for a request
-//!   (`session/checkout.rs`: the pool, the wait, what a held connection carries), DEALLOCATE/DISCARD ALL and refused session features
+//!   (`session/requests.rs`), a client's named statements and their memory
+//!   budget (`session/statements.rs`), taking a server connection for a request
+//!   (`session/checkout.rs`: the pool, the wait, what a held connection carries),
+//!   DEALLOCATE/DISCARD ALL, refused session features and refused Parses
 //!   (`session/local.rs`), resending a batch after a stale plan
 //!   (`session/retry.rs`), the queue of answers owed by the server
 //!   (`session/expect.rs`), confirming setting changes (`session/settings.rs`),

@@ -55,7 +55,7 @@ pub const REASONS: [&str; 10] = [
 ];
 
 /// Kinds of error the proxy reports (not the servers' own errors).
-pub const ERROR_KINDS: [&str; 9] = [
+pub const ERROR_KINDS: [&str; 10] = [
     "checkout_timeout",
     "server_connect",
     "server_lost",
@@ -65,6 +65,7 @@ pub const ERROR_KINDS: [&str; 9] = [
     "too_many_clients",
     "login_timeout",
     "idle_transaction_timeout",
+    "client_statement_limit",
 ];
 
 /// Errors the proxy reported, by kind (indexes into `ERROR_KINDS`).

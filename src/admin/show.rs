@@ -466,6 +466,10 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
             "pool.max_prepared_statements",
             c.pool.max_prepared_statements.to_string(),
         ),
+        (
+            "pool.max_client_statement_bytes",
+            c.pool.max_client_statement_bytes.to_string(),
+        ),
         ("pool.session_features", c.pool.session_features.as_str().to_owned()),
         ("routing.read_write_split", c.routing.read_write_split.to_string()),
         ("routing.balance", c.routing.balance.as_str().to_owned()),

@@ -111,6 +111,10 @@ pub struct PoolConfig {
     /// used are closed beyond it). 0 turns statement tracking off: names then
     /// pass through unchanged, as with PgBouncer before 1.21.
     pub max_prepared_statements: usize,
+    /// Most memory one client's named prepared statements may take in the
+    /// proxy (transaction mode, statement names, texts and types plus a
+    /// fixed overhead each); a Parse beyond it is refused. 0: no bound.
+    pub max_client_statement_bytes: usize,
     /// Pin clients that use session-only features, or refuse them.
     pub session_features: SessionFeatures,
 }
@@ -126,6 +130,7 @@ impl Default for PoolConfig {
             idle_transaction_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
+            max_client_statement_bytes: 64 * 1024 * 1024,
             session_features: SessionFeatures::Pin,
         }
     }

@@ -64,6 +64,23 @@ pub fn write_bind_renamed(buf: &mut BytesMut, bind: &[u8], portal: &str, stateme
     });
 }
 
+/// Writes a Bind of `statement` to `portal`: no parameters, text results.
+pub fn write_bind(buf: &mut BytesMut, portal: &str, statement: &str) {
+    message(buf, b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_slice(&[0, 0, 0, 0, 0, 0]);
+    });
+}
+
+/// Writes an Execute of `portal`, all rows.
+pub fn write_execute(buf: &mut BytesMut, portal: &str) {
+    message(buf, b'E', |b| {
+        put_cstr(b, portal);
+        b.put_i32(0);
+    });
+}
+
 /// Writes a Describe or Close (`tag`) of `kind` (`S`/`P`) named `name`.
 pub fn write_target(buf: &mut BytesMut, tag: u8, kind: u8, name: &str) {
     message(buf, tag, |b| {

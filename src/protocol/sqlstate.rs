@@ -41,6 +41,8 @@ impl SqlState {
     pub const INVALID_PASSWORD: SqlState = SqlState::new("28P01");
     /// 3D000: unknown database.
     pub const INVALID_CATALOG_NAME: SqlState = SqlState::new("3D000");
+    /// 42P05: a Parse names a prepared statement that exists.
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState::new("42P05");
     /// 26000: no prepared statement of that name.
     pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState::new("26000");
     /// 42704: e.g. KILL_CLIENT of a client that is not connected.

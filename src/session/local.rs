@@ -1,14 +1,14 @@
 //! Requests the proxy answers or rewrites itself instead of passing them on:
 //! `DEALLOCATE` and `DISCARD ALL` (which must touch only the client's own
-//! view of shared server connections), and session-only features refused
-//! under `pool.session_features = "reject"`.
+//! view of shared server connections), session-only features refused
+//! under `pool.session_features = "reject"`, and named Parses refused.
 
 use super::expect::Request;
 use super::transfer::{Conn, Exit, Phase};
 use crate::protocol::SqlState;
 use crate::protocol::TransactionStatus;
 use crate::protocol::backend::{ErrorFields, command_complete, error_response, ready_for_query};
-use crate::protocol::extended::{write_query, write_target};
+use crate::protocol::extended::{write_bind, write_execute, write_parse, write_query, write_target};
 use crate::sql::{Effects, LocalCommand};
 
 /// Why a session-only feature is refused (`pool.session_features = "reject"`).
@@ -22,11 +22,37 @@ fn reject_message(fx: &Effects) -> String {
 /// A statement that raises [`reject_message`] on the server, where the refused
 /// statement would have run (so a transaction fails as the client is told).
 pub(super) fn reject_sql(fx: &Effects) -> String {
-    format!(
-        "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = 'feature_not_supported', MESSAGE = {}, \
-         HINT = 'use session pooling, or pool.session_features = \"pin\"'; END $dbproxy$",
-        crate::sql::quote_literal(&reject_message(fx))
-    )
+    raise_sql(&reject_error(fx))
+}
+
+fn reject_error(fx: &Effects) -> ErrorFields {
+    ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, reject_message(fx))
+        .with_hint("use session pooling, or pool.session_features = \"pin\"")
+}
+
+/// A statement that raises `err` (its code, message and hint) when executed.
+/// The texts may come from the client (a statement name): they are quoted
+/// as escape strings, which read the same whatever
+/// `standard_conforming_strings` says, in a dollar quote they cannot close.
+pub(super) fn raise_sql(err: &ErrorFields) -> String {
+    let literal = |s: &str| format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
+    let mut body = format!(
+        " BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}",
+        err.code.code(),
+        literal(&err.message)
+    );
+    if let Some(hint) = &err.hint {
+        body.push_str(&format!(", HINT = {}", literal(hint)));
+    }
+    body.push_str("; END ");
+    let mut tag = "$dbproxy$".to_owned();
+    for n in 0.. {
+        if !body.contains(&tag) {
+            break;
+        }
+        tag = format!("$dbproxy{n}$");
+    }
+    format!("DO {tag}{body}{tag}")
 }
 
 impl Conn<'_> {
@@ -34,17 +60,41 @@ impl Conn<'_> {
     /// transaction the proxy answers; inside one the server raises the error,
     /// so the transaction fails there exactly as the client is told.
     pub(super) async fn reject_session_feature(&mut self, fx: &Effects) -> Result<(), Exit> {
-        let message = reject_message(fx);
         if matches!(self.phase, Phase::Idle) {
-            let err = ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, message)
-                .with_hint("use session pooling, or pool.session_features = \"pin\"");
-            error_response(&mut self.to_client, &err);
+            error_response(&mut self.to_client, &reject_error(fx));
             ready_for_query(&mut self.to_client, TransactionStatus::Idle);
             return Ok(());
         }
         write_query(&mut self.to_server, &reject_sql(fx));
         self.sent(b'Q', Some(Request::Query));
         Ok(())
+    }
+
+    /// A named Parse the proxy refuses (a name already in use, a statement
+    /// over the client's budget), answered where the server would have
+    /// answered it. Without a server connection the proxy answers at once
+    /// and skips the rest of the batch up to its Sync. On a held connection
+    /// the server itself raises the error in place of the Parse, after the
+    /// answers owed before it, skips the rest of the batch, and fails a
+    /// transaction block, as PostgreSQL does for a Parse that fails.
+    pub(super) fn refuse_parse(&mut self, err: &ErrorFields) {
+        const REFUSED: &str = "dbp_refused";
+        if !matches!(self.phase, Phase::Attached(_)) {
+            error_response(&mut self.to_client, err);
+            self.phase = Phase::SkipToSync;
+            return;
+        }
+        // Close first: the statement a refusal before left on this connection.
+        write_target(&mut self.to_server, b'C', b'S', REFUSED);
+        self.expect.sent(Request::Close, true, None);
+        write_parse(&mut self.to_server, REFUSED, &raise_sql(err), &[0, 0]);
+        self.expect.sent(Request::Parse, true, None);
+        write_bind(&mut self.to_server, "", REFUSED);
+        self.expect.sent(Request::Bind, true, None);
+        write_execute(&mut self.to_server, "");
+        // The client's answer: the error, in place of ParseComplete.
+        self.expect.sent(Request::Execute, false, None);
+        self.sent(b'P', None);
     }
 
     /// A DEALLOCATE or DISCARD ALL that reaches the held server connection:
@@ -115,14 +165,9 @@ impl Conn<'_> {
                 // Close first: a throwaway left by a batch that failed before its Execute.
                 write_target(&mut self.to_server, b'C', b'S', THROWAWAY);
                 self.expect.sent(Request::Close, true, None);
-                crate::protocol::extended::write_parse(&mut self.to_server, THROWAWAY, "SELECT", &[0, 0]);
+                write_parse(&mut self.to_server, THROWAWAY, "SELECT", &[0, 0]);
                 self.expect.sent(Request::Parse, true, None);
-                crate::protocol::extended::write_parse(
-                    &mut self.to_server,
-                    "",
-                    &format!("DEALLOCATE {THROWAWAY}"),
-                    &[0, 0],
-                );
+                write_parse(&mut self.to_server, "", &format!("DEALLOCATE {THROWAWAY}"), &[0, 0]);
             }
             LocalCommand::Deallocate(_) => self.to_server.extend_from_slice(msg),
             LocalCommand::DeallocateAll | LocalCommand::DiscardAll => {
@@ -161,5 +206,26 @@ impl Conn<'_> {
         }
         command_complete(&mut self.to_client, cmd.tag());
         ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raised_texts_are_escape_strings_in_a_dollar_quote_they_do_not_contain() {
+        let err =
+            ErrorFields::error(SqlState::PROGRAM_LIMIT_EXCEEDED, r"a 'b' \c $dbproxy$ $dbproxy0$").with_hint("h'");
+        let sql = raise_sql(&err);
+        assert_eq!(
+            sql,
+            r"DO $dbproxy1$ BEGIN RAISE EXCEPTION USING ERRCODE = '54000', MESSAGE = E'a ''b'' \\c $dbproxy$ $dbproxy0$', HINT = E'h'''; END $dbproxy1$"
+        );
+        let plain = raise_sql(&ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, "x"));
+        assert_eq!(
+            plain,
+            "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = E'x'; END $dbproxy$"
+        );
     }
 }

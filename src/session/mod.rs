@@ -13,6 +13,7 @@ mod requests;
 mod retry;
 mod settings;
 mod startup;
+mod statements;
 mod stream;
 mod transfer;
 

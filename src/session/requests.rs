@@ -8,11 +8,9 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
-use sha2::{Digest, Sha256};
-
 use super::expect::{Request, Synthetic};
 use super::local::reject_sql;
+use super::statements::{Statement, server_name};
 use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
 use crate::config::PoolMode;
 use crate::pool::Role;
@@ -25,38 +23,12 @@ use crate::protocol::framing::{HEADER_LEN, read_cstr};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, WriteReason};
 use crate::sql::{Effects, analyze};
+use bytes::{Buf, BytesMut};
 
 /// Bytes of an extended-protocol batch held back, with read/write splitting,
 /// until its Sync shows where it may run. A larger batch goes to the primary
 /// as it comes, so memory stays bounded.
 const STAGED_LIMIT: usize = 1024 * 1024;
-
-/// A client's named prepared statement.
-#[derive(Debug, Clone)]
-pub struct Statement {
-    /// The name used on servers: the same for the same text and types, so
-    /// clients share server-side statements.
-    pub server_name: Arc<str>,
-    pub query: Box<str>,
-    pub param_types: Box<[u8]>,
-    /// What running it does to the session.
-    pub effects: Effects,
-    /// Where it may run.
-    pub class: Class,
-}
-
-/// The server-side name of a statement: a digest of its text, its types and
-/// the database's schema epoch (see `Router::schema_epoch`).
-pub(super) fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<str> {
-    let mut h = Sha256::new();
-    h.update(query.as_bytes());
-    h.update([0]);
-    h.update(param_types);
-    h.update(epoch.to_le_bytes());
-    let digest = h.finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    Arc::from(format!("dbp_{hex}"))
-}
 
 impl Conn<'_> {
     /// Statement renaming is on: transaction mode with a statement budget.
@@ -153,13 +125,6 @@ impl Conn<'_> {
                 )));
             }
         }
-        if let Phase::SkipToSync = self.phase {
-            if tag == b'S' {
-                ready_for_query(&mut self.to_client, TransactionStatus::Idle);
-                self.phase = Phase::Idle;
-            }
-            return Ok(());
-        }
         if self.split && matches!(self.phase, Phase::Idle) {
             if matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C') {
                 // Which server a batch needs is known once it is complete.
@@ -181,6 +146,15 @@ impl Conn<'_> {
                 // now, unseen: only the primary is safe for whatever comes.
                 self.flush_staged(tag == b'H').await?;
             }
+        }
+        if let Phase::SkipToSync = self.phase {
+            // A request failed without a server (perhaps the batch just
+            // flushed): its batch is skipped, and its Sync answered here.
+            if tag == b'S' {
+                ready_for_query(&mut self.to_client, TransactionStatus::Idle);
+                self.phase = Phase::Idle;
+            }
+            return Ok(());
         }
         self.dispatch(tag, msg).await
     }
@@ -463,6 +437,30 @@ impl Conn<'_> {
             }
             return self.send(msg, b'P', Some(Request::Parse), class).await;
         }
+        if self.statements.contains(p.name) {
+            let message = format!("prepared statement \"{}\" already exists", p.name);
+            self.refuse_parse(&ErrorFields::error(SqlState::DUPLICATE_PREPARED_STATEMENT, message));
+            return Ok(());
+        }
+        let budget = self.shared.live().config.pool.max_client_statement_bytes;
+        let cost = super::statements::cost(p.name, p.query, p.param_types);
+        if budget > 0 && self.statements.bytes() + cost > budget {
+            self.shared.errors.count("client_statement_limit");
+            tracing::warn!(
+                held = self.statements.bytes(),
+                cost,
+                "client's prepared statement refused: over pool.max_client_statement_bytes"
+            );
+            let message = format!(
+                "prepared statement \"{}\" would take this client's prepared statements over \
+                 pool.max_client_statement_bytes ({budget} bytes) in dbproxy",
+                p.name
+            );
+            let hint =
+                "close (DEALLOCATE) prepared statements no longer needed, or raise pool.max_client_statement_bytes";
+            self.refuse_parse(&ErrorFields::error(SqlState::PROGRAM_LIMIT_EXCEEDED, message).with_hint(hint));
+            return Ok(());
+        }
         let stmt = Arc::new(Statement {
             server_name: server_name(p.query, p.param_types, self.router.schema_epoch()),
             query: p.query.into(),
@@ -474,14 +472,14 @@ impl Conn<'_> {
             // A server accepted this very statement before: no need to hold
             // one just to hear so again (clients that prepare synchronously
             // outside transactions would otherwise queue behind busy ones).
-            self.statements.insert(p.name.to_owned(), stmt);
+            self.statements.insert(p.name, stmt);
             self.expect.synthetic(Synthetic::ParseComplete);
             return Ok(());
         }
         if !self.ensure_server(b'P', stmt.class).await? {
             return Ok(());
         }
-        self.statements.insert(p.name.to_owned(), stmt.clone());
+        self.statements.insert(p.name, stmt.clone());
         let held = self
             .attached()
             .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
@@ -598,20 +596,5 @@ impl Conn<'_> {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_names_depend_on_text_and_types() {
-        let a = server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 0);
-        assert_eq!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 0));
-        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 25], 0));
-        assert_ne!(a, server_name("SELECT $2", &[0, 1, 0, 0, 0, 23], 0));
-        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 1));
-        assert!(a.starts_with("dbp_") && a.len() == 28);
     }
 }

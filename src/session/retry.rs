@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::requests::{Statement, server_name};
+use super::statements::{Statement, server_name};
 use super::transfer::{Conn, Exit, Phase};
 use crate::protocol::TransactionStatus;
 use crate::protocol::extended::parse_target;

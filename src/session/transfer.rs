@@ -14,7 +14,6 @@
 //! leaves. What the client sends is translated in `requests.rs`; giving the
 //! server connection back or up is in `release.rs`.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,10 +25,10 @@ use super::buffers::{IDLE_READ_RESERVE, READ_RESERVE, recycle, spare_buffer};
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::greeting::{server_params, startup_settings};
-use super::requests::Statement;
 use super::retry::Retry;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
+use super::statements::Statements;
 use super::stream::{ClientReader, ClientWriter};
 use crate::clients::{ClientInfo, SIGNAL_KILL, SIGNAL_SHUTDOWN};
 use crate::config::PoolMode;
@@ -147,9 +146,8 @@ pub(super) struct Conn<'a> {
     pub(super) draining: bool,
     /// Answers owed by the server connection held.
     pub(super) expect: Expectations,
-    /// The client's named prepared statements, by its names. SipHash, not a
-    /// faster hash: the names are the client's to choose, as many as it likes.
-    pub(super) statements: HashMap<String, Arc<Statement>>,
+    /// The client's named prepared statements, by its names.
+    pub(super) statements: Statements,
     /// Session effects of the client's last unnamed Parse.
     pub(super) unnamed: Effects,
     /// The client's session settings, carried to each server connection.
@@ -261,7 +259,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         release_due: false,
         draining: false,
         expect: Expectations::default(),
-        statements: HashMap::new(),
+        statements: Statements::default(),
         unnamed: Effects::default(),
         settings: startup.clone(),
         startup,

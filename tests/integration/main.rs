@@ -10,5 +10,7 @@ mod login;
 mod pooling;
 mod protocol;
 mod raw;
+mod statements;
 mod tls;
 mod transparency;
+mod wire;

@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::*;
+use crate::wire::*;
 
 /// Reads until EOF (or 5 s) and returns what the proxy sent.
 async fn reply(stream: &mut TcpStream) -> Vec<u8> {
@@ -21,20 +22,6 @@ fn error_code(bytes: &[u8]) -> Option<String> {
     body.split(|&b| b == 0)
         .find_map(|f| f.strip_prefix(b"C"))
         .map(|c| String::from_utf8_lossy(c).into_owned())
-}
-
-fn startup(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,55 +176,6 @@ async fn silent_and_slow_connections_neither_linger_nor_slow_others() {
     assert_eq!(closed, 300, "every silent connection was closed");
     // The slow client never answered the SCRAM challenge: the timeout closed it too.
     assert_eq!(proxy.shared().clients.count(), 1, "only the logged-in client remains");
-}
-
-/// A frontend message: tag, length, body.
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-/// SASLInitialResponse naming `mechanism` with `data`.
-fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
-    let mut body = mechanism.as_bytes().to_vec();
-    body.push(0);
-    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
-    body.extend_from_slice(data);
-    message(b'p', &body)
-}
-
-/// Reads one backend message; `None` on EOF or after 5 s.
-async fn read_message(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let read = async {
-        let mut head = [0u8; 5];
-        stream.read_exact(&mut head).await.ok()?;
-        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len.checked_sub(4)?];
-        stream.read_exact(&mut body).await.ok()?;
-        Some((head[0], body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), read).await.ok().flatten()
-}
-
-/// The SQLSTATE of an ErrorResponse body.
-fn body_code(body: &[u8]) -> Option<String> {
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-}
-
-/// Connects and sends a startup packet for `user`; returns at the SASL request.
-async fn until_sasl(addr: std::net::SocketAddr, user: &TestUser) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&startup(3 << 16, &[("user", &user.name), ("database", "appdb")]))
-        .await
-        .unwrap();
-    let (tag, body) = read_message(&mut s).await.expect("an authentication request");
-    assert_eq!(tag, b'R');
-    assert_eq!(&body[..4], &10i32.to_be_bytes(), "AuthenticationSASL");
-    s
 }
 
 /// Sends `bytes`, then expects a FATAL ErrorResponse with `code` and a hang-up.
@@ -402,72 +340,6 @@ async fn a_2gb_length_claim_after_login_allocates_nothing() {
     assert_eq!(client.query_one("SELECT 14", &[]).await.unwrap().get::<_, i32>(0), 14);
 }
 
-/// Logs `user` in over a raw socket; returns it after the first ReadyForQuery.
-async fn login(addr: std::net::SocketAddr, user: &TestUser) -> TcpStream {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    let mut scram = ScramSha256::new(user.password.as_bytes(), ChannelBinding::unsupported());
-    let mut s = until_sasl(addr, user).await;
-    s.write_all(&sasl_initial("SCRAM-SHA-256", scram.message()))
-        .await
-        .unwrap();
-    let (_, body) = read_message(&mut s).await.unwrap();
-    scram.update(&body[4..]).unwrap();
-    s.write_all(&message(b'p', scram.message())).await.unwrap();
-    while let Some((tag, _)) = read_message(&mut s).await {
-        if tag == b'Z' {
-            break;
-        }
-    }
-    s
-}
-
-fn parse_msg(name: &str, sql: &str) -> Vec<u8> {
-    let mut body = format!("{name}\0{sql}\0").into_bytes();
-    body.extend_from_slice(&[0, 0]);
-    message(b'P', &body)
-}
-
-fn bind_msg(statement: &str) -> Vec<u8> {
-    let mut body = format!("\0{statement}\0").into_bytes();
-    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    message(b'B', &body)
-}
-
-fn execute_msg() -> Vec<u8> {
-    message(b'E', &[0, 0, 0, 0, 0])
-}
-
-/// Reads messages up to (not including) ReadyForQuery.
-async fn until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    loop {
-        let (tag, body) = read_message(s).await.expect("an answer");
-        if tag == b'Z' {
-            return out;
-        }
-        out.push((tag, body));
-    }
-}
-
-/// A message as the tests compare it: CommandComplete tags, error codes and
-/// ParameterStatus spelled out, anything else by its type.
-fn spelled(tag: u8, body: &[u8]) -> String {
-    match tag {
-        b'C' => format!("C:{}", String::from_utf8_lossy(&body[..body.len() - 1])),
-        b'E' => format!("E:{}", body_code(body).unwrap_or_default()),
-        b'S' => format!("S:{}", String::from_utf8_lossy(body).replace('\0', "=")),
-        other => char::from(other).to_string(),
-    }
-}
-
-/// Sends `msgs` and a Sync; returns what came back up to ReadyForQuery.
-async fn round(s: &mut TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
-    let mut out: Vec<u8> = msgs.concat();
-    out.extend_from_slice(&message(b'S', &[]));
-    s.write_all(&out).await.unwrap();
-    until_ready(s).await.iter().map(|(t, b)| spelled(*t, b)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_deallocate_and_discard_touch_only_the_clients_view() {
     let user = create_user("extdealloc").await;
@@ -567,23 +439,6 @@ async fn a_stale_plan_met_by_bind_describe_execute_is_resent_invisibly() {
         })
         .collect();
     assert_eq!(seen, ["2", "T:2", "D", "C:SELECT 1"]);
-}
-
-/// Sends a simple query; returns its CommandComplete tags, error codes and
-/// the first value of each row.
-async fn simple(s: &mut TcpStream, sql: &str) -> Vec<String> {
-    s.write_all(&message(b'Q', format!("{sql}\0").as_bytes()))
-        .await
-        .unwrap();
-    let answers = until_ready(s).await;
-    answers
-        .iter()
-        .filter_map(|(tag, body)| match tag {
-            b'C' | b'E' => Some(spelled(*tag, body)),
-            b'D' => Some(format!("D:{}", String::from_utf8_lossy(&body[6..]))),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,231 @@
+//! Named prepared statements at the edges: a name prepared twice, and a
+//! client whose statements outgrow `pool.max_client_statement_bytes`.
+
+use tokio::net::TcpStream;
+
+use crate::harness::*;
+use crate::wire::*;
+
+/// Sends `msgs` and a Sync; returns the answers spelled as `round` does, with
+/// each DataRow's first value (`D:value`).
+async fn rows(s: &mut TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut out: Vec<u8> = msgs.concat();
+    out.extend_from_slice(&message(b'S', &[]));
+    s.write_all(&out).await.unwrap();
+    until_ready(s)
+        .await
+        .iter()
+        .map(|(tag, body)| match tag {
+            b'D' => {
+                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]).max(0) as usize;
+                format!("D:{}", String::from_utf8_lossy(&body[6..6 + len]))
+            }
+            _ => spelled(*tag, body),
+        })
+        .collect()
+}
+
+fn run(name: &str) -> [Vec<u8>; 2] {
+    [bind_msg(name), execute_msg()]
+}
+
+/// One script, answered on a direct connection and through dbproxy.
+async fn duplicate_names_script(s: &mut TcpStream) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    out.push(rows(s, &[parse_msg("s1", "SELECT 1")]).await);
+    // The same name again, with the same text and with another.
+    out.push(rows(s, &[parse_msg("s1", "SELECT 1")]).await);
+    out.push(rows(s, &[parse_msg("s1", "SELECT 2"), bind_msg("s1"), execute_msg()]).await);
+    out.push(rows(s, &run("s1")).await);
+    // Twice in one batch: the first stays.
+    out.push(rows(s, &[parse_msg("s2", "SELECT 22"), parse_msg("s2", "SELECT 23")]).await);
+    out.push(rows(s, &run("s2")).await);
+    // Inside a transaction block: the error aborts it.
+    out.push(simple(s, "BEGIN").await);
+    out.push(rows(s, &[parse_msg("s1", "SELECT 3")]).await);
+    out.push(simple(s, "SELECT 4").await);
+    out.push(simple(s, "ROLLBACK").await);
+    // Closed, the name is free again.
+    let close = message(b'C', b"Ss1\0");
+    out.push(rows(s, &[close, parse_msg("s1", "SELECT 5"), bind_msg("s1"), execute_msg()]).await);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_name_in_use_cannot_be_prepared_again() {
+    let user = create_user("dupname").await;
+    let direct_addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster().primary).parse().unwrap();
+    let mut direct = login(direct_addr, &user).await;
+    let expected = duplicate_names_script(&mut direct).await;
+    assert_eq!(
+        expected,
+        [
+            vec!["1"],
+            vec!["E:42P05"],
+            vec!["E:42P05"],
+            vec!["2", "D:1", "C:SELECT 1"],
+            vec!["1", "E:42P05"],
+            vec!["2", "D:22", "C:SELECT 1"],
+            vec!["C:BEGIN"],
+            vec!["E:42P05"],
+            vec!["E:25P02"],
+            vec!["C:ROLLBACK"],
+            vec!["3", "1", "2", "D:5", "C:SELECT 1"],
+        ],
+        "PostgreSQL itself"
+    );
+    // One server connection, so the names meet statements other clients made too.
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let mut other = login(proxy.local_addr(), &user).await;
+    assert_eq!(rows(&mut other, &[parse_msg("o1", "SELECT 2")]).await, ["1"]);
+    let mut s = login(proxy.local_addr(), &user).await;
+    assert_eq!(duplicate_names_script(&mut s).await, expected);
+    assert_eq!(rows(&mut other, &run("o1")).await, ["2", "D:2", "C:SELECT 1"]);
+}
+
+/// A field (`M` message, `H` hint, `C` code) of the first ErrorResponse in answers.
+async fn error_field(s: &mut TcpStream, msgs: &[Vec<u8>], field: u8) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut out: Vec<u8> = msgs.concat();
+    out.extend_from_slice(&message(b'S', &[]));
+    s.write_all(&out).await.unwrap();
+    let answers = until_ready(s).await;
+    let (_, body) = answers.iter().find(|(t, _)| *t == b'E').expect("an error");
+    body.split(|&b| b == 0)
+        .find_map(|f| f.strip_prefix(&[field][..]))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_statement_budget_is_refused_and_carries_on() {
+    let user = create_user("stmtbudget").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 2\nmax_client_statement_bytes = 65536")
+        .start()
+        .await;
+    let mut s = login(proxy.local_addr(), &user).await;
+    let text = |i: usize| format!("SELECT {i}, '{}'", "x".repeat(900));
+    // About 1.2 KB each: roughly 55 fit in 64 KiB, then the next is refused.
+    let mut refused_at = None;
+    for i in 0..100 {
+        let answer = rows(&mut s, &[parse_msg(&format!("s{i}"), &text(i))]).await;
+        if answer != ["1"] {
+            assert_eq!(answer, ["E:54000"], "statement {i}");
+            refused_at = Some(i);
+            break;
+        }
+    }
+    let n = refused_at.expect("a statement refused");
+    assert!((40..60).contains(&n), "refused at {n}");
+    let msg = error_field(&mut s, &[parse_msg("big", &text(0))], b'M').await;
+    assert!(
+        msg.contains("\"big\"") && msg.contains("pool.max_client_statement_bytes (65536 bytes)"),
+        "{msg}"
+    );
+    // The rest of a refused batch is skipped, as after any failed Parse.
+    assert_eq!(
+        rows(&mut s, &[parse_msg("big", &text(0)), bind_msg("s0"), execute_msg()]).await,
+        ["E:54000"]
+    );
+    // Statements kept still run, and the client's connection is fine.
+    assert_eq!(rows(&mut s, &run("s1")).await[..2], ["2", "D:1"]);
+    assert_eq!(simple(&mut s, "SELECT 7").await, ["D:7", "C:SELECT 1"]);
+    // Inside a transaction block the refusal fails the block, as a failed Parse would.
+    assert_eq!(simple(&mut s, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(simple(&mut s, "SELECT 8").await, ["D:8", "C:SELECT 1"]);
+    assert_eq!(rows(&mut s, &[parse_msg("big", &text(0))]).await, ["E:54000"]);
+    assert_eq!(simple(&mut s, "SELECT 9").await, ["E:25P02"]);
+    assert_eq!(simple(&mut s, "ROLLBACK").await, ["C:ROLLBACK"]);
+    // Closing statements makes room again.
+    let close = |name: &str| message(b'C', format!("S{name}\0").as_bytes());
+    assert_eq!(rows(&mut s, &[close("s0"), close("s1")]).await, ["3", "3"]);
+    assert_eq!(
+        rows(&mut s, &[parse_msg("big", &text(0)), bind_msg("big"), execute_msg()]).await[..3],
+        ["1", "2", "D:0"]
+    );
+    // DEALLOCATE ALL empties the budget.
+    assert_eq!(simple(&mut s, "DEALLOCATE ALL").await, ["C:DEALLOCATE ALL"]);
+    for i in 0..n {
+        assert_eq!(
+            rows(&mut s, &[parse_msg(&format!("t{i}"), &text(i))]).await,
+            ["1"],
+            "t{i}"
+        );
+    }
+
+    // Names are the client's to choose: refused inside a transaction (where the
+    // server raises the error), one that quotes and dollar-quotes comes back whole.
+    let odd = r"it's $dbproxy$ \'; SELECT 1; --";
+    assert_eq!(simple(&mut s, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(
+        simple(&mut s, "SET LOCAL standard_conforming_strings = off").await,
+        ["C:SET"]
+    );
+    let msg = error_field(&mut s, &[parse_msg(odd, &text(0))], b'M').await;
+    assert!(
+        msg.starts_with(&format!("prepared statement \"{odd}\" would take")),
+        "{msg}"
+    );
+    assert_eq!(simple(&mut s, "ROLLBACK").await, ["C:ROLLBACK"]);
+    assert_eq!(simple(&mut s, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(rows(&mut s, &[parse_msg(odd, "SELECT 1")]).await, ["1"]);
+    let msg = error_field(&mut s, &[parse_msg(odd, "SELECT 1")], b'M').await;
+    assert_eq!(msg, format!("prepared statement \"{odd}\" already exists"));
+    assert_eq!(simple(&mut s, "ROLLBACK").await, ["C:ROLLBACK"]);
+
+    // Counted, and nobody else is affected.
+    let other = connect(&proxy, &user).await.unwrap();
+    for i in 0..5 {
+        other.prepare(&text(i)).await.unwrap();
+    }
+    let errors = proxy
+        .shared()
+        .errors
+        .snapshot()
+        .find(|(k, _)| *k == "client_statement_limit");
+    assert!(errors.is_some_and(|(_, n)| n >= 4), "{errors:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_splitting_on_a_batch_that_gets_no_server_is_answered_once() {
+    let user = create_user("splitskip").await;
+    let mut setup = Setup::new(&[&user]).pool("size = 1\ncheckout_timeout = \"1s\"");
+    setup.routing = "read_write_split = true".to_owned();
+    let proxy = setup.start().await;
+    let write = "SELECT pg_current_xact_id()::text";
+    // A holds the one primary connection in a transaction.
+    let a = connect(&proxy, &user).await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    a.simple_query(write).await.unwrap();
+    // B's batch needs the primary too: one timeout, one error, one ReadyForQuery.
+    let mut b = login(proxy.local_addr(), &user).await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        rows(&mut b, &[parse_msg("", write), bind_msg(""), execute_msg()]).await,
+        ["E:57014"]
+    );
+    let waited = started.elapsed();
+    assert!(waited < std::time::Duration::from_millis(1800), "waited {waited:?}");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        rows(&mut b, &[parse_msg("", write), bind_msg(""), execute_msg()]).await[..2],
+        ["1", "2"]
+    );
+
+    // A name in use, refused without a server (the server accepted this text
+    // before): the batch's Sync gets no server either.
+    assert_eq!(rows(&mut b, &[parse_msg("s1", "SELECT 1")]).await, ["1"]);
+    let before = proxy.shared().live().stats["appdb"]
+        .xact_count
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        rows(&mut b, &[parse_msg("s2", "SELECT 1"), parse_msg("s2", "SELECT 1")]).await,
+        ["1", "E:42P05"]
+    );
+    let after = proxy.shared().live().stats["appdb"]
+        .xact_count
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(before, after, "no server connection taken");
+}
