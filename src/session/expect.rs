@@ -49,6 +49,16 @@ impl Request {
     }
 }
 
+/// A client's named Parse, answered by the server or by the proxy: if the
+/// answer never comes (an earlier error skips it, the connection is lost),
+/// the client's name for it must go (see `Statements::forget`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientParse {
+    pub name: Box<str>,
+    /// Which statement of that name (`Statements::insert`).
+    pub id: u64,
+}
+
 /// A response the proxy writes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synthetic {
@@ -65,8 +75,10 @@ enum Entry {
         /// The server-side statement a Parse creates (forgotten if it
         /// fails), a Close closes, or a Bind uses.
         creates: Option<Arc<str>>,
+        /// The client's Parse this is, if it is one.
+        client: Option<ClientParse>,
     },
-    Synthetic(Synthetic),
+    Synthetic(Synthetic, Option<ClientParse>),
     /// The client ended a COPY IN here (CopyDone or CopyFail); no answer.
     CopyEnd,
 }
@@ -94,6 +106,8 @@ pub struct Expectations {
     created: Vec<Arc<str>>,
     /// Statements whose Close was skipped after an error: still prepared.
     kept: Vec<Arc<str>>,
+    /// Client Parses that got no ParseComplete after all.
+    unparsed: Vec<ClientParse>,
     /// In COPY IN started by Execute, before the client's CopyDone/CopyFail:
     /// the server ignores Syncs sent now.
     in_copy_in: bool,
@@ -129,7 +143,41 @@ impl Expectations {
             request,
             injected,
             creates,
+            client: None,
         });
+    }
+
+    /// Records the client's named Parse, sent to the server as `creates`.
+    pub fn sent_client_parse(&mut self, creates: Arc<str>, client: ClientParse) {
+        self.queue.push_back(Entry::Sent {
+            request: Request::Parse,
+            injected: false,
+            creates: Some(creates),
+            client: Some(client),
+        });
+    }
+
+    /// Whether a Parse of the client's statement `name` is unanswered in an
+    /// earlier batch than the next request's: it may yet fail, and a Parse
+    /// of the same name now would then be fine. (In the same batch, its
+    /// failure would make the server skip the new Parse anyway.)
+    pub fn parse_pending_before_sync(&self, name: &str) -> bool {
+        let mut pending = false;
+        for entry in &self.queue {
+            match entry {
+                Entry::Sent { client: Some(c), .. } | Entry::Synthetic(_, Some(c)) if *c.name == *name => {
+                    pending = true
+                }
+                Entry::Sent { request, .. } if pending && request.ends_with_ready() => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// Client Parses that will get no ParseComplete, since last asked.
+    pub fn take_unparsed(&mut self) -> impl Iterator<Item = ClientParse> + '_ {
+        self.unparsed.drain(..)
     }
 
     /// The client sent CopyDone or CopyFail.
@@ -148,11 +196,20 @@ impl Expectations {
 
     /// Records an answer the proxy gives itself once everything before it is answered.
     pub fn synthetic(&mut self, s: Synthetic) {
+        self.synthetic_for(s, None);
+    }
+
+    /// A synthetic ParseComplete answering the client's named Parse.
+    pub fn synthetic_parse(&mut self, client: ClientParse) {
+        self.synthetic_for(Synthetic::ParseComplete, Some(client));
+    }
+
+    fn synthetic_for(&mut self, s: Synthetic, client: Option<ClientParse>) {
         if self.queue.is_empty() {
             self.visible_done += 1;
             self.ready.push(s);
         } else {
-            self.queue.push_back(Entry::Synthetic(s));
+            self.queue.push_back(Entry::Synthetic(s, client));
         }
     }
 
@@ -181,9 +238,14 @@ impl Expectations {
         self.failed.drain(..)
     }
 
-    /// Forgets everything (the connection is gone).
+    /// Forgets everything (the connection is gone); client Parses still owed
+    /// an answer go to [`Self::take_unparsed`].
     pub fn clear(&mut self) {
-        self.queue.clear();
+        for entry in self.queue.drain(..) {
+            if let Entry::Sent { client: Some(c), .. } | Entry::Synthetic(_, Some(c)) = entry {
+                self.unparsed.push(c);
+            }
+        }
         self.ready.clear();
         self.failed.clear();
         self.created.clear();
@@ -290,8 +352,13 @@ impl Expectations {
                 Some(Entry::Sent {
                     request: Request::Parse,
                     creates: Some(s),
+                    client,
                     ..
-                }) => self.failed.push(s),
+                }) => {
+                    self.failed.push(s);
+                    self.unparsed.extend(client);
+                }
+                Some(Entry::Synthetic(_, client)) => self.unparsed.extend(client),
                 _ => {}
             }
         }
@@ -322,7 +389,7 @@ impl Expectations {
     fn release_synthetic(&mut self) {
         loop {
             match self.queue.front() {
-                Some(Entry::Synthetic(s)) => {
+                Some(Entry::Synthetic(s, _)) => {
                     self.visible_done += 1;
                     self.ready.push(*s);
                 }
@@ -458,5 +525,43 @@ mod tests {
         assert_eq!(e.client_syncs(), 1);
         feed(&mut e, b"Z");
         assert!(e.is_empty());
+    }
+
+    fn client(name: &str, id: u64) -> ClientParse {
+        ClientParse { name: name.into(), id }
+    }
+
+    #[test]
+    fn client_parses_that_get_no_parse_complete_are_reported() {
+        let mut e = Expectations::default();
+        e.sent(Request::Bind, false, None);
+        e.sent_client_parse("dbp_1".into(), client("a", 1));
+        e.synthetic_parse(client("b", 2));
+        e.sent(Request::Sync, false, None);
+        e.synthetic_parse(client("c", 3));
+        // The Bind fails: the Parse and the synthetic answer after it are skipped.
+        feed(&mut e, b"E");
+        assert_eq!(e.take_unparsed().collect::<Vec<_>>(), [client("a", 1), client("b", 2)]);
+        assert_eq!(e.take_failed().count(), 1);
+        // The connection is lost before the next batch is answered.
+        feed(&mut e, b"Z");
+        e.sent_client_parse("dbp_4".into(), client("d", 4));
+        e.clear();
+        assert_eq!(e.take_unparsed().collect::<Vec<_>>(), [client("d", 4)]);
+    }
+
+    #[test]
+    fn a_parse_is_pending_before_a_sync_only_across_batches() {
+        let mut e = Expectations::default();
+        e.sent_client_parse("dbp_1".into(), client("a", 1));
+        assert!(
+            !e.parse_pending_before_sync("a"),
+            "same batch: its failure would skip the next"
+        );
+        e.sent(Request::Sync, false, None);
+        assert!(e.parse_pending_before_sync("a"));
+        assert!(!e.parse_pending_before_sync("b"));
+        feed(&mut e, b"1Z");
+        assert!(!e.parse_pending_before_sync("a"));
     }
 }

@@ -31,28 +31,25 @@ fn reject_error(fx: &Effects) -> ErrorFields {
 }
 
 /// A statement that raises `err` (its code, message and hint) when executed.
-/// The texts may come from the client (a statement name): they are quoted
-/// as escape strings, which read the same whatever
-/// `standard_conforming_strings` says, in a dollar quote they cannot close.
+/// The texts may hold the client's bytes (a statement name), which only the
+/// client's encoding can read: they go as hex, decoded in that encoding, as
+/// the server reads the client's own messages. The statement is plain ASCII
+/// whatever the client sent, and nothing in it is quoted.
 pub(super) fn raise_sql(err: &ErrorFields) -> String {
-    let literal = |s: &str| format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"));
-    let mut body = format!(
-        " BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}",
+    let text = |s: &str| {
+        let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("convert_from(decode('{hex}', 'hex'), current_setting('client_encoding'))")
+    };
+    let mut sql = format!(
+        "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}",
         err.code.code(),
-        literal(&err.message)
+        text(&err.message)
     );
     if let Some(hint) = &err.hint {
-        body.push_str(&format!(", HINT = {}", literal(hint)));
+        sql.push_str(&format!(", HINT = {}", text(hint)));
     }
-    body.push_str("; END ");
-    let mut tag = "$dbproxy$".to_owned();
-    for n in 0.. {
-        if !body.contains(&tag) {
-            break;
-        }
-        tag = format!("$dbproxy{n}$");
-    }
-    format!("DO {tag}{body}{tag}")
+    sql.push_str("; END $dbproxy$");
+    sql
 }
 
 impl Conn<'_> {
@@ -214,18 +211,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn raised_texts_are_escape_strings_in_a_dollar_quote_they_do_not_contain() {
-        let err =
-            ErrorFields::error(SqlState::PROGRAM_LIMIT_EXCEEDED, r"a 'b' \c $dbproxy$ $dbproxy0$").with_hint("h'");
-        let sql = raise_sql(&err);
+    fn raised_texts_go_as_hex_in_the_clients_encoding() {
+        let err = ErrorFields::error(SqlState::PROGRAM_LIMIT_EXCEEDED, "a'\\\u{c1}$").with_hint("h");
+        let decode = |hex: &str| format!("convert_from(decode('{hex}', 'hex'), current_setting('client_encoding'))");
         assert_eq!(
-            sql,
-            r"DO $dbproxy1$ BEGIN RAISE EXCEPTION USING ERRCODE = '54000', MESSAGE = E'a ''b'' \\c $dbproxy$ $dbproxy0$', HINT = E'h'''; END $dbproxy1$"
-        );
-        let plain = raise_sql(&ErrorFields::error(SqlState::FEATURE_NOT_SUPPORTED, "x"));
-        assert_eq!(
-            plain,
-            "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = E'x'; END $dbproxy$"
+            raise_sql(&err),
+            format!(
+                "DO $dbproxy$ BEGIN RAISE EXCEPTION USING ERRCODE = '54000', MESSAGE = {}, HINT = {}; END $dbproxy$",
+                decode("61275cc38124"),
+                decode("68")
+            )
         );
     }
 }

@@ -49,6 +49,9 @@ impl Conn<'_> {
         shrink(&mut self.cbuf);
         recycle(&mut self.to_client);
         self.expect.clear();
+        for parse in self.expect.take_unparsed() {
+            self.statements.forget(&parse);
+        }
         self.retry.reset();
         self.sscan.reset();
         if clean {
@@ -167,6 +170,10 @@ impl Conn<'_> {
         self.sbuf.clear();
         self.to_server.clear();
         self.expect.clear();
+        for parse in self.expect.take_unparsed() {
+            // Their Parses get the error below.
+            self.statements.forget(&parse);
+        }
         self.tracker = Tracker::default();
         self.sscan.reset();
         if mid_message {

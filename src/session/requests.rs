@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::expect::{Request, Synthetic};
+use super::expect::{ClientParse, Request, Synthetic};
 use super::local::reject_sql;
 use super::statements::{Statement, server_name};
 use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
@@ -437,7 +437,9 @@ impl Conn<'_> {
             }
             return self.send(msg, b'P', Some(Request::Parse), class).await;
         }
-        if self.statements.contains(p.name) {
+        if self.statements.contains(p.name) && !self.expect.parse_pending_before_sync(p.name) {
+            // (A name whose Parse in an earlier batch is unanswered may yet
+            // fail and be free: the new statement replaces it, unchecked.)
             let message = format!("prepared statement \"{}\" already exists", p.name);
             self.refuse_parse(&ErrorFields::error(SqlState::DUPLICATE_PREPARED_STATEMENT, message));
             return Ok(());
@@ -446,11 +448,14 @@ impl Conn<'_> {
         let cost = super::statements::cost(p.name, p.query, p.param_types);
         if budget > 0 && self.statements.bytes() + cost > budget {
             self.shared.errors.count("client_statement_limit");
-            tracing::warn!(
-                held = self.statements.bytes(),
-                cost,
-                "client's prepared statement refused: over pool.max_client_statement_bytes"
-            );
+            let held = self.statements.bytes();
+            let why = "client's prepared statement refused: over pool.max_client_statement_bytes";
+            if self.statements.first_refusal() {
+                // Once per client: the counter has them all.
+                tracing::warn!(held, cost, "{why}");
+            } else {
+                tracing::debug!(held, cost, "{why}");
+            }
             let message = format!(
                 "prepared statement \"{}\" would take this client's prepared statements over \
                  pool.max_client_statement_bytes ({budget} bytes) in dbproxy",
@@ -472,22 +477,22 @@ impl Conn<'_> {
             // A server accepted this very statement before: no need to hold
             // one just to hear so again (clients that prepare synchronously
             // outside transactions would otherwise queue behind busy ones).
-            self.statements.insert(p.name, stmt);
-            self.expect.synthetic(Synthetic::ParseComplete);
+            let client = self.statements.insert(p.name, stmt);
+            self.expect.synthetic_parse(client);
             return Ok(());
         }
         if !self.ensure_server(b'P', stmt.class).await? {
             return Ok(());
         }
-        self.statements.insert(p.name, stmt.clone());
+        let client = self.statements.insert(p.name, stmt.clone());
         let held = self
             .attached()
             .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
         self.count_prepared(held);
         if held {
-            self.expect.synthetic(Synthetic::ParseComplete);
+            self.expect.synthetic_parse(client);
         } else {
-            self.prepare(&stmt, false);
+            self.prepare(&stmt, Some(client));
         }
         if let Some(a) = self.attached() {
             a.unsynced = true;
@@ -496,8 +501,9 @@ impl Conn<'_> {
     }
 
     /// Writes a Parse of `stmt` to the server connection held (closing the
-    /// least recently used statement if that exceeds the budget).
-    fn prepare(&mut self, stmt: &Statement, injected: bool) {
+    /// least recently used statement if that exceeds the budget): the
+    /// client's own Parse, or one the proxy injects (`client` None).
+    fn prepare(&mut self, stmt: &Statement, client: Option<ClientParse>) {
         let limit = self.shared.live().config.pool.max_prepared_statements;
         let Phase::Attached(a) = &mut self.phase else {
             return;
@@ -507,8 +513,10 @@ impl Conn<'_> {
             self.expect.sent(Request::Close, true, Some(old));
         }
         write_parse(&mut self.to_server, &stmt.server_name, &stmt.query, &stmt.param_types);
-        self.expect
-            .sent(Request::Parse, injected, Some(stmt.server_name.clone()));
+        match client {
+            Some(client) => self.expect.sent_client_parse(stmt.server_name.clone(), client),
+            None => self.expect.sent(Request::Parse, true, Some(stmt.server_name.clone())),
+        }
     }
 
     /// Prepares `stmt` on the held connection unless it is there already.
@@ -518,7 +526,7 @@ impl Conn<'_> {
             .is_some_and(|a| a.conn.conn.state.prepared.touch(&stmt.server_name));
         self.count_prepared(held);
         if !held {
-            self.prepare(stmt, true);
+            self.prepare(stmt, None);
         }
     }
 

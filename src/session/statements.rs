@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::expect::ClientParse;
 use crate::router::Class;
 use crate::sql::Effects;
 
@@ -51,17 +52,26 @@ pub fn cost(name: &str, query: &str, param_types: &[u8]) -> usize {
 /// not a faster hash: the names are the client's to choose.
 #[derive(Debug, Default)]
 pub struct Statements {
-    map: HashMap<String, Arc<Statement>>,
+    /// Each with the id its Parse was given.
+    map: HashMap<String, (Arc<Statement>, u64)>,
     bytes: usize,
+    next_id: u64,
+    /// A Parse was refused for the budget (warned about once per client).
+    refused: bool,
 }
 
 impl Statements {
     pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
-        self.map.get(name)
+        self.map.get(name).map(|(s, _)| s)
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
+    }
+
+    /// Whether this is the first Parse refused for the budget.
+    pub fn first_refusal(&mut self) -> bool {
+        !std::mem::replace(&mut self.refused, true)
     }
 
     /// Total cost of the statements kept.
@@ -69,18 +79,32 @@ impl Statements {
         self.bytes
     }
 
-    /// Keeps `stmt` under `name` (which the caller knows to be free).
-    pub fn insert(&mut self, name: &str, stmt: Arc<Statement>) {
+    /// Keeps `stmt` under `name`, replacing any statement of that name.
+    /// Returns the Parse's id, for [`Self::forget`].
+    pub fn insert(&mut self, name: &str, stmt: Arc<Statement>) -> ClientParse {
+        self.next_id += 1;
         self.bytes += cost(name, &stmt.query, &stmt.param_types);
-        if let Some(old) = self.map.insert(name.to_owned(), stmt) {
+        if let Some((old, _)) = self.map.insert(name.to_owned(), (stmt, self.next_id)) {
             self.bytes -= cost(name, &old.query, &old.param_types);
+        }
+        ClientParse {
+            name: name.into(),
+            id: self.next_id,
         }
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {
-        let old = self.map.remove(name)?;
+        let (old, _) = self.map.remove(name)?;
         self.bytes -= cost(name, &old.query, &old.param_types);
         Some(old)
+    }
+
+    /// Removes the statement `parse` created, unless its name has been given
+    /// to another since: that Parse got no ParseComplete after all.
+    pub fn forget(&mut self, parse: &ClientParse) {
+        if self.map.get(&*parse.name).is_some_and(|(_, id)| *id == parse.id) {
+            self.remove(&parse.name);
+        }
     }
 
     pub fn clear(&mut self) {
@@ -89,12 +113,12 @@ impl Statements {
     }
 
     pub fn values(&self) -> impl Iterator<Item = &Arc<Statement>> {
-        self.map.values()
+        self.map.values().map(|(s, _)| s)
     }
 
     /// The statements, to give them new server-side names (their cost stays).
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Arc<Statement>> {
-        self.map.values_mut()
+        self.map.values_mut().map(|(s, _)| s)
     }
 }
 
@@ -142,5 +166,16 @@ mod tests {
         assert_eq!(s.bytes(), cost("bb", "SELECT 22", &[0, 0]));
         s.clear();
         assert_eq!((s.bytes(), s.contains("bb")), (0, false));
+    }
+
+    #[test]
+    fn a_failed_parse_forgets_only_its_own_statement() {
+        let mut s = Statements::default();
+        let first = s.insert("a", stmt("SELECT 1"));
+        let second = s.insert("a", stmt("SELECT 2"));
+        s.forget(&first);
+        assert_eq!(s.get("a").map(|st| &*st.query), Some("SELECT 2"));
+        s.forget(&second);
+        assert_eq!((s.get("a").is_none(), s.bytes()), (true, 0));
     }
 }

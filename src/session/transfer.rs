@@ -701,6 +701,9 @@ impl Conn<'_> {
             for name in self.expect.take_failed() {
                 a.conn.conn.state.prepared.remove(&name);
             }
+            for parse in self.expect.take_unparsed() {
+                self.statements.forget(&parse);
+            }
             if self.expect.has_created() {
                 self.pool.learn_statements(self.expect.take_created());
             }

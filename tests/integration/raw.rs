@@ -424,12 +424,19 @@ async fn a_stale_plan_met_by_bind_describe_execute_is_resent_invisibly() {
         .unwrap();
     // B prepares after the change and executes with a portal Describe: the
     // stale server copy is never seen, and the description has both columns.
+    // (The batch also prepares a statement: its first attempt, skipped, does
+    // not leave the name taken for the second.)
     let mut b = login(addr, &user).await;
     assert_eq!(round(&mut b, &[parse_msg("b1", sql)]).await, ["1"]);
     let describe_portal = message(b'D', b"P\0");
-    b.write_all(&[bind_msg("b1"), describe_portal, execute_msg(), message(b'S', &[])].concat())
-        .await
-        .unwrap();
+    let batch = [
+        bind_msg("b1"),
+        describe_portal,
+        execute_msg(),
+        parse_msg("b2", "SELECT 2"),
+        message(b'S', &[]),
+    ];
+    b.write_all(&batch.concat()).await.unwrap();
     let seen: Vec<String> = until_ready(&mut b)
         .await
         .iter()
@@ -438,7 +445,11 @@ async fn a_stale_plan_met_by_bind_describe_execute_is_resent_invisibly() {
             _ => spelled(*tag, body),
         })
         .collect();
-    assert_eq!(seen, ["2", "T:2", "D", "C:SELECT 1"]);
+    assert_eq!(seen, ["2", "T:2", "D", "C:SELECT 1", "1"]);
+    assert_eq!(
+        round(&mut b, &[bind_msg("b2"), execute_msg()]).await,
+        ["2", "D", "C:SELECT 1"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

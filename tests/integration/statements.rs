@@ -46,6 +46,28 @@ async fn duplicate_names_script(s: &mut TcpStream) -> Vec<Vec<String>> {
     out.push(rows(s, &[parse_msg("s1", "SELECT 3")]).await);
     out.push(simple(s, "SELECT 4").await);
     out.push(simple(s, "ROLLBACK").await);
+    // A Parse that fails, or that an error before it skips, creates nothing.
+    out.push(rows(s, &[parse_msg("s3", "SELEC 1")]).await);
+    out.push(rows(s, &[parse_msg("s3", "SELECT 3")]).await);
+    out.push(rows(s, &[parse_msg("s4", "SELEC 1"), parse_msg("s5", "SELECT 5")]).await);
+    out.push(rows(s, &[parse_msg("s5", "SELECT 5")]).await);
+    // The same name again in the next batch, sent before the first is answered.
+    {
+        use tokio::io::AsyncWriteExt;
+        let sync = message(b'S', &[]);
+        let two = [
+            parse_msg("s6", "SELEC 6"),
+            sync.clone(),
+            parse_msg("s6", "SELECT 6"),
+            sync,
+        ]
+        .concat();
+        s.write_all(&two).await.unwrap();
+        for _ in 0..2 {
+            out.push(until_ready(s).await.iter().map(|(t, b)| spelled(*t, b)).collect());
+        }
+    }
+    out.push(rows(s, &run("s6")).await);
     // Closed, the name is free again.
     let close = message(b'C', b"Ss1\0");
     out.push(rows(s, &[close, parse_msg("s1", "SELECT 5"), bind_msg("s1"), execute_msg()]).await);
@@ -71,6 +93,13 @@ async fn a_statement_name_in_use_cannot_be_prepared_again() {
             vec!["E:42P05"],
             vec!["E:25P02"],
             vec!["C:ROLLBACK"],
+            vec!["E:42601"],
+            vec!["1"],
+            vec!["E:42601"],
+            vec!["1"],
+            vec!["E:42601"],
+            vec!["1"],
+            vec!["2", "D:6", "C:SELECT 1"],
             vec!["3", "1", "2", "D:5", "C:SELECT 1"],
         ],
         "PostgreSQL itself"
@@ -169,6 +198,18 @@ async fn a_client_over_its_statement_budget_is_refused_and_carries_on() {
         "{msg}"
     );
     assert_eq!(simple(&mut s, "ROLLBACK").await, ["C:ROLLBACK"]);
+    // In SJIS, bytes 81 5C are one character: a backslash escaped as UTF-8 text
+    // would be swallowed by it and let the quote close the string.
+    assert_eq!(simple(&mut s, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(simple(&mut s, "SET LOCAL client_encoding = 'SJIS'").await, ["C:SET"]);
+    let sjis = "\u{c1}\\'; RAISE NOTICE 'injected'; --";
+    // Read in SJIS, as the server reads the name itself, it comes back as sent.
+    let msg = error_field(&mut s, &[parse_msg(sjis, &text(0))], b'M').await;
+    assert!(
+        msg.starts_with(&format!("prepared statement \"{sjis}\" would take")),
+        "{msg}"
+    );
+    assert_eq!(simple(&mut s, "ROLLBACK").await, ["C:ROLLBACK"]);
     assert_eq!(simple(&mut s, "BEGIN").await, ["C:BEGIN"]);
     assert_eq!(rows(&mut s, &[parse_msg(odd, "SELECT 1")]).await, ["1"]);
     let msg = error_field(&mut s, &[parse_msg(odd, "SELECT 1")], b'M').await;
@@ -201,13 +242,10 @@ async fn with_splitting_on_a_batch_that_gets_no_server_is_answered_once() {
     a.simple_query(write).await.unwrap();
     // B's batch needs the primary too: one timeout, one error, one ReadyForQuery.
     let mut b = login(proxy.local_addr(), &user).await;
-    let started = std::time::Instant::now();
     assert_eq!(
         rows(&mut b, &[parse_msg("", write), bind_msg(""), execute_msg()]).await,
         ["E:57014"]
     );
-    let waited = started.elapsed();
-    assert!(waited < std::time::Duration::from_millis(1800), "waited {waited:?}");
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(
         rows(&mut b, &[parse_msg("", write), bind_msg(""), execute_msg()]).await[..2],
@@ -228,4 +266,6 @@ async fn with_splitting_on_a_batch_that_gets_no_server_is_answered_once() {
         .xact_count
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(before, after, "no server connection taken");
+    // Nothing more owed: the next query's answer is the next thing read.
+    assert_eq!(simple(&mut b, "SELECT 10").await, ["D:10", "C:SELECT 1"]);
 }
