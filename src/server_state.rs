@@ -79,6 +79,16 @@ type Values = BTreeMap<String, String>;
 pub struct Settings {
     values: Arc<Values>,
     fingerprint: u64,
+    /// `default_transaction_isolation` is `serializable`, which hot
+    /// standbys refuse: such a client's reads must go to the primary.
+    serializable: bool,
+}
+
+fn serializable(values: &Values) -> bool {
+    // The statement that sets it names the value; no other value contains this.
+    values
+        .get("default_transaction_isolation")
+        .is_some_and(|sql| sql.to_ascii_lowercase().contains("serializable"))
 }
 
 fn fingerprint(values: &Values) -> u64 {
@@ -121,6 +131,7 @@ impl Settings {
         }
         let fingerprint = fingerprint(&values);
         Settings {
+            serializable: serializable(&values),
             values: intern(values, fingerprint),
             fingerprint,
         }
@@ -128,6 +139,12 @@ impl Settings {
 
     fn refresh(&mut self) {
         self.fingerprint = fingerprint(&self.values);
+        self.serializable = serializable(&self.values);
+    }
+
+    /// Whether transactions default to SERIALIZABLE.
+    pub fn serializable(&self) -> bool {
+        self.serializable
     }
 
     /// Whether both hold the same values.
@@ -232,6 +249,36 @@ mod tests {
         assert_eq!(p.insert("c".into(), 2).as_deref(), Some("b"));
         assert!(!p.touch("b"));
         assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn a_serializable_default_is_known_from_how_it_was_set() {
+        let change = |name: &str, sql: &str| SettingChange::Set {
+            name: name.into(),
+            sql: sql.into(),
+        };
+        let startup = Settings::from_values([("default_transaction_isolation", "SERIALIZABLE")]);
+        assert!(startup.serializable());
+        let mut s = Settings::default();
+        assert!(!s.serializable());
+        s.apply_for_client(
+            &change(
+                "default_transaction_isolation",
+                "SET default_transaction_isolation TO 'serializable'",
+            ),
+            &Settings::default(),
+        );
+        assert!(s.serializable());
+        s.apply_for_client(
+            &change(
+                "default_transaction_isolation",
+                "SET default_transaction_isolation TO 'repeatable read'",
+            ),
+            &Settings::default(),
+        );
+        assert!(!s.serializable());
+        s.apply_for_client(&SettingChange::ResetAll, &startup);
+        assert!(s.serializable(), "RESET ALL returns to the startup value");
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Histogram {
 }
 
 /// Routing reasons, in the order of `DbStats::reasons`.
-pub const REASONS: [&str; 10] = [
+pub const REASONS: [&str; 11] = [
     "read",
     "read_only_transaction",
     "write",
@@ -51,6 +51,7 @@ pub const REASONS: [&str; 10] = [
     "parse_fallback",
     "read_your_writes",
     "no_healthy_replica",
+    "serializable",
     "primary",
 ];
 

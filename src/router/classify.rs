@@ -204,6 +204,14 @@ fn statement(sql: &str, t: &[Token], volatility: &dyn Fn(&str) -> Option<Volatil
     match first.text(sql).to_ascii_lowercase().as_str() {
         "select" | "with" | "table" | "values" => query(sql, t, volatility),
         "show" => Class::Read,
+        // Hot standbys refuse SERIALIZABLE, and a connection left with it as
+        // the default would fail the next client's reads there.
+        "set" | "reset"
+            if t.iter()
+                .any(|tok| tok.text(sql).to_ascii_lowercase().contains("serializable")) =>
+        {
+            Class::Primary(WriteReason::Transaction)
+        }
         "set" | "reset" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" | "deallocate"
         | "discard" => Class::Neutral,
         "begin" | "start" => {
@@ -394,6 +402,8 @@ mod tests {
             ("BEGIN", Transaction),
             ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", Transaction),
             ("BEGIN READ WRITE", Transaction),
+            ("SET default_transaction_isolation = 'serializable'", Transaction),
+            ("SET SESSION default_transaction_isolation TO SERIALIZABLE", Transaction),
             ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", Transaction),
             ("SELECT \"nextval\"('s')", VolatileFunction),
             ("SELECT \"MyFunc\"()", VolatileFunction),

@@ -30,6 +30,9 @@ pub enum Reason {
     ReadYourWrites,
     /// A read on the primary: no replica is in rotation.
     NoHealthyReplica,
+    /// A read on the primary: the client's transactions default to
+    /// SERIALIZABLE, which hot standbys refuse.
+    Serializable,
     /// Splitting is off, or the client is pinned.
     Primary,
 }
@@ -43,6 +46,7 @@ impl Reason {
             Reason::Statement(r) => r.as_str(),
             Reason::ReadYourWrites => "read_your_writes",
             Reason::NoHealthyReplica => "no_healthy_replica",
+            Reason::Serializable => "serializable",
             Reason::Primary => "primary",
         }
     }

@@ -214,6 +214,10 @@ impl Conn<'_> {
             tracing::debug!(reason = why.as_str(), "routed to the primary");
             return (None, Reason::Statement(why));
         }
+        if self.settings.serializable() {
+            tracing::debug!(reason = "serializable", "read routed to the primary");
+            return (None, Reason::Serializable);
+        }
         let routing = &self.shared.live().config.routing;
         let mark = routing.read_your_writes.then_some(&*self.mark);
         let pools = &self.replica_pools;

@@ -4,6 +4,7 @@
 
 mod admin;
 mod cli;
+mod differential;
 mod failures;
 mod harness;
 mod login;
