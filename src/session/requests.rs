@@ -69,6 +69,11 @@ impl Conn<'_> {
                     self.emit_ready();
                 }
                 Item::Head { .. } => {
+                    if !self.staged.is_empty() {
+                        // CopyData after a staged batch (an extended-protocol
+                        // COPY FROM STDIN): the batch goes first, to its server.
+                        self.flush_staged(false).await?;
+                    }
                     // CopyData: it belongs to the server only while one is held.
                     self.stream_to_server = matches!(self.phase, Phase::Attached(_));
                     self.forward_client_bytes(item.len());
