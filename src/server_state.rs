@@ -85,10 +85,13 @@ pub struct Settings {
 }
 
 fn serializable(values: &Values) -> bool {
-    // The statement that sets it names the value; no other value contains this.
-    values
-        .get("default_transaction_isolation")
-        .is_some_and(|sql| sql.to_ascii_lowercase().contains("serializable"))
+    // The statement that sets it names the value; no other value contains
+    // this. The name may have been quoted (`SET "Default_Transaction_Isolation"`).
+    values.iter().any(|(name, sql)| {
+        name.trim_matches('"')
+            .eq_ignore_ascii_case("default_transaction_isolation")
+            && sql.to_ascii_lowercase().contains("serializable")
+    })
 }
 
 fn fingerprint(values: &Values) -> u64 {
@@ -279,6 +282,15 @@ mod tests {
         assert!(!s.serializable());
         s.apply_for_client(&SettingChange::ResetAll, &startup);
         assert!(s.serializable(), "RESET ALL returns to the startup value");
+        let mut quoted = Settings::default();
+        quoted.apply_for_client(
+            &change(
+                "\"Default_Transaction_Isolation\"",
+                "SET \"Default_Transaction_Isolation\" TO 'SERIALIZABLE'",
+            ),
+            &Settings::default(),
+        );
+        assert!(quoted.serializable(), "setting names are matched as PostgreSQL does");
     }
 
     #[test]

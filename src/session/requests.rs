@@ -71,8 +71,10 @@ impl Conn<'_> {
                 Item::Head { .. } => {
                     if !self.staged.is_empty() {
                         // CopyData after a staged batch (an extended-protocol
-                        // COPY FROM STDIN): the batch goes first, to its server.
-                        self.flush_staged(false).await?;
+                        // COPY FROM STDIN): the batch goes first. What follows it
+                        // is not seen yet, so only the primary is safe (as after
+                        // a Flush); a COPY FROM needs the primary anyway.
+                        self.flush_staged(true).await?;
                     }
                     // CopyData: it belongs to the server only while one is held.
                     self.stream_to_server = matches!(self.phase, Phase::Attached(_));

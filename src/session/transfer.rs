@@ -670,6 +670,12 @@ impl Conn<'_> {
                             a.conn.conn.state.settings.apply_for_server(change);
                         }
                         a.conn.conn.state.dirty |= settled.uncertain;
+                        if a.role == Role::Replica && a.conn.conn.state.settings.serializable() {
+                            // Set inside a read-only transaction there: a standby
+                            // connection defaulting to SERIALIZABLE would fail the
+                            // next client's carried settings. Reset it before reuse.
+                            a.conn.conn.state.dirty = true;
+                        }
                     }
                     (b'E', _) => self.tracker.error(),
                     (b'C', _) if self.tracker.waiting() => self.tracker.command_complete(body),

@@ -427,6 +427,17 @@ fn set(sql: &str, t: &[Token], fx: &mut Effects) {
         }
         (name, j + 1)
     };
+    if [
+        "transaction_isolation",
+        "transaction_read_only",
+        "transaction_deferrable",
+    ]
+    .iter()
+    .any(|n| name.trim_matches('"').eq_ignore_ascii_case(n))
+    {
+        // Per transaction, as SET TRANSACTION: nothing lasting to carry.
+        return;
+    }
     let Some(value) = value_from(value_at) else { return };
     let is_default = ["default", "local", "none"]
         .iter()
@@ -514,6 +525,8 @@ mod tests {
             ),
             ("SET LOCAL work_mem = '1MB'", vec![]),
             ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", vec![]),
+            ("SET transaction_isolation = 'serializable'", vec![]),
+            ("SET \"Transaction_Read_Only\" TO on", vec![]),
             (
                 "SELECT set_config('app.tenant', 'acme', false)",
                 vec![SettingChange::Set {

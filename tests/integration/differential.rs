@@ -194,6 +194,13 @@ fn script() -> Vec<Step> {
         q("SELECT relname FROM pg_class WHERE relname = 'pg_class'"),
         q("COMMIT"),
         q("RESET default_transaction_isolation"),
+        // Set where a read-only transaction runs (a replica, with splitting on):
+        // that connection must not keep it as its default for the next client.
+        q("BEGIN READ ONLY"),
+        q("SET default_transaction_isolation = 'serializable'"),
+        q("COMMIT"),
+        q("SELECT relname FROM pg_class WHERE relname = 'pg_class'"),
+        q("RESET default_transaction_isolation"),
         // SQL-level prepared statements and DEALLOCATE.
         // (SQL PREPARE pins the client until DEALLOCATE ALL; see the README.)
         pinning(q("PREPARE p1 AS SELECT 11")),
@@ -325,7 +332,7 @@ async fn protocol_corner_cases_are_answered_as_by_postgresql() {
     // (Some answers spelled out, so the script is known to do what it says.)
     assert_eq!(expected[3], ["T:1", "D:1", "C:SELECT 1", "E:22012", "Z:I"]);
     assert_eq!(expected[28], ["1", "2", "D:1", "D:2", "s", "Z:T"]);
-    assert_eq!(expected[56], ["G", "C:COPY 2", "Z:I"]);
+    assert_eq!(expected[61], ["G", "C:COPY 2", "Z:I"]);
     assert_eq!(expected.len(), script().len());
 
     let steps: Vec<Vec<u8>> = script().into_iter().map(|s| s.bytes).collect();
@@ -339,6 +346,10 @@ async fn protocol_corner_cases_are_answered_as_by_postgresql() {
         let mut other = login(proxy.local_addr(), &user).await;
         let mut s = login(proxy.local_addr(), &user).await;
         let got = run(&mut s, Some(&mut other)).await;
+        let on_replicas = proxy.shared().live().stats["appdb"]
+            .routed_replica
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(on_replicas > 0, split, "checkouts of a replica: {on_replicas}");
         for (i, (want, have)) in expected.iter().zip(&got).enumerate() {
             if want != have {
                 let sent: String = String::from_utf8_lossy(&steps[i])
