@@ -341,15 +341,34 @@ async fn protocol_corner_cases_are_answered_as_by_postgresql() {
     // Sync shows where they may run, and reads go to the replicas).
     for split in [false, true] {
         let mut setup = Setup::new(&[&user]).pool("size = 1");
-        setup.routing = format!("read_write_split = {split}");
+        // Replay positions read often, so reads return to the replicas soon after each write.
+        setup.routing = format!("read_write_split = {split}\nhealth_check_interval = \"20ms\"");
         let proxy = setup.start().await;
+        let replica_checkouts = || {
+            proxy.shared().live().stats["appdb"]
+                .routed_replica
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        if split {
+            // The replicas join the rotation after their first health check.
+            let probe = connect(&proxy, &user).await.unwrap();
+            let ready = eventually(std::time::Duration::from_secs(15), || async {
+                probe.simple_query("SELECT 1").await.unwrap();
+                replica_checkouts() > 0
+            })
+            .await;
+            assert!(ready, "no read reached a replica");
+        }
+        let before = replica_checkouts();
         let mut other = login(proxy.local_addr(), &user).await;
         let mut s = login(proxy.local_addr(), &user).await;
         let got = run(&mut s, Some(&mut other)).await;
-        let on_replicas = proxy.shared().live().stats["appdb"]
-            .routed_replica
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(on_replicas > 0, split, "checkouts of a replica: {on_replicas}");
+        let on_replicas = replica_checkouts() - before;
+        assert_eq!(
+            on_replicas > 0,
+            split,
+            "the script's checkouts of a replica: {on_replicas}"
+        );
         for (i, (want, have)) in expected.iter().zip(&got).enumerate() {
             if want != have {
                 let sent: String = String::from_utf8_lossy(&steps[i])
