@@ -90,7 +90,7 @@ fn serializable(values: &Values) -> bool {
     values.iter().any(|(name, sql)| {
         name.trim_matches('"')
             .eq_ignore_ascii_case("default_transaction_isolation")
-            && sql.to_ascii_lowercase().contains("serializable")
+            && crate::sql::mentions(sql, "serializable")
     })
 }
 

@@ -206,10 +206,7 @@ fn statement(sql: &str, t: &[Token], volatility: &dyn Fn(&str) -> Option<Volatil
         "show" => Class::Read,
         // Hot standbys refuse SERIALIZABLE, and a connection left with it as
         // the default would fail the next client's reads there.
-        "set" | "reset"
-            if t.iter()
-                .any(|tok| tok.text(sql).to_ascii_lowercase().contains("serializable")) =>
-        {
+        "set" | "reset" if t.iter().any(|tok| crate::sql::mentions(tok.text(sql), "serializable")) => {
             Class::Primary(WriteReason::Transaction)
         }
         "set" | "reset" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" | "deallocate"

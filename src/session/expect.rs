@@ -54,7 +54,8 @@ impl Request {
 /// the client's name for it must go (see `Statements::forget`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientParse {
-    pub name: Box<str>,
+    /// Shared with the client's statement table.
+    pub name: Arc<str>,
     /// Which statement of that name (`Statements::insert`).
     pub id: u64,
 }

@@ -48,10 +48,9 @@ impl Conn<'_> {
         // Messages are split off the client buffer: its allocation may be shared.
         shrink(&mut self.cbuf);
         recycle(&mut self.to_client);
+        // (Released with nothing owed, or at the session's end: no client
+        // Parse is left unanswered that the client could still use.)
         self.expect.clear();
-        for parse in self.expect.take_unparsed() {
-            self.statements.forget(&parse);
-        }
         self.retry.reset();
         self.sscan.reset();
         if clean {

@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use bytes::{Buf, BytesMut};
+
 use super::expect::{ClientParse, Request, Synthetic};
 use super::local::reject_sql;
 use super::statements::{Statement, server_name};
@@ -23,7 +25,6 @@ use crate::protocol::framing::{HEADER_LEN, read_cstr};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, WriteReason};
 use crate::sql::{Effects, analyze};
-use bytes::{Buf, BytesMut};
 
 /// Bytes of an extended-protocol batch held back, with read/write splitting,
 /// until its Sync shows where it may run. A larger batch goes to the primary

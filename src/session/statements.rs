@@ -53,7 +53,7 @@ pub fn cost(name: &str, query: &str, param_types: &[u8]) -> usize {
 #[derive(Debug, Default)]
 pub struct Statements {
     /// Each with the id its Parse was given.
-    map: HashMap<String, (Arc<Statement>, u64)>,
+    map: HashMap<Arc<str>, (Arc<Statement>, u64)>,
     bytes: usize,
     next_id: u64,
     /// A Parse was refused for the budget (warned about once per client).
@@ -84,13 +84,11 @@ impl Statements {
     pub fn insert(&mut self, name: &str, stmt: Arc<Statement>) -> ClientParse {
         self.next_id += 1;
         self.bytes += cost(name, &stmt.query, &stmt.param_types);
-        if let Some((old, _)) = self.map.insert(name.to_owned(), (stmt, self.next_id)) {
-            self.bytes -= cost(name, &old.query, &old.param_types);
+        let name: Arc<str> = name.into();
+        if let Some((old, _)) = self.map.insert(name.clone(), (stmt, self.next_id)) {
+            self.bytes -= cost(&name, &old.query, &old.param_types);
         }
-        ClientParse {
-            name: name.into(),
-            id: self.next_id,
-        }
+        ClientParse { name, id: self.next_id }
     }
 
     pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {

@@ -18,10 +18,7 @@ async fn reply(stream: &mut TcpStream) -> Vec<u8> {
 
 /// The SQLSTATE in an ErrorResponse, if the bytes start with one.
 fn error_code(bytes: &[u8]) -> Option<String> {
-    let body = bytes.strip_prefix(b"E")?.get(4..)?;
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
-        .map(|c| String::from_utf8_lossy(c).into_owned())
+    body_code(bytes.strip_prefix(b"E")?.get(4..)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

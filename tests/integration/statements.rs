@@ -121,10 +121,7 @@ async fn error_field(s: &mut TcpStream, msgs: &[Vec<u8>], field: u8) -> String {
     s.write_all(&out).await.unwrap();
     let answers = until_ready(s).await;
     let (_, body) = answers.iter().find(|(t, _)| *t == b'E').expect("an error");
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(&[field][..]))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_default()
+    body_field(body, field).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,8 +55,14 @@ pub async fn read_message(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 
 /// The SQLSTATE of an ErrorResponse body.
 pub fn body_code(body: &[u8]) -> Option<String> {
+    body_field(body, b'C')
+}
+
+/// A field (`C` code, `M` message, `H` hint, ...) of an ErrorResponse or
+/// NoticeResponse body.
+pub fn body_field(body: &[u8], field: u8) -> Option<String> {
     body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
+        .find_map(|f| f.strip_prefix(&[field][..]))
         .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
