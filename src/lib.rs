@@ -23,9 +23,10 @@
 //!   write, and the end of a session (`session/release.rs`), client messages: batch
 //!   staging and routing, statement renaming, settings carry, pinning
 //!   (`session/requests.rs`), a client's named statements and their memory
-//!   budget (`session/statements.rs`), taking a server connection for a request
+//!   budget, and its unnamed statement kept to be prepared again on another
+//!   connection (`session/statements.rs`), taking a server connection for a request
 //!   (`session/checkout.rs`: the pool, the wait, what a held connection carries),
-//!   DEALLOCATE/DISCARD ALL, refused session features and refused Parses
+//!   DEALLOCATE/DISCARD ALL, refused session features and refused requests
 //!   (`session/local.rs`), resending a batch after a stale plan
 //!   (`session/retry.rs`), the queue of answers owed by the server
 //!   (`session/expect.rs`), confirming setting changes (`session/settings.rs`),

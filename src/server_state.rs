@@ -86,12 +86,10 @@ pub struct Settings {
 
 fn serializable(values: &Values) -> bool {
     // The statement that sets it names the value; no other value contains
-    // this. The name may have been quoted (`SET "Default_Transaction_Isolation"`).
-    values.iter().any(|(name, sql)| {
-        name.trim_matches('"')
-            .eq_ignore_ascii_case("default_transaction_isolation")
-            && crate::sql::mentions(sql, "serializable")
-    })
+    // this. (Names are keys as `sql::session` folds them.)
+    values
+        .iter()
+        .any(|(name, sql)| name == "default_transaction_isolation" && crate::sql::mentions(sql, "serializable"))
 }
 
 fn fingerprint(values: &Values) -> u64 {
@@ -207,7 +205,7 @@ impl Settings {
         }
         for name in current.values.keys() {
             if !self.values.contains_key(name) {
-                sql.push(format!("RESET {name}"));
+                sql.push(format!("RESET {}", crate::sql::setting_name_sql(name)));
             }
         }
         *current = self.clone();
@@ -228,6 +226,10 @@ pub struct ServerState {
     pub settings: Settings,
     /// The proxy lost track of the session state: reset before reuse.
     pub dirty: bool,
+    /// Whose unnamed prepared statement the connection holds: the client's
+    /// session id and its Parse's id (`session::statements::Unnamed`). None:
+    /// nobody's known (none, or one the proxy did not record).
+    pub unnamed: Option<(u64, u64)>,
 }
 
 impl ServerState {
@@ -236,6 +238,7 @@ impl ServerState {
         self.prepared = Prepared::default();
         self.settings.clear();
         self.dirty = false;
+        self.unnamed = None;
     }
 }
 
@@ -283,13 +286,8 @@ mod tests {
         s.apply_for_client(&SettingChange::ResetAll, &startup);
         assert!(s.serializable(), "RESET ALL returns to the startup value");
         let mut quoted = Settings::default();
-        quoted.apply_for_client(
-            &change(
-                "\"Default_Transaction_Isolation\"",
-                "SET \"Default_Transaction_Isolation\" TO 'SERIALIZABLE'",
-            ),
-            &Settings::default(),
-        );
+        let fx = crate::sql::analyze("SET \"Default_Transaction_Isolation\" TO 'SERIALIZABLE'");
+        quoted.apply_for_client(&fx.changes[0], &Settings::default());
         assert!(quoted.serializable(), "setting names are matched as PostgreSQL does");
     }
 
@@ -312,7 +310,7 @@ mod tests {
         let sql = client.carry_to(&mut server).unwrap();
         assert_eq!(
             sql,
-            "SELECT pg_catalog.set_config('application_name', 'a', false); SET statement_timeout TO '150ms'; RESET search_path"
+            "SELECT pg_catalog.set_config('application_name', 'a', false); SET statement_timeout TO '150ms'; RESET \"search_path\""
         );
         assert!(server.same_as(&client));
         assert_eq!(client.carry_to(&mut server), None);

@@ -107,8 +107,9 @@ pub struct Expectations {
     created: Vec<Arc<str>>,
     /// Statements whose Close was skipped after an error: still prepared.
     kept: Vec<Arc<str>>,
-    /// Client Parses that got no ParseComplete after all.
-    unparsed: Vec<ClientParse>,
+    /// Client Parses that got no ParseComplete after all, each with whether
+    /// it was skipped after an earlier error (rather than failed or lost).
+    unparsed: Vec<(ClientParse, bool)>,
     /// In COPY IN started by Execute, before the client's CopyDone/CopyFail:
     /// the server ignores Syncs sent now.
     in_copy_in: bool,
@@ -148,14 +149,42 @@ impl Expectations {
         });
     }
 
-    /// Records the client's named Parse, sent to the server as `creates`.
-    pub fn sent_client_parse(&mut self, creates: Arc<str>, client: ClientParse) {
+    /// Records the client's Parse, sent to the server as `creates` (None:
+    /// the unnamed statement).
+    pub fn sent_client_parse(&mut self, creates: Option<Arc<str>>, client: ClientParse) {
         self.queue.push_back(Entry::Sent {
             request: Request::Parse,
             injected: false,
-            creates: Some(creates),
+            creates,
             client: Some(client),
         });
+    }
+
+    /// Records the client's unnamed Parse sent again by the proxy (`client`
+    /// from `Unnamed::again`): if it gets no ParseComplete, whose unnamed
+    /// statement the connection holds is not known.
+    pub fn sent_unnamed_again(&mut self, client: ClientParse) {
+        self.queue.push_back(Entry::Sent {
+            request: Request::Parse,
+            injected: true,
+            creates: None,
+            client: Some(client),
+        });
+    }
+
+    /// Whether the last unnamed Parse owed (the client's, or the proxy's
+    /// sent again) is in an earlier batch than the next request's: it may
+    /// yet be skipped after an error in its batch.
+    pub fn unnamed_parse_in_earlier_batch(&self) -> bool {
+        let mut after_sync = false;
+        for entry in self.queue.iter().rev() {
+            match entry {
+                Entry::Sent { client: Some(c), .. } if c.name.is_empty() => return after_sync,
+                Entry::Sent { request, .. } if request.ends_with_ready() => after_sync = true,
+                _ => {}
+            }
+        }
+        false
     }
 
     /// Whether a Parse of the client's statement `name` is unanswered in an
@@ -176,8 +205,10 @@ impl Expectations {
         false
     }
 
-    /// Client Parses that will get no ParseComplete, since last asked.
-    pub fn take_unparsed(&mut self) -> impl Iterator<Item = ClientParse> + '_ {
+    /// Client Parses that will get no ParseComplete, since last asked, each
+    /// with whether it was skipped after an earlier error (rather than
+    /// failed or lost with the connection).
+    pub fn take_unparsed(&mut self) -> impl Iterator<Item = (ClientParse, bool)> + '_ {
         self.unparsed.drain(..)
     }
 
@@ -244,7 +275,7 @@ impl Expectations {
     pub fn clear(&mut self) {
         for entry in self.queue.drain(..) {
             if let Entry::Sent { client: Some(c), .. } | Entry::Synthetic(_, Some(c)) = entry {
-                self.unparsed.push(c);
+                self.unparsed.push((c, false));
             }
         }
         self.ready.clear();
@@ -338,6 +369,8 @@ impl Expectations {
     /// The front request failed: it and everything up to the next Sync get
     /// no answer (the server skips them, and so does the client's view).
     fn fail_until_sync(&mut self) {
+        // The first is the request that failed; the rest are skipped.
+        let mut skipped = false;
         while let Some(entry) = self.queue.front() {
             if let Entry::Sent { request, .. } = entry
                 && !request.skipped_after_error()
@@ -352,16 +385,17 @@ impl Expectations {
                 }) => self.kept.push(s),
                 Some(Entry::Sent {
                     request: Request::Parse,
-                    creates: Some(s),
+                    creates,
                     client,
                     ..
                 }) => {
-                    self.failed.push(s);
-                    self.unparsed.extend(client);
+                    self.failed.extend(creates);
+                    self.unparsed.extend(client.map(|c| (c, skipped)));
                 }
-                Some(Entry::Synthetic(_, client)) => self.unparsed.extend(client),
+                Some(Entry::Synthetic(_, client)) => self.unparsed.extend(client.map(|c| (c, true))),
                 _ => {}
             }
+            skipped = true;
         }
     }
 
@@ -536,25 +570,52 @@ mod tests {
     fn client_parses_that_get_no_parse_complete_are_reported() {
         let mut e = Expectations::default();
         e.sent(Request::Bind, false, None);
-        e.sent_client_parse("dbp_1".into(), client("a", 1));
+        e.sent_client_parse(Some("dbp_1".into()), client("a", 1));
+        e.sent_client_parse(None, client("", 9));
         e.synthetic_parse(client("b", 2));
         e.sent(Request::Sync, false, None);
         e.synthetic_parse(client("c", 3));
-        // The Bind fails: the Parse and the synthetic answer after it are skipped.
+        // The Bind fails: the Parses and the synthetic answer after them are skipped.
         feed(&mut e, b"E");
-        assert_eq!(e.take_unparsed().collect::<Vec<_>>(), [client("a", 1), client("b", 2)]);
+        assert_eq!(
+            e.take_unparsed().collect::<Vec<_>>(),
+            [(client("a", 1), true), (client("", 9), true), (client("b", 2), true)]
+        );
         assert_eq!(e.take_failed().count(), 1);
         // The connection is lost before the next batch is answered.
         feed(&mut e, b"Z");
-        e.sent_client_parse("dbp_4".into(), client("d", 4));
+        e.sent_client_parse(Some("dbp_4".into()), client("d", 4));
         e.clear();
-        assert_eq!(e.take_unparsed().collect::<Vec<_>>(), [client("d", 4)]);
+        assert_eq!(e.take_unparsed().collect::<Vec<_>>(), [(client("d", 4), false)]);
+        // A Parse that fails itself is not skipped.
+        e.sent_client_parse(None, client("", 5));
+        e.sent_client_parse(None, client("", 6));
+        e.sent(Request::Sync, false, None);
+        feed(&mut e, b"E");
+        assert_eq!(
+            e.take_unparsed().collect::<Vec<_>>(),
+            [(client("", 5), false), (client("", 6), true)]
+        );
+    }
+
+    #[test]
+    fn only_the_last_unnamed_parse_owed_counts() {
+        let mut e = Expectations::default();
+        assert!(!e.unnamed_parse_in_earlier_batch());
+        e.sent_client_parse(None, client("", 1));
+        assert!(!e.unnamed_parse_in_earlier_batch(), "same batch");
+        e.sent(Request::Sync, false, None);
+        assert!(e.unnamed_parse_in_earlier_batch());
+        // The next batch has its own: its Bind follows that one.
+        e.sent_client_parse(None, client("", 2));
+        e.sent(Request::Bind, false, None);
+        assert!(!e.unnamed_parse_in_earlier_batch());
     }
 
     #[test]
     fn a_parse_is_pending_before_a_sync_only_across_batches() {
         let mut e = Expectations::default();
-        e.sent_client_parse("dbp_1".into(), client("a", 1));
+        e.sent_client_parse(Some("dbp_1".into()), client("a", 1));
         assert!(
             !e.parse_pending_before_sync("a"),
             "same batch: its failure would skip the next"

@@ -1,9 +1,11 @@
 //! Requests the proxy answers or rewrites itself instead of passing them on:
 //! `DEALLOCATE` and `DISCARD ALL` (which must touch only the client's own
 //! view of shared server connections), session-only features refused
-//! under `pool.session_features = "reject"`, and named Parses refused.
+//! under `pool.session_features = "reject"`, and refused requests (a named
+//! Parse of a name in use or over the budget, the unnamed statement of a
+//! client that has none).
 
-use super::expect::Request;
+use super::expect::{ClientParse, Request};
 use super::transfer::{Conn, Exit, Phase};
 use crate::protocol::SqlState;
 use crate::protocol::TransactionStatus;
@@ -67,14 +69,15 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// A named Parse the proxy refuses (a name already in use, a statement
-    /// over the client's budget), answered where the server would have
-    /// answered it. Without a server connection the proxy answers at once
+    /// A client's Parse, Bind or Describe the proxy refuses (a name already
+    /// in use, a statement over the client's budget, an unnamed statement the
+    /// client does not have), answered where the server would have answered
+    /// it. Without a server connection the proxy answers at once
     /// and skips the rest of the batch up to its Sync. On a held connection
     /// the server itself raises the error in place of the Parse, after the
     /// answers owed before it, skips the rest of the batch, and fails a
-    /// transaction block, as PostgreSQL does for a Parse that fails.
-    pub(super) fn refuse_parse(&mut self, err: &ErrorFields) {
+    /// transaction block, as PostgreSQL does for a request that fails.
+    pub(super) fn refuse(&mut self, err: &ErrorFields) {
         const REFUSED: &str = "dbp_refused";
         if !matches!(self.phase, Phase::Attached(_)) {
             error_response(&mut self.to_client, err);
@@ -89,7 +92,7 @@ impl Conn<'_> {
         write_bind(&mut self.to_server, "", REFUSED);
         self.expect.sent(Request::Bind, true, None);
         write_execute(&mut self.to_server, "");
-        // The client's answer: the error, in place of ParseComplete.
+        // The client's answer: the error, in place of ParseComplete (or BindComplete, ...).
         self.expect.sent(Request::Execute, false, None);
         self.sent(b'P', None);
     }
@@ -136,7 +139,7 @@ impl Conn<'_> {
             }
             LocalCommand::DiscardAll => {
                 self.statements.clear();
-                self.unnamed = Effects::default();
+                *self.unnamed.effects_mut() = Effects::default();
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
                 self.me.set_pins(self.pins);
@@ -155,7 +158,7 @@ impl Conn<'_> {
     /// client still gets exactly `DEALLOCATE`, or the server's error for a
     /// name it never prepared). DEALLOCATE ALL and DISCARD ALL go as they
     /// are, with the records of [`Self::forward_local_command`].
-    pub(super) fn forward_local_parse(&mut self, cmd: &LocalCommand, msg: &[u8]) {
+    pub(super) fn forward_local_parse(&mut self, cmd: &LocalCommand, msg: &[u8], client: ClientParse) {
         const THROWAWAY: &str = "dbp_deallocate";
         match cmd {
             LocalCommand::Deallocate(name) if self.statements.remove(name).is_some() => {
@@ -171,10 +174,8 @@ impl Conn<'_> {
                 self.forward_local_command(cmd, msg);
             }
         }
-        self.sent(b'P', Some(Request::Parse));
-        if let Some(a) = self.attached() {
-            a.unsynced = true;
-        }
+        self.expect.sent_client_parse(None, client);
+        self.tracker_and_sync_state(b'P');
     }
 
     /// DEALLOCATE and DISCARD ALL outside a transaction touch only the
@@ -195,7 +196,7 @@ impl Conn<'_> {
             }
             LocalCommand::DiscardAll => {
                 self.statements.clear();
-                self.unnamed = Effects::default();
+                *self.unnamed.effects_mut() = Effects::default();
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
                 self.me.set_pins(self.pins);

@@ -169,9 +169,13 @@ impl Conn<'_> {
         self.sbuf.clear();
         self.to_server.clear();
         self.expect.clear();
-        for parse in self.expect.take_unparsed() {
+        for (parse, skipped) in self.expect.take_unparsed() {
             // Their Parses get the error below.
-            self.statements.forget(&parse);
+            if parse.name.is_empty() {
+                self.unnamed.forget(parse.id, skipped);
+            } else {
+                self.statements.forget(&parse);
+            }
         }
         self.tracker = Tracker::default();
         self.sscan.reset();

@@ -63,6 +63,14 @@ impl Conn<'_> {
                 // (A whole message has not moved the scanner: it is read again.)
                 return Ok(());
             }
+            if let Item::Whole {
+                tag: tag @ (b'B' | b'D'),
+                len,
+            } = item
+                && self.unnamed_in_doubt(tag, &self.cbuf[..len])
+            {
+                return Ok(());
+            }
             match item {
                 Item::Whole { tag, len } => {
                     let msg = self.cbuf.split_to(len);
@@ -95,6 +103,19 @@ impl Conn<'_> {
             }
             _ => false,
         }
+    }
+
+    /// A Bind or Describe of the client's unnamed statement while a Parse
+    /// of it in an earlier batch is unanswered: that Parse may yet be
+    /// skipped after an error, leaving the connection another client's
+    /// unnamed statement. Its answer is awaited first.
+    fn unnamed_in_doubt(&self, tag: u8, msg: &[u8]) -> bool {
+        let body = &msg[HEADER_LEN..];
+        let unnamed = match tag {
+            b'B' => matches!(parse_bind_names(body), Some((_, "", _))),
+            _ => matches!(parse_target(body), Some((b'S', ""))),
+        };
+        unnamed && self.unnamed.current().is_some() && self.tracking() && self.expect.unnamed_parse_in_earlier_batch()
     }
 
     fn forward_client_bytes(&mut self, n: usize) {
@@ -177,8 +198,9 @@ impl Conn<'_> {
             Class::Neutral
         };
         let mut needs_server = false;
+        let mut batch_unnamed = None;
         for (tag, msg) in &staged {
-            let (c, needs) = self.staged_class(*tag, msg);
+            let (c, needs) = self.staged_class(*tag, msg, &mut batch_unnamed);
             class = class.combine(c);
             needs_server |= needs;
         }
@@ -197,14 +219,15 @@ impl Conn<'_> {
     }
 
     /// Where a staged message may run, and whether it needs a server at all.
-    fn staged_class(&mut self, tag: u8, msg: &[u8]) -> (Class, bool) {
+    /// `batch_unnamed`: the class of the batch's last unnamed Parse so far.
+    fn staged_class(&mut self, tag: u8, msg: &[u8], batch_unnamed: &mut Option<Class>) -> (Class, bool) {
         let body = &msg[HEADER_LEN..];
         match tag {
             b'P' => match parse_parse(body) {
                 Some(p) => {
                     let class = self.router.classify(p.query);
                     if p.name.is_empty() {
-                        self.unnamed_class = class;
+                        *batch_unnamed = Some(class);
                         (class, true)
                     } else {
                         let known = self.tracking()
@@ -219,7 +242,14 @@ impl Conn<'_> {
                 None => (Class::Primary(WriteReason::ParseFallback), true),
             },
             b'B' => match parse_bind_names(body) {
-                Some((_, "", _)) => (self.unnamed_class, true),
+                Some((_, "", _)) => match batch_unnamed {
+                    Some(class) => (*class, true),
+                    // Refused without a server if the client has none.
+                    None => (
+                        self.unnamed.class(),
+                        !self.tracking() || self.unnamed.current().is_some(),
+                    ),
+                },
                 Some((_, name, _)) => match self.statements.get(name) {
                     Some(stmt) => (stmt.class, true),
                     None => (Class::Primary(WriteReason::ParseFallback), true),
@@ -227,7 +257,7 @@ impl Conn<'_> {
                 None => (Class::Primary(WriteReason::ParseFallback), true),
             },
             b'C' => match parse_target(body) {
-                Some((b'S', name)) if self.tracking() && !name.is_empty() => (Class::Neutral, false),
+                Some((b'S', _)) if self.tracking() => (Class::Neutral, false),
                 _ => (Class::Neutral, true),
             },
             _ => (Class::Neutral, true),
@@ -253,9 +283,13 @@ impl Conn<'_> {
                 }
             },
             b'C' => match parse_target(body) {
-                Some((b'S', name)) if self.tracking() && !name.is_empty() => {
+                Some((b'S', name)) if self.tracking() => {
                     // Only the client's view: the server keeps it for others.
-                    self.statements.remove(name);
+                    if name.is_empty() {
+                        self.unnamed.drop_statement();
+                    } else {
+                        self.statements.remove(name);
+                    }
                     self.expect.synthetic(Synthetic::CloseComplete);
                     Ok(())
                 }
@@ -298,7 +332,7 @@ impl Conn<'_> {
     }
 
     /// The bookkeeping of [`Self::sent`] other than the expectation itself.
-    fn tracker_and_sync_state(&mut self, tag: u8) {
+    pub(super) fn tracker_and_sync_state(&mut self, tag: u8) {
         if self.request_started.is_none() {
             self.request_started = Some(std::time::Instant::now());
         }
@@ -306,7 +340,14 @@ impl Conn<'_> {
             self.expect.copy_end();
         }
         match tag {
-            b'Q' | b'F' => self.tracker.request_sent(),
+            b'Q' => {
+                self.tracker.request_sent();
+                // A simple Query drops the unnamed statement.
+                if let Some(a) = self.attached() {
+                    a.conn.conn.state.unnamed = None;
+                }
+            }
+            b'F' => self.tracker.request_sent(),
             b'S' => {
                 self.tracker.request_sent();
                 if let Some(a) = self.attached() {
@@ -349,6 +390,9 @@ impl Conn<'_> {
     }
 
     async fn on_query(&mut self, msg: &[u8]) -> Result<(), Exit> {
+        // Whether answered here or by a server, as PostgreSQL does for any
+        // simple Query (the server connection's is dropped as it is sent).
+        self.unnamed.drop_statement();
         let sql = read_cstr(&msg[HEADER_LEN..]).map(|(sql, _)| sql);
         let fx = match sql {
             Some(sql) if self.mode == PoolMode::Transaction => analyze(sql),
@@ -392,15 +436,16 @@ impl Conn<'_> {
 
     async fn on_parse(&mut self, msg: &[u8]) -> Result<(), Exit> {
         let Some(p) = parse_parse(&msg[HEADER_LEN..]) else {
-            // Let the server judge a malformed Parse.
-            return self
-                .send(
-                    msg,
-                    b'P',
-                    Some(Request::Parse),
-                    Class::Primary(WriteReason::ParseFallback),
-                )
-                .await;
+            // Let the server judge a Parse dbproxy cannot read (malformed,
+            // or text that is not UTF-8 in a client encoding that allows it).
+            let class = Class::Primary(WriteReason::ParseFallback);
+            if msg.get(HEADER_LEN) == Some(&0) && self.mode == PoolMode::Transaction {
+                // Of the unnamed statement: the client's all the same.
+                return self.parse_unnamed(msg, Effects::default(), class).await;
+            }
+            self.send(msg, b'P', Some(Request::Parse), class).await?;
+            self.set_unnamed_owner(None);
+            return Ok(());
         };
         // What running it does to the session: needed in transaction mode only.
         let fx = if self.mode == PoolMode::Transaction {
@@ -430,26 +475,22 @@ impl Conn<'_> {
             self.router.note_ddl(p.query);
         }
         if p.name.is_empty() || !self.tracking() {
-            if p.name.is_empty() && self.mode == PoolMode::Transaction {
-                self.unnamed = fx;
-                self.unnamed_class = class;
-                if self.tracking()
-                    && let Some(cmd) = self.unnamed.local.take()
-                {
-                    // DEALLOCATE / DISCARD ALL through the extended protocol.
-                    if self.ensure_server(b'P', class).await? {
-                        self.forward_local_parse(&cmd, msg);
-                    }
-                    return Ok(());
-                }
+            let unnamed = p.name.is_empty();
+            if unnamed && self.mode == PoolMode::Transaction {
+                return self.parse_unnamed(msg, fx, class).await;
             }
-            return self.send(msg, b'P', Some(Request::Parse), class).await;
+            self.send(msg, b'P', Some(Request::Parse), class).await?;
+            if unnamed {
+                // Session mode: whose it is, is not recorded.
+                self.set_unnamed_owner(None);
+            }
+            return Ok(());
         }
         if self.statements.contains(p.name) && !self.expect.parse_pending_before_sync(p.name) {
             // (A name whose Parse in an earlier batch is unanswered may yet
             // fail and be free: the new statement replaces it, unchecked.)
             let message = format!("prepared statement \"{}\" already exists", p.name);
-            self.refuse_parse(&ErrorFields::error(SqlState::DUPLICATE_PREPARED_STATEMENT, message));
+            self.refuse(&ErrorFields::error(SqlState::DUPLICATE_PREPARED_STATEMENT, message));
             return Ok(());
         }
         let budget = self.shared.live().config.pool.max_client_statement_bytes;
@@ -471,7 +512,7 @@ impl Conn<'_> {
             );
             let hint =
                 "close (DEALLOCATE) prepared statements no longer needed, or raise pool.max_client_statement_bytes";
-            self.refuse_parse(&ErrorFields::error(SqlState::PROGRAM_LIMIT_EXCEEDED, message).with_hint(hint));
+            self.refuse(&ErrorFields::error(SqlState::PROGRAM_LIMIT_EXCEEDED, message).with_hint(hint));
             return Ok(());
         }
         let stmt = Arc::new(Statement {
@@ -508,6 +549,73 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// The client's unnamed Parse, kept to be sent again where a later Bind
+    /// or Describe of it finds another client's unnamed statement, or none.
+    /// (Statement tracking off, `pool.max_prepared_statements = 0`: only its
+    /// class and effects are kept, for a Bind in the same transaction.)
+    async fn parse_unnamed(&mut self, msg: &[u8], mut fx: Effects, class: Class) -> Result<(), Exit> {
+        if !self.ensure_server(b'P', class).await? {
+            return Ok(());
+        }
+        let tracking = self.tracking();
+        let local = if tracking { fx.local.take() } else { None };
+        let client = self.unnamed.parsed(msg, tracking && local.is_none(), fx, class);
+        self.set_unnamed_owner(tracking.then_some(client.id));
+        match local {
+            // DEALLOCATE / DISCARD ALL through the extended protocol.
+            Some(cmd) => self.forward_local_parse(&cmd, msg, client),
+            None => {
+                self.to_server.extend_from_slice(msg);
+                match tracking {
+                    true => self.expect.sent_client_parse(None, client),
+                    false => self.expect.sent(Request::Parse, false, None),
+                }
+                self.tracker_and_sync_state(b'P');
+            }
+        }
+        Ok(())
+    }
+
+    /// Records whose unnamed statement the held connection has now: this
+    /// client's Parse `id`, or nobody's known.
+    fn set_unnamed_owner(&mut self, id: Option<u64>) {
+        let me = self.me.id;
+        if let Some(a) = self.attached() {
+            a.conn.conn.state.unnamed = id.map(|id| (me, id));
+        }
+    }
+
+    /// Whether a Bind or Describe of the client's unnamed statement may go
+    /// to the held connection: where the connection's unnamed statement is
+    /// another's (or none), the client's Parse is sent again first.
+    fn ensure_unnamed(&mut self) -> bool {
+        let me = self.me.id;
+        let Phase::Attached(a) = &mut self.phase else {
+            return true;
+        };
+        match self.unnamed.current() {
+            Some((id, _)) if a.conn.conn.state.unnamed == Some((me, id)) => true,
+            Some((id, Some(parse))) => {
+                self.to_server.extend_from_slice(parse);
+                // Skipped or failed, it leaves the connection's unnamed statement unknown.
+                self.expect.sent_unnamed_again(self.unnamed.again());
+                a.conn.conn.state.unnamed = Some((me, id));
+                true
+            }
+            _ => {
+                self.refuse_missing_unnamed();
+                false
+            }
+        }
+    }
+
+    /// A Bind or Describe of the unnamed statement by a client that has
+    /// none: refused as PostgreSQL refuses it (never given another's).
+    fn refuse_missing_unnamed(&mut self) {
+        let message = "unnamed prepared statement does not exist";
+        self.refuse(&ErrorFields::error(SqlState::INVALID_SQL_STATEMENT_NAME, message));
+    }
+
     /// Writes a Parse of `stmt` to the server connection held (closing the
     /// least recently used statement if that exceeds the budget): the
     /// client's own Parse, or one the proxy injects (`client` None).
@@ -522,7 +630,7 @@ impl Conn<'_> {
         }
         write_parse(&mut self.to_server, &stmt.server_name, &stmt.query, &stmt.param_types);
         match client {
-            Some(client) => self.expect.sent_client_parse(stmt.server_name.clone(), client),
+            Some(client) => self.expect.sent_client_parse(Some(stmt.server_name.clone()), client),
             None => self.expect.sent(Request::Parse, true, Some(stmt.server_name.clone())),
         }
     }
@@ -559,10 +667,15 @@ impl Conn<'_> {
         }
         let class = match (&names, &known) {
             (_, Some(stmt)) => stmt.class,
-            (Some((_, "", _)), _) => self.unnamed_class,
+            (Some((_, "", _)), _) => self.unnamed.class(),
             _ => Class::Primary(WriteReason::ParseFallback),
         };
-        if !self.ensure_server(b'B', class).await? {
+        let unnamed = self.tracking() && matches!(names, Some((_, "", _)));
+        if unnamed && self.unnamed.current().is_none() {
+            self.refuse_missing_unnamed();
+            return Ok(());
+        }
+        if !self.ensure_server(b'B', class).await? || (unnamed && !self.ensure_unnamed()) {
             return Ok(());
         }
         match (names, known) {
@@ -576,9 +689,9 @@ impl Conn<'_> {
             }
             (names, _) => {
                 if matches!(names, Some((_, "", _))) {
-                    let fx = std::mem::take(&mut self.unnamed);
+                    let fx = std::mem::take(self.unnamed.effects_mut());
                     self.apply_effects(&fx);
-                    self.unnamed = fx;
+                    *self.unnamed.effects_mut() = fx;
                 }
                 self.to_server.extend_from_slice(msg);
             }
@@ -589,7 +702,12 @@ impl Conn<'_> {
 
     /// Describe of a statement: renamed like Bind.
     async fn on_statement_target(&mut self, msg: &[u8], tag: u8, name: String) -> Result<(), Exit> {
-        if !self.ensure_server(tag, Class::Neutral).await? {
+        let unnamed = self.tracking() && name.is_empty();
+        if unnamed && self.unnamed.current().is_none() {
+            self.refuse_missing_unnamed();
+            return Ok(());
+        }
+        if !self.ensure_server(tag, Class::Neutral).await? || (unnamed && !self.ensure_unnamed()) {
             return Ok(());
         }
         let known = if self.tracking() {

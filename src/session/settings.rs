@@ -327,7 +327,7 @@ mod tests {
     fn set(n: &str) -> SettingChange {
         SettingChange::Set {
             name: n.into(),
-            sql: format!("SET {n} TO 1"),
+            sql: format!("SET {} TO 1", crate::sql::setting_name_sql(n)),
         }
     }
 

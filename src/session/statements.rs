@@ -120,6 +120,141 @@ impl Statements {
     }
 }
 
+/// Longest unnamed Parse kept to be sent again: a longer one (a bulk
+/// INSERT's text) only works on the connection it was sent to, so that idle
+/// clients do not hold large copies.
+pub const MAX_KEPT_PARSE: usize = 64 * 1024;
+
+/// One unnamed Parse of the client's, as kept.
+#[derive(Debug)]
+struct Kept {
+    /// Which of the client's unnamed Parses; 0: none.
+    id: u64,
+    /// The Parse, whole, to send again; empty: it may not be (a DEALLOCATE
+    /// or DISCARD ALL the proxy handles, a Parse too long to keep).
+    parse: Vec<u8>,
+    /// Session effects of running it.
+    effects: Effects,
+    /// Where it may run.
+    class: Class,
+}
+
+impl Default for Kept {
+    fn default() -> Self {
+        Kept {
+            id: 0,
+            parse: Vec::new(),
+            effects: Effects::default(),
+            class: Class::Neutral,
+        }
+    }
+}
+
+/// The client's unnamed prepared statement in transaction pooling. On a
+/// direct connection it lasts until the next unnamed Parse, a simple Query
+/// or its Close; through the pool, its Bind or Describe may come in a later
+/// transaction than its Parse (libpq's `PQprepare` then `PQexecPrepared`,
+/// pgx's describe-exec mode), on a server connection whose unnamed statement
+/// is another client's, or none. So the proxy keeps the client's last
+/// unnamed Parse, and each server connection records whose unnamed
+/// statement it holds (`ServerState::unnamed`): where it is not the client's,
+/// the Parse is sent again first.
+#[derive(Debug)]
+pub struct Unnamed {
+    current: Kept,
+    /// The one before, back if the current one's Parse is skipped after an error.
+    previous: Kept,
+    last_id: u64,
+    /// The empty name, shared by this client's expectation entries.
+    name: Arc<str>,
+}
+
+impl Default for Unnamed {
+    fn default() -> Self {
+        Unnamed {
+            current: Kept::default(),
+            previous: Kept::default(),
+            last_id: 0,
+            name: Arc::from(""),
+        }
+    }
+}
+
+impl Unnamed {
+    /// The client sent unnamed Parse `msg`, kept to send again if `resend`
+    /// (and not too long). Returns its id, for [`Self::forget`] and
+    /// `ServerState::unnamed`.
+    pub fn parsed(&mut self, msg: &[u8], resend: bool, effects: Effects, class: Class) -> ClientParse {
+        std::mem::swap(&mut self.current, &mut self.previous);
+        self.last_id += 1;
+        let kept = &mut self.current;
+        kept.id = self.last_id;
+        kept.effects = effects;
+        kept.class = class;
+        kept.parse.clear();
+        if resend && msg.len() <= MAX_KEPT_PARSE {
+            kept.parse.extend_from_slice(msg);
+        }
+        ClientParse {
+            name: self.name.clone(),
+            id: kept.id,
+        }
+    }
+
+    /// The client's unnamed statement, if it has one: its id, and its Parse
+    /// to send again (None: it may not be sent again).
+    pub fn current(&self) -> Option<(u64, Option<&[u8]>)> {
+        let kept = &self.current;
+        (kept.id != 0).then(|| (kept.id, (!kept.parse.is_empty()).then_some(&kept.parse[..])))
+    }
+
+    /// Where the last unnamed statement may run.
+    pub fn class(&self) -> Class {
+        self.current.class
+    }
+
+    /// What running the last unnamed statement does to the session.
+    pub fn effects_mut(&mut self) -> &mut Effects {
+        &mut self.current.effects
+    }
+
+    /// The Parse of the statement sent again by the proxy: not the client's
+    /// own, so its failure forgets nothing of the client's (id 0).
+    pub fn again(&self) -> ClientParse {
+        ClientParse {
+            name: self.name.clone(),
+            id: 0,
+        }
+    }
+
+    /// The statement is gone (a simple Query, a Close of it).
+    pub fn drop_statement(&mut self) {
+        self.current.id = 0;
+    }
+
+    /// Parse `id` got no ParseComplete: it failed, which drops the unnamed
+    /// statement, or was `skipped` after an earlier error, which keeps the
+    /// one before (if that was the last Parse before it; otherwise none is
+    /// kept, and a Bind of it is refused).
+    pub fn forget(&mut self, id: u64, skipped: bool) {
+        if id == 0 {
+            // Sent again by the proxy: nothing of the client's changes.
+            return;
+        }
+        if self.current.id == id && skipped {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.previous.id = 0;
+        } else {
+            if self.current.id == id {
+                self.current.id = 0;
+            }
+            if self.previous.id == id {
+                self.previous.id = 0;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +310,53 @@ mod tests {
         assert_eq!(s.get("a").map(|st| &*st.query), Some("SELECT 2"));
         s.forget(&second);
         assert_eq!((s.get("a").is_none(), s.bytes()), (true, 0));
+    }
+
+    #[test]
+    fn the_unnamed_statement_is_the_last_parse_kept() {
+        let mut u = Unnamed::default();
+        assert_eq!(u.current(), None);
+        let first = u.parsed(b"P-first", true, Effects::default(), Class::Neutral);
+        let second = u.parsed(b"P-second", true, Effects::default(), Class::Neutral);
+        assert!(first.name.is_empty() && second.id > first.id);
+        assert_eq!(u.current(), Some((second.id, Some(&b"P-second"[..]))));
+        u.forget(first.id, false);
+        assert_eq!(u.current().map(|(id, _)| id), Some(second.id));
+        u.forget(second.id, false);
+        assert_eq!(u.current(), None);
+        let third = u.parsed(b"P-dealloc", false, Effects::default(), Class::Neutral);
+        assert_eq!(u.current(), Some((third.id, None)));
+        u.drop_statement();
+        assert_eq!(u.current(), None);
+        // Skipped after an error: the one before stays.
+        let fourth = u.parsed(b"P-fourth", true, Effects::default(), Class::Neutral);
+        let fifth = u.parsed(b"P-fifth", true, Effects::default(), Class::Neutral);
+        u.forget(fifth.id, true);
+        assert_eq!(u.current(), Some((fourth.id, Some(&b"P-fourth"[..]))));
+        // The one before failed, and the next is skipped: none stays.
+        let sixth = u.parsed(b"P-sixth", true, Effects::default(), Class::Neutral);
+        u.forget(fourth.id, false);
+        u.forget(sixth.id, true);
+        assert_eq!(u.current(), None);
+        // Two skipped: the one before both is not kept.
+        u.parsed(b"P-seventh", true, Effects::default(), Class::Neutral);
+        let eighth = u.parsed(b"P-eighth", true, Effects::default(), Class::Neutral);
+        let ninth = u.parsed(b"P-ninth", true, Effects::default(), Class::Neutral);
+        u.forget(eighth.id, true);
+        u.forget(ninth.id, true);
+        assert_eq!(u.current(), None);
+        // Sent again by the proxy and skipped: nothing changes, even with none.
+        u.forget(0, true);
+        assert_eq!(u.current(), None);
+        // A skipped Parse brings back the class of the one before, too.
+        let write = Class::Primary(crate::router::WriteReason::Write);
+        u.parsed(b"P-insert", true, Effects::default(), write);
+        let read = u.parsed(b"P-select", true, Effects::default(), Class::Neutral);
+        u.forget(read.id, true);
+        assert_eq!(u.class(), write);
+        // Too long to keep: known, but not to be sent again.
+        let long = vec![b'x'; MAX_KEPT_PARSE + 1];
+        let kept = u.parsed(&long, true, Effects::default(), Class::Neutral);
+        assert_eq!(u.current(), Some((kept.id, None)));
     }
 }

@@ -28,7 +28,7 @@ use super::greeting::{server_params, startup_settings};
 use super::retry::Retry;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
-use super::statements::Statements;
+use super::statements::{Statements, Unnamed};
 use super::stream::{ClientReader, ClientWriter};
 use crate::clients::{ClientInfo, SIGNAL_KILL, SIGNAL_SHUTDOWN};
 use crate::config::PoolMode;
@@ -38,10 +38,10 @@ use crate::protocol::extended::{close_complete, parse_complete};
 use crate::protocol::{Item, Scanner, SqlState, TransactionStatus};
 use crate::proxy::Shared;
 use crate::router::health::ServerHealth;
-use crate::router::{Class, Router, WriteMark};
+use crate::router::{Router, WriteMark};
 use crate::server_state::Settings;
 use crate::server_stream::{ServerRead, ServerWrite};
-use crate::sql::{Effects, Pins};
+use crate::sql::Pins;
 use crate::stats::DbStats;
 
 /// Above this many buffered bytes a direction stops reading until it drains.
@@ -148,8 +148,8 @@ pub(super) struct Conn<'a> {
     pub(super) expect: Expectations,
     /// The client's named prepared statements, by its names.
     pub(super) statements: Statements,
-    /// Session effects of the client's last unnamed Parse.
-    pub(super) unnamed: Effects,
+    /// The client's unnamed prepared statement.
+    pub(super) unnamed: Unnamed,
     /// The client's session settings, carried to each server connection.
     pub(super) settings: Settings,
     /// Its settings from the startup packet (what RESET returns to).
@@ -168,8 +168,6 @@ pub(super) struct Conn<'a> {
     pub(super) staged: Vec<(u8, BytesMut)>,
     /// Bytes in `staged`.
     pub(super) staged_bytes: usize,
-    /// Class of the client's last unnamed Parse.
-    pub(super) unnamed_class: Class,
     /// Traffic counters of the client's database.
     pub(super) stats: Arc<DbStats>,
     /// When the oldest request not yet answered by ReadyForQuery was sent.
@@ -260,7 +258,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         draining: false,
         expect: Expectations::default(),
         statements: Statements::default(),
-        unnamed: Effects::default(),
+        unnamed: Unnamed::default(),
         settings: startup.clone(),
         startup,
         tracker: Tracker::default(),
@@ -271,7 +269,6 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         mark: Arc::new(WriteMark::default()),
         staged: Vec::new(),
         staged_bytes: 0,
-        unnamed_class: Class::Neutral,
         stats: shared.live().stats.get(&db.name).cloned().unwrap_or_default(),
         request_started: None,
         me: me.clone(),
@@ -707,8 +704,14 @@ impl Conn<'_> {
             for name in self.expect.take_failed() {
                 a.conn.conn.state.prepared.remove(&name);
             }
-            for parse in self.expect.take_unparsed() {
-                self.statements.forget(&parse);
+            for (parse, skipped) in self.expect.take_unparsed() {
+                if parse.name.is_empty() {
+                    self.unnamed.forget(parse.id, skipped);
+                    // The connection holds the one before, or none.
+                    a.conn.conn.state.unnamed = None;
+                } else {
+                    self.statements.forget(&parse);
+                }
             }
             if self.expect.has_created() {
                 self.pool.learn_statements(self.expect.take_created());

@@ -152,12 +152,17 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// A setting name as a key: unquoted names fold to lower case.
+/// A setting name as a key: PostgreSQL finds settings by name whatever
+/// the case, quoted or not (`SET "Work_Mem"` is `work_mem`).
 fn name_key(sql: &str, t: &Token) -> String {
-    match t.kind {
-        Kind::Quoted => t.text(sql).to_owned(),
-        _ => t.text(sql).to_ascii_lowercase(),
-    }
+    ident_key(sql, t).to_ascii_lowercase()
+}
+
+/// A setting's key as a name in SQL: one quoted identifier (a dotted
+/// custom name such as `myapp.user_id` included, as PostgreSQL joins its
+/// parts with dots anyway).
+pub fn setting_name_sql(key: &str) -> String {
+    format!("\"{}\"", key.replace('"', "\"\""))
 }
 
 /// An identifier as PostgreSQL compares it: unquoted names fold to lower
@@ -346,7 +351,8 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
                 fx.local = Some(LocalCommand::DeallocateAll);
             }
         } else if let (Some(name), true) = (t.get(at), alone && t.len() == at + 1) {
-            fx.local = Some(LocalCommand::Deallocate(name_key(sql, name)));
+            // A statement name, compared as written when quoted.
+            fx.local = Some(LocalCommand::Deallocate(ident_key(sql, name)));
         }
     } else if word(0, "discard") {
         if word(1, "all") {
@@ -432,8 +438,7 @@ fn set(sql: &str, t: &[Token], fx: &mut Effects) {
         "transaction_read_only",
         "transaction_deferrable",
     ]
-    .iter()
-    .any(|n| name.trim_matches('"').eq_ignore_ascii_case(n))
+    .contains(&name.as_str())
     {
         // Per transaction, as SET TRANSACTION: nothing lasting to carry.
         return;
@@ -445,7 +450,7 @@ fn set(sql: &str, t: &[Token], fx: &mut Effects) {
     if is_default && (name == "timezone" || name == "role" || value.eq_ignore_ascii_case("default")) {
         fx.changes.push(SettingChange::Reset(name));
     } else {
-        let sql = format!("SET {name} TO {value}");
+        let sql = format!("SET {} TO {value}", setting_name_sql(&name));
         fx.changes.push(SettingChange::Set { name, sql });
     }
 }
@@ -496,7 +501,7 @@ mod tests {
     fn set(name: &str, value: &str) -> SettingChange {
         SettingChange::Set {
             name: name.into(),
-            sql: format!("SET {name} TO {value}"),
+            sql: format!("SET {} TO {value}", setting_name_sql(name)),
         }
     }
 
@@ -517,7 +522,16 @@ mod tests {
             ("SET NAMES 'LATIN1'", vec![set("client_encoding", "'LATIN1'")]),
             ("SET SCHEMA 'app'", vec![set("search_path", "'app'")]),
             ("SET myapp.user_id = 42", vec![set("myapp.user_id", "42")]),
-            ("SET \"MixedCase\" TO 1", vec![set("\"MixedCase\"", "1")]),
+            ("SET \"MixedCase\" TO 1", vec![set("mixedcase", "1")]),
+            ("SET \"my-app\".\"X\" = 2", vec![set("my-app.x", "2")]),
+            (
+                "SET \"work_mem\" = '1MB'; RESET Work_Mem",
+                vec![set("work_mem", "'1MB'"), SettingChange::Reset("work_mem".into())],
+            ),
+            (
+                "SET \"TimeZone\" TO DEFAULT",
+                vec![SettingChange::Reset("timezone".into())],
+            ),
             ("SET work_mem TO DEFAULT", vec![SettingChange::Reset("work_mem".into())]),
             (
                 "RESET work_mem; RESET ALL",
@@ -628,6 +642,15 @@ mod tests {
         assert_eq!(
             analyze("DEALLOCATE stmt1").local,
             Some(LocalCommand::Deallocate("stmt1".into()))
+        );
+        // Statement names are compared as written when quoted, folded when not.
+        assert_eq!(
+            analyze("DEALLOCATE \"S1\"").local,
+            Some(LocalCommand::Deallocate("S1".into()))
+        );
+        assert_eq!(
+            analyze("DEALLOCATE PREPARE S1").local,
+            Some(LocalCommand::Deallocate("s1".into()))
         );
         assert_eq!(analyze("DISCARD ALL").local, Some(LocalCommand::DiscardAll));
         assert_eq!(analyze("DISCARD ALL; SELECT 1").local, None);

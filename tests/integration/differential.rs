@@ -66,6 +66,19 @@ fn target(tag: u8, kind: u8, name: &str) -> Vec<u8> {
     message(tag, &body)
 }
 
+/// A Bind of `statement` to the unnamed portal, with text parameters.
+fn bind_params(statement: &str, params: &[&str]) -> Vec<u8> {
+    let mut body = format!("\0{statement}\0").into_bytes();
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(&(params.len() as i16).to_be_bytes());
+    for v in params {
+        body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        body.extend_from_slice(v.as_bytes());
+    }
+    body.extend_from_slice(&[0, 0]);
+    message(b'B', &body)
+}
+
 fn copy_data(text: &str) -> Vec<u8> {
     message(b'd', text.as_bytes())
 }
@@ -289,8 +302,74 @@ fn script() -> Vec<Step> {
         q("ROLLBACK TO a"),
         q("SELECT 1"),
         q("COMMIT"),
-        // (Not here: the unnamed statement used in a later batch than its
-        // Parse, a known gap of transaction pooling; see the README.)
+        // The unnamed statement used in later batches than its Parse (libpq's
+        // PQprepare, then PQexecPrepared), with the other client's unnamed
+        // statement prepared on the connection in between.
+        batch(&[p("", "SELECT 'mine', $1::int"), target(b'D', b'S', "")]),
+        batch(&[bind_params("", &["7"]), execute_msg()]),
+        batch(&[target(b'D', b'S', "")]),
+        batch(&[bind_params("", &["8"]), target(b'D', b'P', ""), execute_msg()]),
+        // Gone after a simple Query, its Close, a Parse that fails; none to
+        // begin with inside a transaction block, then one.
+        q("SELECT 1"),
+        batch(&[bind_params("", &["9"]), execute_msg()]),
+        batch(&[target(b'D', b'S', "")]),
+        batch(&[p("", "SELECT 'again'")]),
+        batch(&[target(b'C', b'S', "")]),
+        batch(&[bind_msg(""), execute_msg()]),
+        batch(&[p("", "SELECT 'third'")]),
+        batch(&[p("", "SELEC")]),
+        batch(&[bind_msg(""), execute_msg()]),
+        q("BEGIN"),
+        batch(&[bind_msg(""), execute_msg()]),
+        q("ROLLBACK"),
+        batch(&[p("", "SELECT 'fourth'")]),
+        batch(&[p("b", "BEGIN"), bind_msg("b"), execute_msg()]),
+        batch(&[bind_msg(""), execute_msg()]),
+        batch(&[p("c", "COMMIT"), bind_msg("c"), execute_msg()]),
+        batch(&[bind_msg(""), execute_msg()]),
+        // Pipelined: a Parse skipped after an error, then a Bind in the next batch.
+        raw(
+            &[
+                bind_msg("nosuch"),
+                p("", "SELECT 'skipped'"),
+                sync(),
+                bind_msg(""),
+                execute_msg(),
+                sync(),
+            ],
+            2,
+        ),
+        // Pipelined: a Parse, then a Bind in the next batch.
+        raw(
+            &[p("", "SELECT 'fifth'"), sync(), bind_msg(""), execute_msg(), sync()],
+            2,
+        ),
+        // A write in the batch of the Parse: the proxy's own query after the
+        // commit (splitting: the primary's WAL position) drops the connection's
+        // unnamed statement.
+        batch(&[
+            p("", "INSERT INTO diff_t VALUES (8)"),
+            p("w", "INSERT INTO diff_t VALUES (7)"),
+            bind_msg("w"),
+            execute_msg(),
+        ]),
+        batch(&[bind_msg(""), execute_msg()]),
+        // Names as PostgreSQL reads them: a setting whatever its case or
+        // quotes, a statement name as written when quoted.
+        q("SET \"Work_Mem\" = '5MB'"),
+        q("RESET work_mem"),
+        q("SHOW work_mem"),
+        q("SET work_mem = '6MB'"),
+        q("RESET \"WORK_MEM\""),
+        q("SHOW work_mem"),
+        q("SELECT set_config('Work_Mem', '9MB', false)"),
+        q("RESET work_mem"),
+        q("SHOW work_mem"),
+        batch(&[p("S1", "SELECT 1")]),
+        q("DEALLOCATE s1"),
+        q("DEALLOCATE \"S1\""),
+        batch(&[bind_msg("S1"), execute_msg()]),
         // LISTEN pins until UNLISTEN *.
         pinning(q("LISTEN ch")),
         pinning(q("NOTIFY ch, 'x'")),
@@ -312,9 +391,15 @@ async fn run(s: &mut TcpStream, mut between: Option<&mut TcpStream>) -> Vec<Vec<
                 bind_msg("s1"),
                 execute_msg(),
                 target(b'C', b'S', "s1"),
+                parse_msg("", "SELECT 'not yours'"),
+                target(b'D', b'S', ""),
             ]);
             let done = answer(other, &busy).await;
-            assert_eq!(done, ["1", "2", "D:other", "C:SELECT 1", "3", "Z:I"], "after step {i}");
+            assert_eq!(
+                done,
+                ["1", "2", "D:other", "C:SELECT 1", "3", "1", "t", "T:1", "Z:I"],
+                "after step {i}"
+            );
             let set = answer(other, &q("SET work_mem = '7MB'; SET search_path = elsewhere")).await;
             assert_eq!(set, ["C:SET", "C:SET", "Z:I"], "after step {i}");
         }

@@ -1,5 +1,6 @@
-//! Named prepared statements at the edges: a name prepared twice, and a
-//! client whose statements outgrow `pool.max_client_statement_bytes`.
+//! Prepared statements at the edges: a name prepared twice, a client whose
+//! statements outgrow `pool.max_client_statement_bytes`, and the unnamed
+//! statement used in a later transaction than its Parse.
 
 use tokio::net::TcpStream;
 
@@ -265,4 +266,65 @@ async fn with_splitting_on_a_batch_that_gets_no_server_is_answered_once() {
     assert_eq!(before, after, "no server connection taken");
     // Nothing more owed: the next query's answer is the next thing read.
     assert_eq!(simple(&mut b, "SELECT 10").await, ["D:10", "C:SELECT 1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_follows_its_client_to_later_transactions() {
+    let user = create_user("unnamedstmt").await;
+    // One server connection, which every client's transactions share.
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let mut a = login(proxy.local_addr(), &user).await;
+    let mut b = login(proxy.local_addr(), &user).await;
+    // A prepares (Parse, Sync), B's unnamed statement replaces it on the
+    // connection, A binds its own in its next transaction.
+    assert_eq!(rows(&mut a, &[parse_msg("", "SELECT 'a'")]).await, ["1"]);
+    assert_eq!(
+        rows(&mut b, &[parse_msg("", "SELECT 'b'"), bind_msg(""), execute_msg()]).await,
+        ["1", "2", "D:b", "C:SELECT 1"]
+    );
+    assert_eq!(rows(&mut a, &run("")).await, ["2", "D:a", "C:SELECT 1"]);
+    assert_eq!(rows(&mut b, &run("")).await, ["2", "D:b", "C:SELECT 1"]);
+    // A client without one is refused as by PostgreSQL, never given another's.
+    let mut c = login(proxy.local_addr(), &user).await;
+    let refused = error_field(&mut c, &run(""), b'M').await;
+    assert_eq!(refused, "unnamed prepared statement does not exist");
+    assert_eq!(simple(&mut c, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(rows(&mut c, &run("")).await, ["E:26000"]);
+    assert_eq!(simple(&mut c, "ROLLBACK").await, ["C:ROLLBACK"]);
+    // Text that is not UTF-8 (the client's encoding is LATIN1): the client's all the same.
+    assert_eq!(simple(&mut a, "SET client_encoding = 'LATIN1'").await, ["C:SET"]);
+    let latin1 = message(b'P', b"\0SELECT 'caf\xe9'\0\0\0");
+    let got = rows(&mut a, &[latin1, bind_msg(""), execute_msg()]).await;
+    assert_eq!(got, ["1", "2", "D:caf\u{fffd}", "C:SELECT 1"]);
+    assert_eq!(rows(&mut b, &[parse_msg("", "SELECT 'b'")]).await, ["1"]);
+    assert_eq!(rows(&mut a, &run("")).await, ["2", "D:caf\u{fffd}", "C:SELECT 1"]);
+    drop((a, b, c));
+
+    // Splitting on: after a committed write, the proxy reads the primary's
+    // WAL position with a query of its own on the connection, which drops its
+    // unnamed statement; the client's next Bind must not meet the gap.
+    let mut setup = Setup::new(&[&user]).pool("size = 1");
+    setup.routing = "read_write_split = true".to_owned();
+    let proxy = setup.start().await;
+    let mut s = login(proxy.local_addr(), &user).await;
+    let write = "SELECT pg_current_xact_id()::text";
+    let pending = [
+        parse_msg("", "SELECT 'after the write'"),
+        parse_msg("w", write),
+        bind_msg("w"),
+        execute_msg(),
+    ];
+    assert_eq!(rows(&mut s, &pending).await[..3], ["1", "1", "2"]);
+    // (A write in the same batch: the primary, the one connection just used.)
+    let again = [
+        parse_msg("w2", write),
+        bind_msg("w2"),
+        execute_msg(),
+        bind_msg(""),
+        execute_msg(),
+    ];
+    assert_eq!(
+        rows(&mut s, &again).await[4..],
+        ["2", "D:after the write", "C:SELECT 1"]
+    );
 }

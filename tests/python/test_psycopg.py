@@ -1,6 +1,7 @@
 """psycopg 3 through the proxy, in transaction and in session mode."""
 
 import datetime
+import threading
 
 import psycopg
 import psycopg.errors
@@ -136,3 +137,39 @@ def test_settings_follow_the_connection_across_transactions(tx_proxy):
         a.execute("SET application_name = 'never-committed'")
         a.rollback()
         assert a.execute("SHOW application_name").fetchone() == ("psy-a",)
+
+
+def test_unnamed_statement_kept_across_transactions(tx_proxy):
+    """libpq's PQprepare of the unnamed statement (Parse, Sync) and a later PQexecPrepared of it
+    (Bind, Describe, Execute, Sync), as pgx's describe-exec mode and sqlx's non-persistent
+    queries do: two transactions, each of which may land on another server connection, whose
+    unnamed statement may be another client's. Every client here has a statement of its own
+    (its number in the text, a parameter count of its own), so binding anyone else's shows."""
+    clients, rounds = 16, 20
+    failures = []
+
+    def client(i):
+        try:
+            with connect(tx_proxy, autocommit=True) as conn:
+                pg = conn.pgconn
+                count = i % 4 + 1
+                params = ", ".join(f"${k}::int" for k in range(1, count + 1))
+                sql = f"SELECT {i}, ARRAY[{params}]::text".encode()
+                for j in range(rounds):
+                    res = pg.prepare(b"", sql)
+                    assert res.status == psycopg.pq.ExecStatus.COMMAND_OK, res.error_message
+                    args = [str(j * 10 + k) for k in range(count)]
+                    res = pg.exec_prepared(b"", [a.encode() for a in args])
+                    assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
+                    expected = [str(i).encode(), ("{" + ",".join(args) + "}").encode()]
+                    assert [res.get_value(0, 0), res.get_value(0, 1)] == expected
+        except Exception as e:  # collected: an assertion in a thread would go unseen
+            failures.append(f"client {i}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]
+
