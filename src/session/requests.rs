@@ -110,12 +110,16 @@ impl Conn<'_> {
     /// skipped after an error, leaving the connection another client's
     /// unnamed statement. Its answer is awaited first.
     fn unnamed_in_doubt(&self, tag: u8, msg: &[u8]) -> bool {
+        if self.unnamed.current().is_none() || !self.tracking() {
+            // (Clients that never prepare the unnamed statement stop here.)
+            return false;
+        }
         let body = &msg[HEADER_LEN..];
         let unnamed = match tag {
             b'B' => matches!(parse_bind_names(body), Some((_, "", _))),
             _ => matches!(parse_target(body), Some((b'S', ""))),
         };
-        unnamed && self.unnamed.current().is_some() && self.tracking() && self.expect.unnamed_parse_in_earlier_batch()
+        unnamed && self.expect.unnamed_parse_in_earlier_batch()
     }
 
     fn forward_client_bytes(&mut self, n: usize) {
