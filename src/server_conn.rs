@@ -249,8 +249,7 @@ impl ServerConn {
     ) -> io::Result<(TransactionStatus, Vec<Vec<Option<String>>>)> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
-        // A simple Query drops the unnamed prepared statement.
-        self.state.unnamed = None;
+        self.state.query_sent();
         self.stream.write_all(&out).await?;
         let mut buf = BytesMut::with_capacity(256);
         let mut failed = false;

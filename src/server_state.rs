@@ -233,6 +233,11 @@ pub struct ServerState {
 }
 
 impl ServerState {
+    /// A simple Query was sent: PostgreSQL drops the unnamed statement.
+    pub fn query_sent(&mut self) {
+        self.unnamed = None;
+    }
+
     /// After `DISCARD ALL` ran on the connection.
     pub fn reset(&mut self) {
         self.prepared = Prepared::default();

@@ -166,8 +166,7 @@ impl Conn<'_> {
         now: std::time::Instant,
     ) {
         if let Some(sql) = self.settings.carry_to(&mut conn.conn.state.settings) {
-            // A simple Query: it drops the unnamed statement.
-            conn.conn.state.unnamed = None;
+            conn.conn.state.query_sent();
             write_query(&mut self.to_server, &sql);
             self.expect.sent(Request::Query, true, None);
         }

@@ -171,11 +171,7 @@ impl Conn<'_> {
         self.expect.clear();
         for (parse, skipped) in self.expect.take_unparsed() {
             // Their Parses get the error below.
-            if parse.name.is_empty() {
-                self.unnamed.forget(parse.id, skipped);
-            } else {
-                self.statements.forget(&parse);
-            }
+            super::statements::forget_unparsed(&mut self.statements, &mut self.unnamed, &parse, skipped);
         }
         self.tracker = Tracker::default();
         self.sscan.reset();

@@ -114,12 +114,16 @@ impl Conn<'_> {
             // (Clients that never prepare the unnamed statement stop here.)
             return false;
         }
+        // The queue is looked at from its end, where a batch's own Parse
+        // usually is: the message is read only when it matters.
+        if !self.expect.unnamed_parse_in_earlier_batch() {
+            return false;
+        }
         let body = &msg[HEADER_LEN..];
-        let unnamed = match tag {
+        match tag {
             b'B' => matches!(parse_bind_names(body), Some((_, "", _))),
             _ => matches!(parse_target(body), Some((b'S', ""))),
-        };
-        unnamed && self.expect.unnamed_parse_in_earlier_batch()
+        }
     }
 
     fn forward_client_bytes(&mut self, n: usize) {
@@ -346,9 +350,8 @@ impl Conn<'_> {
         match tag {
             b'Q' => {
                 self.tracker.request_sent();
-                // A simple Query drops the unnamed statement.
                 if let Some(a) = self.attached() {
-                    a.conn.conn.state.unnamed = None;
+                    a.conn.conn.state.query_sent();
                 }
             }
             b'F' => self.tracker.request_sent(),
@@ -589,6 +592,19 @@ impl Conn<'_> {
         }
     }
 
+    /// [`Self::ensure_server`] for a Bind or Describe, of the client's
+    /// unnamed statement if `unnamed` (tracking on): a client that has none
+    /// is refused without taking a connection, and the connection taken gets
+    /// the client's statement if it lacks it. `Ok(false)`: the client has
+    /// been answered.
+    async fn ensure_server_for(&mut self, tag: u8, class: Class, unnamed: bool) -> Result<bool, Exit> {
+        if unnamed && self.unnamed.current().is_none() {
+            self.refuse_missing_unnamed();
+            return Ok(false);
+        }
+        Ok(self.ensure_server(tag, class).await? && (!unnamed || self.ensure_unnamed()))
+    }
+
     /// Whether a Bind or Describe of the client's unnamed statement may go
     /// to the held connection: where the connection's unnamed statement is
     /// another's (or none), the client's Parse is sent again first.
@@ -675,11 +691,7 @@ impl Conn<'_> {
             _ => Class::Primary(WriteReason::ParseFallback),
         };
         let unnamed = self.tracking() && matches!(names, Some((_, "", _)));
-        if unnamed && self.unnamed.current().is_none() {
-            self.refuse_missing_unnamed();
-            return Ok(());
-        }
-        if !self.ensure_server(b'B', class).await? || (unnamed && !self.ensure_unnamed()) {
+        if !self.ensure_server_for(b'B', class, unnamed).await? {
             return Ok(());
         }
         match (names, known) {
@@ -707,11 +719,7 @@ impl Conn<'_> {
     /// Describe of a statement: renamed like Bind.
     async fn on_statement_target(&mut self, msg: &[u8], tag: u8, name: String) -> Result<(), Exit> {
         let unnamed = self.tracking() && name.is_empty();
-        if unnamed && self.unnamed.current().is_none() {
-            self.refuse_missing_unnamed();
-            return Ok(());
-        }
-        if !self.ensure_server(tag, Class::Neutral).await? || (unnamed && !self.ensure_unnamed()) {
+        if !self.ensure_server_for(tag, Class::Neutral, unnamed).await? {
             return Ok(());
         }
         let known = if self.tracking() {

@@ -120,6 +120,19 @@ impl Statements {
     }
 }
 
+/// Forgets the client's Parse that got no ParseComplete (see
+/// `Expectations::take_unparsed`). Returns whether it was of the unnamed
+/// statement.
+pub fn forget_unparsed(statements: &mut Statements, unnamed: &mut Unnamed, parse: &ClientParse, skipped: bool) -> bool {
+    if parse.name.is_empty() {
+        unnamed.forget(parse.id, skipped);
+        true
+    } else {
+        statements.forget(parse);
+        false
+    }
+}
+
 /// Longest unnamed Parse kept to be sent again: a longer one (a bulk
 /// INSERT's text) only works on the connection it was sent to, so that idle
 /// clients do not hold large copies.

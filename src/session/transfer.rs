@@ -28,7 +28,7 @@ use super::greeting::{server_params, startup_settings};
 use super::retry::Retry;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
-use super::statements::{Statements, Unnamed};
+use super::statements::{Statements, Unnamed, forget_unparsed};
 use super::stream::{ClientReader, ClientWriter};
 use crate::clients::{ClientInfo, SIGNAL_KILL, SIGNAL_SHUTDOWN};
 use crate::config::PoolMode;
@@ -705,12 +705,9 @@ impl Conn<'_> {
                 a.conn.conn.state.prepared.remove(&name);
             }
             for (parse, skipped) in self.expect.take_unparsed() {
-                if parse.name.is_empty() {
-                    self.unnamed.forget(parse.id, skipped);
+                if forget_unparsed(&mut self.statements, &mut self.unnamed, &parse, skipped) {
                     // The connection holds the one before, or none.
                     a.conn.conn.state.unnamed = None;
-                } else {
-                    self.statements.forget(&parse);
                 }
             }
             if self.expect.has_created() {

@@ -410,8 +410,7 @@ async fn run(s: &mut TcpStream, mut between: Option<&mut TcpStream>) -> Vec<Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_corner_cases_are_answered_as_by_postgresql() {
     let user = create_user("differ").await;
-    let direct_addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster().primary).parse().unwrap();
-    let mut direct = login(direct_addr, &user).await;
+    let mut direct = login_direct(&user).await;
     let expected = run(&mut direct, None).await;
     drop(direct);
     // (Some answers spelled out, so the script is known to do what it says.)

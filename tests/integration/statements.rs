@@ -78,8 +78,7 @@ async fn duplicate_names_script(s: &mut TcpStream) -> Vec<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_name_in_use_cannot_be_prepared_again() {
     let user = create_user("dupname").await;
-    let direct_addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster().primary).parse().unwrap();
-    let mut direct = login(direct_addr, &user).await;
+    let mut direct = login_direct(&user).await;
     let expected = duplicate_names_script(&mut direct).await;
     assert_eq!(
         expected,

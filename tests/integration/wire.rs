@@ -97,6 +97,14 @@ pub async fn login(addr: std::net::SocketAddr, user: &TestUser) -> TcpStream {
     s
 }
 
+/// Logs in to the primary directly, bypassing the proxy.
+pub async fn login_direct(user: &TestUser) -> TcpStream {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", crate::harness::cluster().primary)
+        .parse()
+        .unwrap();
+    login(addr, user).await
+}
+
 pub fn parse_msg(name: &str, sql: &str) -> Vec<u8> {
     let mut body = format!("{name}\0{sql}\0").into_bytes();
     body.extend_from_slice(&[0, 0]);
