@@ -24,7 +24,10 @@ the least (a read and a write each way), so it measures what relaying through th
 on this machine, whatever the proxy does on top; a second table gives its ratios.
 
     benches/load/run.sh [--seconds 10] [--rounds 3] [--scenarios S,S500,E,P,...] [--chart out.png]
-        [--relay]
+        [--relay] [--result-mb 300]
+
+Then (unless --result-mb 0) one large result is read through each target, interleaved: the
+seconds it takes, and the proxies' peak RSS growth while it passes through them.
 """
 
 import argparse
@@ -220,6 +223,28 @@ class Bench:
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000 if samples else float("nan")
         return (float(tps.group(1)), float(lat.group(1)) if lat else float("nan"), p99), None
 
+    def big_result(self, port, pid, mb):
+        """Reads one result of about `mb` MB (1 kB rows) with psql through `port`; returns the
+        seconds it took and, when `pid` is a proxy, its RSS before and its peak RSS growth
+        during the read, in MB (the peak is VmHWM, reset through /proc/PID/clear_refs)."""
+        status = Path(f"/proc/{pid}/status") if pid else None
+
+        def kib(field):
+            m = re.search(rf"^{field}:\s+(\d+) kB", status.read_text(), re.M)
+            return int(m.group(1))
+
+        if status:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            before = kib("VmRSS")
+        started = time.monotonic()
+        subprocess.run(["psql", "-XAtq", "-o", "/dev/null", "-c",
+                        f"SELECT repeat('x', 1000) FROM generate_series(1, {mb * 1000})", self.url(port)],
+                       check=True, timeout=600)
+        took = time.monotonic() - started
+        if not status:
+            return took, None, None
+        return took, before / 1024, (kib("VmHWM") - before) / 1024
+
     def commits(self):
         """Committed transactions in appdb on each node (standbys count their own read-only ones)."""
         out = {}
@@ -243,10 +268,14 @@ def main():
     ap.add_argument("--chart", help="write a PNG bar chart of the ratios here")
     ap.add_argument("--relay", action="store_true",
                     help="also run HAProxy as a plain TCP relay (see above)")
+    ap.add_argument("--result-mb", type=int, default=300,
+                    help="also read one result of this many MB through each target, reporting the "
+                         "proxies' RSS growth (0: skip)")
     args = ap.parse_args()
     bench = Bench(args)
     rows = []
     spread = None
+    big = {}
     try:
         bench.start()
         for key in args.scenarios.split(","):
@@ -280,6 +309,13 @@ def main():
             }
             rows.append((key, desc, med, errors))
             print(f"done: {desc}", file=sys.stderr)
+        if args.result_mb:
+            bouncer_pid = int((bench.dir / "pgbouncer.pid").read_text().split()[0])
+            for _ in range(args.rounds):
+                for name, port, pid in (("direct", bench.pg, None), ("pgbouncer", bench.bouncer, bouncer_pid),
+                                        ("dbproxy", bench.proxy, bench.procs[0].pid)):
+                    big.setdefault(name, []).append(bench.big_result(port, pid, args.result_mb))
+            print(f"done: {args.result_mb} MB result", file=sys.stderr)
     finally:
         bench.stop()
     print(f"pgbench scale 10, pool size {POOL}, transaction pooling, {args.rounds} interleaved rounds "
@@ -313,6 +349,20 @@ def main():
         total = sum(spread.values()) or 1
         print("\nScenario R through dbproxy, transactions committed per server: " + ", ".join(
             f"{node} {count} ({100 * count / total:.0f} %)" for node, count in spread.items()))
+    if big:
+        print(f"\nOne {args.result_mb} MB result (`SELECT repeat('x', 1000) FROM generate_series(1, "
+              f"{args.result_mb * 1000})` read by psql), {len(big['direct'])} interleaved rounds; medians. RSS "
+              "growth: the proxy's peak RSS during the read (VmHWM) above its RSS before it.\n")
+        print("| target | seconds | proxy RSS before, MB | proxy RSS growth, MB |")
+        print("|---|---|---|---|")
+        for name, runs in big.items():
+            took = statistics.median(r[0] for r in runs)
+            if runs[0][1] is None:
+                print(f"| {name} | {took:.2f} | - | - |")
+            else:
+                before = statistics.median(r[1] for r in runs)
+                growth = statistics.median(r[2] for r in runs)
+                print(f"| {name} | {took:.2f} | {before:.1f} | {growth:.2f} (at most {max(r[2] for r in runs):.2f}) |")
     if args.chart:
         chart(rows, args.chart)
 

@@ -265,6 +265,13 @@ impl Expectations {
         self.created.drain(..)
     }
 
+    /// Whether failed or skipped Parses, or skipped Closes, await
+    /// [`Self::take_failed`], [`Self::take_unparsed`] or [`Self::take_kept`]
+    /// (rarely: one check per server message instead of three drains).
+    pub fn has_outcomes(&self) -> bool {
+        !(self.failed.is_empty() && self.unparsed.is_empty() && self.kept.is_empty())
+    }
+
     /// Statements the server did not create after all.
     pub fn take_failed(&mut self) -> impl Iterator<Item = Arc<str>> + '_ {
         self.failed.drain(..)
@@ -273,9 +280,11 @@ impl Expectations {
     /// Forgets everything (the connection is gone); client Parses still owed
     /// an answer go to [`Self::take_unparsed`].
     pub fn clear(&mut self) {
-        for entry in self.queue.drain(..) {
-            if let Entry::Sent { client: Some(c), .. } | Entry::Synthetic(_, Some(c)) = entry {
-                self.unparsed.push((c, false));
+        if !self.queue.is_empty() {
+            for entry in self.queue.drain(..) {
+                if let Entry::Sent { client: Some(c), .. } | Entry::Synthetic(_, Some(c)) = entry {
+                    self.unparsed.push((c, false));
+                }
             }
         }
         self.ready.clear();

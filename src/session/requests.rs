@@ -114,6 +114,10 @@ impl Conn<'_> {
             // (Clients that never prepare the unnamed statement stop here.)
             return false;
         }
+        if tag == b'D' && msg.get(HEADER_LEN) != Some(&b'S') {
+            // A portal's Describe (pgbench -M extended's) follows its Bind.
+            return false;
+        }
         // The queue is looked at from its end, where a batch's own Parse
         // usually is: the message is read only when it matters.
         if !self.expect.unnamed_parse_in_earlier_batch() {

@@ -701,20 +701,22 @@ impl Conn<'_> {
                     }
                 }
             }
-            for name in self.expect.take_failed() {
-                a.conn.conn.state.prepared.remove(&name);
-            }
-            for (parse, skipped) in self.expect.take_unparsed() {
-                if forget_unparsed(&mut self.statements, &mut self.unnamed, &parse, skipped) {
-                    // The connection holds the one before, or none.
-                    a.conn.conn.state.unnamed = None;
+            if self.expect.has_outcomes() {
+                for name in self.expect.take_failed() {
+                    a.conn.conn.state.prepared.remove(&name);
+                }
+                for (parse, skipped) in self.expect.take_unparsed() {
+                    if forget_unparsed(&mut self.statements, &mut self.unnamed, &parse, skipped) {
+                        // The connection holds the one before, or none.
+                        a.conn.conn.state.unnamed = None;
+                    }
+                }
+                for name in self.expect.take_kept() {
+                    a.conn.conn.state.prepared.insert(name, usize::MAX);
                 }
             }
             if self.expect.has_created() {
                 self.pool.learn_statements(self.expect.take_created());
-            }
-            for name in self.expect.take_kept() {
-                a.conn.conn.state.prepared.insert(name, usize::MAX);
             }
             let ignored = self.expect.take_ignored_syncs();
             if ignored > 0 {
