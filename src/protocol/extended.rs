@@ -5,13 +5,16 @@
 use bytes::{BufMut, BytesMut};
 
 use super::backend::{message, put_cstr};
-use super::framing::{HEADER_LEN, read_cstr};
+use std::borrow::Cow;
+
+use super::framing::{HEADER_LEN, read_cbytes, read_cstr};
 
 /// A Parse message's fields.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub name: &'a str,
-    pub query: &'a str,
+    /// The text as sent: UTF-8, or another client encoding (LATIN1, ...).
+    pub query: &'a [u8],
     /// The parameter-type section as sent: count, then one OID each.
     pub param_types: &'a [u8],
 }
@@ -19,7 +22,7 @@ pub struct Parse<'a> {
 /// Decodes a Parse body (after the header).
 pub fn parse_parse(body: &[u8]) -> Option<Parse<'_>> {
     let (name, rest) = read_cstr(body)?;
-    let (query, rest) = read_cstr(rest)?;
+    let (query, rest) = read_cbytes(rest)?;
     let (count, oids) = rest.split_first_chunk::<2>()?;
     if oids.len() != usize::from(u16::from_be_bytes(*count)) * 4 {
         return None;
@@ -46,11 +49,20 @@ pub fn parse_target(body: &[u8]) -> Option<(u8, &str)> {
     (matches!(kind, b'S' | b'P') && rest.is_empty()).then_some((kind, name))
 }
 
+impl<'a> Parse<'a> {
+    /// The text to read the statement by: borrowed when it is UTF-8 (as
+    /// nearly always), else with the bytes that are not replaced (`Owned`).
+    pub fn text(&self) -> Cow<'a, str> {
+        String::from_utf8_lossy(self.query)
+    }
+}
+
 /// Writes a Parse of `query` under `name`.
-pub fn write_parse(buf: &mut BytesMut, name: &str, query: &str, param_types: &[u8]) {
+pub fn write_parse(buf: &mut BytesMut, name: &str, query: &[u8], param_types: &[u8]) {
     message(buf, b'P', |b| {
         put_cstr(b, name);
-        put_cstr(b, query);
+        b.put_slice(query);
+        b.put_u8(0);
         b.put_slice(param_types);
     });
 }
@@ -113,16 +125,21 @@ mod tests {
     #[test]
     fn parse_round_trip() {
         let mut buf = BytesMut::new();
-        write_parse(&mut buf, "s1", "SELECT $1", &[0, 1, 0, 0, 0, 23]);
+        write_parse(&mut buf, "s1", b"SELECT $1", &[0, 1, 0, 0, 0, 23]);
         let p = parse_parse(&buf[HEADER_LEN..]).unwrap();
         assert_eq!(
             p,
             Parse {
                 name: "s1",
-                query: "SELECT $1",
+                query: b"SELECT $1",
                 param_types: &[0, 1, 0, 0, 0, 23]
             }
         );
+        assert!(matches!(p.text(), Cow::Borrowed("SELECT $1")));
+        // LATIN1 text (0xe9: e acute) is kept as sent, and read with a stand-in.
+        let p = parse_parse(b"s2\0SELECT 'caf\xe9'\0\0\0").unwrap();
+        assert_eq!(p.query, b"SELECT 'caf\xe9'");
+        assert!(matches!(p.text(), Cow::Owned(t) if t == "SELECT 'caf\u{fffd}'"));
         assert!(
             parse_parse(b"s1\0SELECT\0\0\x02\0\0\0\x17").is_none(),
             "count says 2 OIDs, only 1 sent"

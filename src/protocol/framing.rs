@@ -139,9 +139,14 @@ impl Scanner {
 /// Reads a NUL-terminated string from the front of `buf`, returning it and the
 /// rest. `None` if there is no terminator or the bytes are not UTF-8.
 pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
+    let (s, rest) = read_cbytes(buf)?;
+    Some((std::str::from_utf8(s).ok()?, rest))
+}
+
+/// [`read_cstr`] for text in any client encoding: the bytes as sent.
+pub fn read_cbytes(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = memchr::memchr(0, buf)?;
-    let s = std::str::from_utf8(&buf[..end]).ok()?;
-    Some((s, &buf[end + 1..]))
+    Some((&buf[..end], &buf[end + 1..]))
 }
 
 /// Reads a big-endian i32 from the front of `buf`.

@@ -87,7 +87,7 @@ impl Conn<'_> {
         // Close first: the statement a refusal before left on this connection.
         write_target(&mut self.to_server, b'C', b'S', REFUSED);
         self.expect.sent(Request::Close, true, None);
-        write_parse(&mut self.to_server, REFUSED, &raise_sql(err), &[0, 0]);
+        write_parse(&mut self.to_server, REFUSED, raise_sql(err).as_bytes(), &[0, 0]);
         self.expect.sent(Request::Parse, true, None);
         write_bind(&mut self.to_server, "", REFUSED);
         self.expect.sent(Request::Bind, true, None);
@@ -165,9 +165,14 @@ impl Conn<'_> {
                 // Close first: a throwaway left by a batch that failed before its Execute.
                 write_target(&mut self.to_server, b'C', b'S', THROWAWAY);
                 self.expect.sent(Request::Close, true, None);
-                write_parse(&mut self.to_server, THROWAWAY, "SELECT", &[0, 0]);
+                write_parse(&mut self.to_server, THROWAWAY, b"SELECT", &[0, 0]);
                 self.expect.sent(Request::Parse, true, None);
-                write_parse(&mut self.to_server, "", &format!("DEALLOCATE {THROWAWAY}"), &[0, 0]);
+                write_parse(
+                    &mut self.to_server,
+                    "",
+                    format!("DEALLOCATE {THROWAWAY}").as_bytes(),
+                    &[0, 0],
+                );
             }
             LocalCommand::Deallocate(_) => self.to_server.extend_from_slice(msg),
             LocalCommand::DeallocateAll | LocalCommand::DiscardAll => {

@@ -6,6 +6,7 @@
 //! DISCARD ALL and refused session features are in `local.rs`, the stale-plan
 //! resend in `retry.rs`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -21,10 +22,10 @@ use crate::protocol::extended::{
     close_complete, parse_bind_names, parse_complete, parse_parse, parse_target, write_bind_renamed, write_parse,
     write_target,
 };
-use crate::protocol::framing::{HEADER_LEN, read_cstr};
+use crate::protocol::framing::{HEADER_LEN, read_cbytes};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, WriteReason};
-use crate::sql::{Effects, analyze};
+use crate::sql::{Effects, analyze, analyze_foreign};
 
 /// Bytes of an extended-protocol batch held back, with read/write splitting,
 /// until its Sync shows where it may run. A larger batch goes to the primary
@@ -237,7 +238,11 @@ impl Conn<'_> {
         match tag {
             b'P' => match parse_parse(body) {
                 Some(p) => {
-                    let class = self.router.classify(p.query);
+                    let class = match p.text() {
+                        Cow::Borrowed(text) => self.router.classify(text),
+                        // Not UTF-8 (LATIN1, ...): read only to be safe.
+                        Cow::Owned(_) => Class::Primary(WriteReason::ParseFallback),
+                    };
                     if p.name.is_empty() {
                         *batch_unnamed = Some(class);
                         (class, true)
@@ -404,11 +409,16 @@ impl Conn<'_> {
         // Whether answered here or by a server, as PostgreSQL does for any
         // simple Query (the server connection's is dropped as it is sent).
         self.unnamed.drop_statement();
-        let sql = read_cstr(&msg[HEADER_LEN..]).map(|(sql, _)| sql);
-        let fx = match sql {
-            Some(sql) if self.mode == PoolMode::Transaction => analyze(sql),
+        // Text that is not UTF-8 (a client encoding such as LATIN1) is read
+        // with stand-ins, only to be safe: see `analyze_foreign`.
+        let text = read_cbytes(&msg[HEADER_LEN..]).map(|(sql, _)| String::from_utf8_lossy(sql));
+        let utf8 = matches!(text, Some(Cow::Borrowed(_)));
+        let fx = match &text {
+            Some(sql) if self.mode == PoolMode::Transaction && utf8 => analyze(sql),
+            Some(sql) if self.mode == PoolMode::Transaction => analyze_foreign(sql),
             _ => Effects::default(),
         };
+        let sql = text.as_deref();
         if let (Some(cmd), Phase::Idle) = (&fx.local, &self.phase) {
             self.answer_locally(cmd.clone());
             return Ok(());
@@ -420,7 +430,8 @@ impl Conn<'_> {
         let class = match sql {
             // A client about to be pinned stays where it lands: the primary.
             Some(_) if self.split && !fx.pins.is_empty() => Class::Primary(WriteReason::Write),
-            Some(sql) if self.split => self.router.classify(sql),
+            Some(sql) if self.split && utf8 => self.router.classify(sql),
+            _ if self.split => Class::Primary(WriteReason::ParseFallback),
             _ => Class::Neutral,
         };
         if let Some(sql) = sql.filter(|s| crate::router::classify::is_ddl(s)) {
@@ -447,8 +458,8 @@ impl Conn<'_> {
 
     async fn on_parse(&mut self, msg: &[u8]) -> Result<(), Exit> {
         let Some(p) = parse_parse(&msg[HEADER_LEN..]) else {
-            // Let the server judge a Parse dbproxy cannot read (malformed,
-            // or text that is not UTF-8 in a client encoding that allows it).
+            // Let the server judge a Parse dbproxy cannot read (malformed, or
+            // a name that is not UTF-8 in a client encoding that allows it).
             let class = Class::Primary(WriteReason::ParseFallback);
             if msg.get(HEADER_LEN) == Some(&0) && self.mode == PoolMode::Transaction {
                 // Of the unnamed statement: the client's all the same.
@@ -456,17 +467,28 @@ impl Conn<'_> {
             }
             self.send(msg, b'P', Some(Request::Parse), class).await?;
             self.set_unnamed_owner(None);
+            if self.tracking()
+                && let Some(a) = self.attached()
+            {
+                // A statement under the client's own name: reset before
+                // anyone else gets the connection.
+                a.conn.conn.state.dirty = true;
+            }
             return Ok(());
         };
+        // Text that is not UTF-8 (a client encoding such as LATIN1) is read
+        // with stand-ins, only to be safe; it is sent as it came.
+        let text = p.text();
+        let utf8 = matches!(text, Cow::Borrowed(_));
         // What running it does to the session: needed in transaction mode only.
-        let fx = if self.mode == PoolMode::Transaction {
-            analyze(p.query)
-        } else {
-            Effects::default()
+        let fx = match self.mode {
+            PoolMode::Transaction if utf8 => analyze(&text),
+            PoolMode::Transaction => analyze_foreign(&text),
+            PoolMode::Session => Effects::default(),
         };
         if !fx.pins.is_empty()
             && self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject
-            && !crate::sql::lexer::tokenize(p.query)
+            && !crate::sql::lexer::tokenize(&text)
                 .iter()
                 .any(|t| t.kind == crate::sql::lexer::Kind::Param)
         {
@@ -474,16 +496,16 @@ impl Conn<'_> {
             // raises the error when executed (statements with parameters
             // cannot be rewritten so, and still pin).
             let mut rewritten = BytesMut::new();
-            write_parse(&mut rewritten, p.name, &reject_sql(&fx), &[0, 0]);
+            write_parse(&mut rewritten, p.name, reject_sql(&fx).as_bytes(), &[0, 0]);
             return Box::pin(self.on_parse(&rewritten)).await;
         }
-        let class = if self.split {
-            self.router.classify(p.query)
-        } else {
-            Class::Neutral
+        let class = match self.split {
+            true if utf8 => self.router.classify(&text),
+            true => Class::Primary(WriteReason::ParseFallback),
+            false => Class::Neutral,
         };
-        if crate::router::classify::is_ddl(p.query) {
-            self.router.note_ddl(p.query);
+        if crate::router::classify::is_ddl(&text) {
+            self.router.note_ddl(&text);
         }
         if p.name.is_empty() || !self.tracking() {
             let unnamed = p.name.is_empty();

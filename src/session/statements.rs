@@ -18,7 +18,8 @@ pub struct Statement {
     /// The name used on servers: the same for the same text and types, so
     /// clients share server-side statements.
     pub server_name: Arc<str>,
-    pub query: Box<str>,
+    /// As the client sent it (UTF-8 or not).
+    pub query: Box<[u8]>,
     pub param_types: Box<[u8]>,
     /// What running it does to the session.
     pub effects: Effects,
@@ -28,9 +29,9 @@ pub struct Statement {
 
 /// The server-side name of a statement: a digest of its text, its types and
 /// the database's schema epoch (see `Router::schema_epoch`).
-pub(super) fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<str> {
+pub(super) fn server_name(query: &[u8], param_types: &[u8], epoch: u64) -> Arc<str> {
     let mut h = Sha256::new();
-    h.update(query.as_bytes());
+    h.update(query);
     h.update([0]);
     h.update(param_types);
     h.update(epoch.to_le_bytes());
@@ -44,7 +45,7 @@ pub(super) fn server_name(query: &str, param_types: &[u8], epoch: u64) -> Arc<st
 pub const OVERHEAD: usize = 256;
 
 /// What keeping statement `name` with this text and these types costs.
-pub fn cost(name: &str, query: &str, param_types: &[u8]) -> usize {
+pub fn cost(name: &str, query: &[u8], param_types: &[u8]) -> usize {
     OVERHEAD + name.len() + query.len() + param_types.len()
 }
 
@@ -274,18 +275,18 @@ mod tests {
 
     #[test]
     fn server_names_depend_on_text_and_types() {
-        let a = server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 0);
-        assert_eq!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 0));
-        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 25], 0));
-        assert_ne!(a, server_name("SELECT $2", &[0, 1, 0, 0, 0, 23], 0));
-        assert_ne!(a, server_name("SELECT $1", &[0, 1, 0, 0, 0, 23], 1));
+        let a = server_name(b"SELECT $1", &[0, 1, 0, 0, 0, 23], 0);
+        assert_eq!(a, server_name(b"SELECT $1", &[0, 1, 0, 0, 0, 23], 0));
+        assert_ne!(a, server_name(b"SELECT $1", &[0, 1, 0, 0, 0, 25], 0));
+        assert_ne!(a, server_name(b"SELECT $2", &[0, 1, 0, 0, 0, 23], 0));
+        assert_ne!(a, server_name(b"SELECT $1", &[0, 1, 0, 0, 0, 23], 1));
         assert!(a.starts_with("dbp_") && a.len() == 28);
     }
 
     fn stmt(query: &str) -> Arc<Statement> {
         Arc::new(Statement {
-            server_name: server_name(query, &[0, 0], 0),
-            query: query.into(),
+            server_name: server_name(query.as_bytes(), &[0, 0], 0),
+            query: query.as_bytes().into(),
             param_types: Box::new([0, 0]),
             effects: Effects::default(),
             class: Class::Neutral,
@@ -299,17 +300,17 @@ mod tests {
         s.insert("bb", stmt("SELECT 22"));
         assert_eq!(
             s.bytes(),
-            cost("a", "SELECT 1", &[0, 0]) + cost("bb", "SELECT 22", &[0, 0])
+            cost("a", b"SELECT 1", &[0, 0]) + cost("bb", b"SELECT 22", &[0, 0])
         );
         // Replacing a name counts the new statement only.
         s.insert("a", stmt("SELECT 333"));
         assert_eq!(
             s.bytes(),
-            cost("a", "SELECT 333", &[0, 0]) + cost("bb", "SELECT 22", &[0, 0])
+            cost("a", b"SELECT 333", &[0, 0]) + cost("bb", b"SELECT 22", &[0, 0])
         );
         assert!(s.remove("a").is_some());
         assert!(s.remove("a").is_none());
-        assert_eq!(s.bytes(), cost("bb", "SELECT 22", &[0, 0]));
+        assert_eq!(s.bytes(), cost("bb", b"SELECT 22", &[0, 0]));
         s.clear();
         assert_eq!((s.bytes(), s.contains("bb")), (0, false));
     }
@@ -320,7 +321,7 @@ mod tests {
         let first = s.insert("a", stmt("SELECT 1"));
         let second = s.insert("a", stmt("SELECT 2"));
         s.forget(&first);
-        assert_eq!(s.get("a").map(|st| &*st.query), Some("SELECT 2"));
+        assert_eq!(s.get("a").map(|st| &*st.query), Some(&b"SELECT 2"[..]));
         s.forget(&second);
         assert_eq!((s.get("a").is_none(), s.bytes()), (true, 0));
     }

@@ -14,5 +14,6 @@ pub fn mentions(text: &str, word: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
 }
 pub use session::{
-    Effects, LocalCommand, Pins, SettingChange, TxCommand, analyze, quote_literal, set_config_sql, setting_name_sql,
+    Effects, LocalCommand, Pins, SettingChange, TxCommand, analyze, analyze_foreign, quote_literal, set_config_sql,
+    setting_name_sql,
 };

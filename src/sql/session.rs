@@ -293,6 +293,33 @@ pub fn analyze(sql: &str) -> Effects {
     effects
 }
 
+/// [`analyze`] for text that is not UTF-8 (a client encoding such as
+/// LATIN1), read with stand-ins for the bytes that are not: what it cannot
+/// record faithfully is made safe instead. A setting it changes (whose value
+/// may hold such bytes) pins the client as untracked, and no command is
+/// answered by the proxy (the server reads the real names).
+pub fn analyze_foreign(text: &str) -> Effects {
+    if text.contains('\\') {
+        // In SJIS, BIG5, GBK and the like a character's second byte may be
+        // a backslash, which then escapes nothing: where strings end (in
+        // `E'...'`) cannot be told from the bytes, nor what runs.
+        return Effects {
+            pins: Pins::UNTRACKED,
+            ..Effects::default()
+        };
+    }
+    let mut fx = analyze(text);
+    if !fx.changes.is_empty() {
+        fx.changes.clear();
+        for (before, _) in &mut fx.tx {
+            *before = 0;
+        }
+        fx.pins.add(Pins::UNTRACKED);
+    }
+    fx.local = None;
+    fx
+}
+
 /// The name of a savepoint command whose keywords end before token `at`
 /// (`SAVEPOINT` itself is optional there, and may also be the name).
 fn savepoint_name(sql: &str, t: &[Token], at: usize) -> Option<String> {
@@ -585,6 +612,23 @@ mod tests {
             Pins::UNTRACKED
         );
         assert!(analyze("SELECT 'LISTEN x', $$pg_advisory_lock(1)$$").is_empty());
+    }
+
+    #[test]
+    fn text_read_with_stand_ins_records_only_what_is_safe() {
+        // (U+FFFD stands for a byte of another client encoding.)
+        let fx = analyze_foreign("BEGIN; SET application_name = 'caf\u{fffd}'; SAVEPOINT s");
+        assert!(fx.changes.is_empty());
+        assert_eq!(fx.pins, Pins::UNTRACKED);
+        assert_eq!(fx.tx, [(0, TxCommand::Savepoint("s".to_owned()))]);
+        assert_eq!(analyze_foreign("LISTEN caf\u{fffd}").pins, Pins::LISTEN);
+        assert!(analyze_foreign("SELECT 'caf\u{fffd}'").is_empty());
+        assert!(analyze_foreign("DEALLOCATE caf\u{fffd}").local.is_none());
+        // A backslash may be the second byte of an SJIS character: nothing
+        // in the text can be told, so it pins whatever it seems to do.
+        let sjis = analyze_foreign("SELECT E'\u{fffd}\\'; SET work_mem = '1GB'; --'");
+        assert_eq!((sjis.pins, sjis.changes.len()), (Pins::UNTRACKED, 0));
+        assert_eq!(analyze_foreign("SELECT E'\u{fffd}\\n'").pins, Pins::UNTRACKED);
     }
 
     #[test]

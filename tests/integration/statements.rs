@@ -327,3 +327,75 @@ async fn the_unnamed_statement_follows_its_client_to_later_transactions() {
         ["2", "D:after the write", "C:SELECT 1"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_that_is_not_utf8_is_renamed_routed_and_tracked_like_any_other() {
+    // LATIN1 clients: 0xe9 is e acute, which is not UTF-8 on its own.
+    let user = create_user("latin1").await;
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let mut a = login(proxy.local_addr(), &user).await;
+    let mut b = login(proxy.local_addr(), &user).await;
+    for s in [&mut a, &mut b] {
+        assert_eq!(simple(s, "SET client_encoding = 'LATIN1'").await, ["C:SET"]);
+    }
+    // Named statements are the client's own, as for UTF-8 text (clients one
+    // after the other share one server connection): the same name in two
+    // clients is no clash, and a third client cannot bind another's.
+    let cafe = message(b'P', b"s1\0SELECT 'caf\xe9'\0\0\0");
+    assert_eq!(rows(&mut a, &[cafe]).await, ["1"]);
+    let the = message(b'P', b"s1\0SELECT 'th\xe9'\0\0\0");
+    let got = rows(&mut b, &[the, bind_msg("s1"), execute_msg()]).await;
+    assert_eq!(got, ["1", "2", "D:th\u{fffd}", "C:SELECT 1"]);
+    assert_eq!(rows(&mut a, &run("s1")).await, ["2", "D:caf\u{fffd}", "C:SELECT 1"]);
+    let mut c = login(proxy.local_addr(), &user).await;
+    assert_eq!(rows(&mut c, &run("s1")).await, ["E:26000"]);
+    // A name that is not UTF-8 goes to the server as it is, for the
+    // transaction: the connection is reset before anyone else gets it.
+    let named = message(b'P', b"s\xe9\0SELECT 1\0\0\0");
+    let bind = message(b'B', b"\0s\xe9\0\0\0\0\0\0\0");
+    for s in [&mut a, &mut b] {
+        let got = rows(s, &[named.clone(), bind.clone(), execute_msg()]).await;
+        assert_eq!(got, ["1", "2", "D:1", "C:SELECT 1"]);
+    }
+    // A setting whose value is not UTF-8 cannot be carried faithfully: the
+    // client keeps its server connection, and nobody else gets the setting.
+    assert_eq!(simple(&mut a, b"SET application_name = 'caf\xe9'").await, ["C:SET"]);
+    let shown = simple(&mut b, "SHOW application_name").await;
+    assert!(!shown[0].contains("caf"), "{shown:?}");
+    // (PostgreSQL shows the e acute of application_name as "??" or "\xc3\xa9".)
+    let shown = simple(&mut a, "SHOW application_name").await;
+    assert!(shown[0].starts_with("D:caf"), "{shown:?}");
+    drop((a, b, c));
+
+    // Splitting on: such text is not read to route it, so it goes to the
+    // primary (a write sent to a replica would fail there).
+    let mut setup = Setup::new(&[&user]);
+    setup.routing = "read_write_split = true\nhealth_check_interval = \"20ms\"".to_owned();
+    let proxy = setup.start().await;
+    let mut s = login(proxy.local_addr(), &user).await;
+    // (The replicas join the rotation after their first health check.)
+    let on_replicas = || {
+        proxy.shared().live().stats["appdb"]
+            .routed_replica
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut tries = 0;
+    while on_replicas() == 0 {
+        simple(&mut s, "SELECT 1").await;
+        tries += 1;
+        assert!(tries < 300, "no read reached a replica");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // (Each client's first write, so that read-your-writes has no say.)
+    let mut t = login(proxy.local_addr(), &user).await;
+    for c in [&mut s, &mut t] {
+        assert_eq!(simple(c, "SET client_encoding = 'LATIN1'").await, ["C:SET"]);
+    }
+    let before = on_replicas();
+    let write = b"SELECT pg_current_xact_id()::text <> 'caf\xe9'";
+    assert_eq!(simple(&mut s, write).await, ["D:t", "C:SELECT 1"]);
+    let parse = message(b'P', b"\0SELECT pg_current_xact_id()::text <> 'caf\xe9'\0\0\0");
+    let got = rows(&mut t, &[parse, bind_msg(""), execute_msg()]).await;
+    assert_eq!(got, ["1", "2", "D:t", "C:SELECT 1"]);
+    assert_eq!(on_replicas(), before);
+}

@@ -154,10 +154,11 @@ pub async fn round(s: &mut TcpStream, msgs: &[Vec<u8>]) -> Vec<String> {
 
 /// Sends a simple query; returns its CommandComplete tags, error codes and
 /// the first value of each row.
-pub async fn simple(s: &mut TcpStream, sql: &str) -> Vec<String> {
-    s.write_all(&message(b'Q', format!("{sql}\0").as_bytes()))
-        .await
-        .unwrap();
+/// (`sql` as bytes: text in another client encoding than UTF-8 too.)
+pub async fn simple(s: &mut TcpStream, sql: impl AsRef<[u8]>) -> Vec<String> {
+    let mut body = sql.as_ref().to_vec();
+    body.push(0);
+    s.write_all(&message(b'Q', &body)).await.unwrap();
     let answers = until_ready(s).await;
     answers
         .iter()
