@@ -34,7 +34,8 @@
 //!   (`session/stream.rs`).
 //! - [`sql`]: a lexer that understands comments, quoting and dollar quoting
 //!   (`sql/lexer.rs`), and what a statement does to the session: settings, pins,
-//!   locally answered commands (`sql/session.rs`).
+//!   locally answered commands (`sql/session.rs`); how text in client
+//!   encodings other than UTF-8 is read, only to be safe (`sql/encoding.rs`).
 //! - [`router`]: read/write splitting per database: replica choice, read-your-writes
 //!   marks and the classification cache (`router/mod.rs`), the conservative
 //!   statement classifier (`router/classify.rs`), and the health monitor that checks

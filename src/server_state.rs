@@ -82,6 +82,9 @@ pub struct Settings {
     /// `default_transaction_isolation` is `serializable`, which hot
     /// standbys refuse: such a client's reads must go to the primary.
     serializable: bool,
+    /// `client_encoding` is one whose characters may end in the byte of a
+    /// backslash (SJIS, BIG5, GBK, UHC, GB18030, JOHAB).
+    backslash_trail: bool,
 }
 
 fn serializable(values: &Values) -> bool {
@@ -90,6 +93,21 @@ fn serializable(values: &Values) -> bool {
     values
         .iter()
         .any(|(name, sql)| name == "default_transaction_isolation" && crate::sql::mentions(sql, "serializable"))
+}
+
+fn backslash_trail(values: &Values) -> bool {
+    // Encoding names as PostgreSQL compares them: case and punctuation aside.
+    const NAMES: [&str; 12] = [
+        "sjis", "shiftjis", "mskanji", "932", "big5", "950", "gbk", "936", "uhc", "949", "gb18030", "johab",
+    ];
+    values.get("client_encoding").is_some_and(|sql| {
+        let folded: String = sql
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        NAMES.iter().any(|name| folded.contains(name))
+    })
 }
 
 fn fingerprint(values: &Values) -> u64 {
@@ -133,6 +151,7 @@ impl Settings {
         let fingerprint = fingerprint(&values);
         Settings {
             serializable: serializable(&values),
+            backslash_trail: backslash_trail(&values),
             values: intern(values, fingerprint),
             fingerprint,
         }
@@ -141,11 +160,18 @@ impl Settings {
     fn refresh(&mut self) {
         self.fingerprint = fingerprint(&self.values);
         self.serializable = serializable(&self.values);
+        self.backslash_trail = backslash_trail(&self.values);
     }
 
     /// Whether transactions default to SERIALIZABLE.
     pub fn serializable(&self) -> bool {
         self.serializable
+    }
+
+    /// Whether the client's encoding may end a character with the byte of a
+    /// backslash (see `sql::backslash_in_doubt`).
+    pub fn backslash_trail(&self) -> bool {
+        self.backslash_trail
     }
 
     /// Whether both hold the same values.

@@ -5,8 +5,6 @@
 use bytes::{BufMut, BytesMut};
 
 use super::backend::{message, put_cstr};
-use std::borrow::Cow;
-
 use super::framing::{HEADER_LEN, read_cbytes, read_cstr};
 
 /// A Parse message's fields.
@@ -47,14 +45,6 @@ pub fn parse_target(body: &[u8]) -> Option<(u8, &str)> {
     let (&kind, rest) = body.split_first()?;
     let (name, rest) = read_cstr(rest)?;
     (matches!(kind, b'S' | b'P') && rest.is_empty()).then_some((kind, name))
-}
-
-impl<'a> Parse<'a> {
-    /// The text to read the statement by: borrowed when it is UTF-8 (as
-    /// nearly always), else with the bytes that are not replaced (`Owned`).
-    pub fn text(&self) -> Cow<'a, str> {
-        String::from_utf8_lossy(self.query)
-    }
 }
 
 /// Writes a Parse of `query` under `name`.
@@ -135,11 +125,9 @@ mod tests {
                 param_types: &[0, 1, 0, 0, 0, 23]
             }
         );
-        assert!(matches!(p.text(), Cow::Borrowed("SELECT $1")));
-        // LATIN1 text (0xe9: e acute) is kept as sent, and read with a stand-in.
+        // Text that is not UTF-8 (LATIN1: 0xe9 is e acute) is kept as sent.
         let p = parse_parse(b"s2\0SELECT 'caf\xe9'\0\0\0").unwrap();
         assert_eq!(p.query, b"SELECT 'caf\xe9'");
-        assert!(matches!(p.text(), Cow::Owned(t) if t == "SELECT 'caf\u{fffd}'"));
         assert!(
             parse_parse(b"s1\0SELECT\0\0\x02\0\0\0\x17").is_none(),
             "count says 2 OIDs, only 1 sent"

@@ -25,7 +25,8 @@ use crate::protocol::extended::{
 use crate::protocol::framing::{HEADER_LEN, read_cbytes};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, WriteReason};
-use crate::sql::{Effects, analyze, analyze_foreign};
+use crate::sql::Effects;
+use crate::sql::encoding::{Legibility, read};
 
 /// Bytes of an extended-protocol batch held back, with read/write splitting,
 /// until its Sync shows where it may run. A larger batch goes to the primary
@@ -36,6 +37,33 @@ impl Conn<'_> {
     /// Statement renaming is on: transaction mode with a statement budget.
     fn tracking(&self) -> bool {
         self.mode == PoolMode::Transaction && self.shared.max_prepared.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    /// A statement's text (`raw`, as sent), to read: see [`Legibility`].
+    #[inline]
+    fn read_statement<'a>(&self, raw: &'a [u8]) -> (Cow<'a, str>, Legibility) {
+        read(raw, self.settings.backslash_trail())
+    }
+
+    /// What running a statement does to the session: needed in transaction
+    /// mode only.
+    #[inline]
+    fn effects_of(&self, text: &str, legibility: Legibility) -> Effects {
+        match self.mode {
+            PoolMode::Session => Effects::default(),
+            PoolMode::Transaction => crate::sql::encoding::effects(text, legibility),
+        }
+    }
+
+    /// Where a statement may run: text not read as the server reads it goes
+    /// to the primary.
+    #[inline]
+    fn class_of(&self, text: &str, legibility: Legibility) -> Class {
+        match (self.split, legibility) {
+            (false, _) => Class::Neutral,
+            (true, Legibility::Clear) => self.router.classify(text),
+            (true, _) => Class::Primary(WriteReason::ParseFallback),
+        }
     }
 
     /// Handles every complete client message that can be handled now.
@@ -238,11 +266,8 @@ impl Conn<'_> {
         match tag {
             b'P' => match parse_parse(body) {
                 Some(p) => {
-                    let class = match p.text() {
-                        Cow::Borrowed(text) => self.router.classify(text),
-                        // Not UTF-8 (LATIN1, ...): read only to be safe.
-                        Cow::Owned(_) => Class::Primary(WriteReason::ParseFallback),
-                    };
+                    let (text, legibility) = self.read_statement(p.query);
+                    let class = self.class_of(&text, legibility);
                     if p.name.is_empty() {
                         *batch_unnamed = Some(class);
                         (class, true)
@@ -409,16 +434,12 @@ impl Conn<'_> {
         // Whether answered here or by a server, as PostgreSQL does for any
         // simple Query (the server connection's is dropped as it is sent).
         self.unnamed.drop_statement();
-        // Text that is not UTF-8 (a client encoding such as LATIN1) is read
-        // with stand-ins, only to be safe: see `analyze_foreign`.
-        let text = read_cbytes(&msg[HEADER_LEN..]).map(|(sql, _)| String::from_utf8_lossy(sql));
-        let utf8 = matches!(text, Some(Cow::Borrowed(_)));
-        let fx = match &text {
-            Some(sql) if self.mode == PoolMode::Transaction && utf8 => analyze(sql),
-            Some(sql) if self.mode == PoolMode::Transaction => analyze_foreign(sql),
-            _ => Effects::default(),
+        let read = read_cbytes(&msg[HEADER_LEN..]).map(|(sql, _)| self.read_statement(sql));
+        let fx = match &read {
+            Some((text, legibility)) => self.effects_of(text, *legibility),
+            None => Effects::default(),
         };
-        let sql = text.as_deref();
+        let sql = read.as_ref().map(|(text, _)| &**text);
         if let (Some(cmd), Phase::Idle) = (&fx.local, &self.phase) {
             self.answer_locally(cmd.clone());
             return Ok(());
@@ -430,9 +451,9 @@ impl Conn<'_> {
         let class = match sql {
             // A client about to be pinned stays where it lands: the primary.
             Some(_) if self.split && !fx.pins.is_empty() => Class::Primary(WriteReason::Write),
-            Some(sql) if self.split && utf8 => self.router.classify(sql),
-            _ if self.split => Class::Primary(WriteReason::ParseFallback),
-            _ => Class::Neutral,
+            Some(sql) => self.class_of(sql, read.as_ref().map_or(Legibility::Clear, |(_, l)| *l)),
+            // Malformed: the server will say so.
+            None => Class::Neutral,
         };
         if let Some(sql) = sql.filter(|s| crate::router::classify::is_ddl(s)) {
             self.router.note_ddl(sql);
@@ -476,16 +497,9 @@ impl Conn<'_> {
             }
             return Ok(());
         };
-        // Text that is not UTF-8 (a client encoding such as LATIN1) is read
-        // with stand-ins, only to be safe; it is sent as it came.
-        let text = p.text();
-        let utf8 = matches!(text, Cow::Borrowed(_));
-        // What running it does to the session: needed in transaction mode only.
-        let fx = match self.mode {
-            PoolMode::Transaction if utf8 => analyze(&text),
-            PoolMode::Transaction => analyze_foreign(&text),
-            PoolMode::Session => Effects::default(),
-        };
+        // (The text is sent as it came, whatever dbproxy reads it as.)
+        let (text, legibility) = self.read_statement(p.query);
+        let fx = self.effects_of(&text, legibility);
         if !fx.pins.is_empty()
             && self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject
             && !crate::sql::lexer::tokenize(&text)
@@ -499,11 +513,7 @@ impl Conn<'_> {
             write_parse(&mut rewritten, p.name, reject_sql(&fx).as_bytes(), &[0, 0]);
             return Box::pin(self.on_parse(&rewritten)).await;
         }
-        let class = match self.split {
-            true if utf8 => self.router.classify(&text),
-            true => Class::Primary(WriteReason::ParseFallback),
-            false => Class::Neutral,
-        };
+        let class = self.class_of(&text, legibility);
         if crate::router::classify::is_ddl(&text) {
             self.router.note_ddl(&text);
         }

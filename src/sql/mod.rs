@@ -2,6 +2,7 @@
 //! dollar quoting, and what a statement does to the session (settings,
 //! session-only features) so transaction pooling can carry or pin it.
 
+pub mod encoding;
 pub mod lexer;
 pub mod session;
 
@@ -14,6 +15,5 @@ pub fn mentions(text: &str, word: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
 }
 pub use session::{
-    Effects, LocalCommand, Pins, SettingChange, TxCommand, analyze, analyze_foreign, quote_literal, set_config_sql,
-    setting_name_sql,
+    Effects, LocalCommand, Pins, SettingChange, TxCommand, analyze, quote_literal, set_config_sql, setting_name_sql,
 };

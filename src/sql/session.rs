@@ -208,9 +208,16 @@ const TRIGGERS: [&[u8]; 14] = [
 /// Looks only at the starts of words: one table lookup per byte, and a
 /// comparison with the trigger words only at a word that starts with one of
 /// their first letters.
+///
+/// The word `SET` in a text that starts with `UPDATE`, `INSERT` or `MERGE`
+/// and holds no `;` but at its end is a clause of that one statement (`UPDATE t SET`,
+/// `ON CONFLICT DO UPDATE SET`), not a SET statement: such a text is not
+/// analysed for it (every write of an OLTP load would be lexed otherwise).
 fn may_have_effects(sql: &str) -> bool {
     let b = sql.as_bytes();
     let mut i = 0;
+    // Where a SET passed over as a clause of the text's one statement is.
+    let mut clause_at = None;
     while i < b.len() {
         let class = BYTE_CLASS[usize::from(b[i])];
         if class == NOT_WORD {
@@ -218,7 +225,12 @@ fn may_have_effects(sql: &str) -> bool {
             continue;
         }
         if class == TRIGGER_START && starts_with_trigger(&b[i..]) {
-            return true;
+            // (Looked into only here, off the path of texts without triggers.)
+            let clause = is_word(&b[i..], b"set") && memchr::memchr(b';', &b[..i]).is_none() && starts_with_dml(b);
+            if !clause {
+                return true;
+            }
+            clause_at = clause_at.or(Some(i));
         }
         // The rest of the word.
         i += 1;
@@ -226,7 +238,32 @@ fn may_have_effects(sql: &str) -> bool {
             i += 1;
         }
     }
-    false
+    // After such a SET, a `;` may only end the text.
+    clause_at.is_some_and(|at| memchr::memchr(b';', &b[at..]).is_some_and(|j| !blank(&b[at + j + 1..])))
+}
+
+/// Nothing but `;` and white space (the end of a text: pgbench ends each
+/// statement with `;`).
+fn blank(rest: &[u8]) -> bool {
+    rest.iter().all(|&c| c == b';' || c.is_ascii_whitespace())
+}
+
+/// Whether `text` starts with the whole word `word` (lower case).
+fn is_word(text: &[u8], word: &[u8]) -> bool {
+    text.len() >= word.len()
+        && text[..word.len()].eq_ignore_ascii_case(word)
+        && text
+            .get(word.len())
+            .is_none_or(|&c| BYTE_CLASS[usize::from(c)] == NOT_WORD)
+}
+
+/// Whether the text's first word, with nothing but white space before it
+/// (a comment's words are not the statement's), is UPDATE, INSERT or MERGE.
+fn starts_with_dml(b: &[u8]) -> bool {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    [&b"update"[..], b"insert", b"merge"]
+        .iter()
+        .any(|w| is_word(&b[start..], w))
 }
 
 /// Whether `word` (at least one byte long) starts with one of [`TRIGGERS`].
@@ -291,33 +328,6 @@ pub fn analyze(sql: &str) -> Effects {
     }
     effects.statements = statements.len();
     effects
-}
-
-/// [`analyze`] for text that is not UTF-8 (a client encoding such as
-/// LATIN1), read with stand-ins for the bytes that are not: what it cannot
-/// record faithfully is made safe instead. A setting it changes (whose value
-/// may hold such bytes) pins the client as untracked, and no command is
-/// answered by the proxy (the server reads the real names).
-pub fn analyze_foreign(text: &str) -> Effects {
-    if text.contains('\\') {
-        // In SJIS, BIG5, GBK and the like a character's second byte may be
-        // a backslash, which then escapes nothing: where strings end (in
-        // `E'...'`) cannot be told from the bytes, nor what runs.
-        return Effects {
-            pins: Pins::UNTRACKED,
-            ..Effects::default()
-        };
-    }
-    let mut fx = analyze(text);
-    if !fx.changes.is_empty() {
-        fx.changes.clear();
-        for (before, _) in &mut fx.tx {
-            *before = 0;
-        }
-        fx.pins.add(Pins::UNTRACKED);
-    }
-    fx.local = None;
-    fx
 }
 
 /// The name of a savepoint command whose keywords end before token `at`
@@ -615,23 +625,6 @@ mod tests {
     }
 
     #[test]
-    fn text_read_with_stand_ins_records_only_what_is_safe() {
-        // (U+FFFD stands for a byte of another client encoding.)
-        let fx = analyze_foreign("BEGIN; SET application_name = 'caf\u{fffd}'; SAVEPOINT s");
-        assert!(fx.changes.is_empty());
-        assert_eq!(fx.pins, Pins::UNTRACKED);
-        assert_eq!(fx.tx, [(0, TxCommand::Savepoint("s".to_owned()))]);
-        assert_eq!(analyze_foreign("LISTEN caf\u{fffd}").pins, Pins::LISTEN);
-        assert!(analyze_foreign("SELECT 'caf\u{fffd}'").is_empty());
-        assert!(analyze_foreign("DEALLOCATE caf\u{fffd}").local.is_none());
-        // A backslash may be the second byte of an SJIS character: nothing
-        // in the text can be told, so it pins whatever it seems to do.
-        let sjis = analyze_foreign("SELECT E'\u{fffd}\\'; SET work_mem = '1GB'; --'");
-        assert_eq!((sjis.pins, sjis.changes.len()), (Pins::UNTRACKED, 0));
-        assert_eq!(analyze_foreign("SELECT E'\u{fffd}\\n'").pins, Pins::UNTRACKED);
-    }
-
-    #[test]
     fn savepoints_are_noticed_in_order_with_the_settings() {
         let a = || "a".to_owned();
         for sql in [
@@ -712,8 +705,28 @@ mod tests {
             "LISTEN c",
             "discard all",
             "RESET x",
+            // SET after an UPDATE's own statement, or not a clause of one.
+            "UPDATE t SET x = 1; SET work_mem = '1GB'",
+            "update t set x = 1;set work_mem = '1GB'",
+            "UPDATE t SET x = set_config('a', 'b', false)",
+            "UPDATE t SET x = 1 RETURNING pg_advisory_lock(1)",
+            "/* UPDATE */ SET x = 1",
+            "-- UPDATE\nSET x = 1",
+            "updates SET x = 1",
+            "SELECT 1; UPDATE t SET x = 1",
+            "UPDATE t SET x = 1; -- \n SET work_mem = 1",
+            "UPDATE t SET x = 1;; LISTEN c;",
         ] {
             assert!(may_have_effects(sql), "{sql}");
+        }
+        for sql in [
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+            "insert into t values (1) on conflict (id) do update set x = excluded.x",
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET x = s.x",
+            "UPDATE \"set\" SET \"set\" = 1",
+            "UPDATE t SET x = 1; ;\n",
+        ] {
+            assert!(!may_have_effects(sql), "{sql}");
         }
         // The per-letter lists hold every trigger word, in any case, and
         // only at the start of a word.

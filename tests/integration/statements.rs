@@ -367,6 +367,17 @@ async fn text_that_is_not_utf8_is_renamed_routed_and_tracked_like_any_other() {
     assert!(shown[0].starts_with("D:caf"), "{shown:?}");
     drop((a, b, c));
 
+    // SJIS: 0x95 0x5c is one character, whose second byte is a backslash's.
+    // Read byte by byte, the escape string would swallow the SET after it.
+    let mut a = login(proxy.local_addr(), &user).await;
+    let mut b = login(proxy.local_addr(), &user).await;
+    assert_eq!(simple(&mut a, "SET client_encoding = 'SJIS'").await, ["C:SET"]);
+    let hidden = b"SELECT E'\x95\x5c'; SET work_mem = '1111kB'; --'";
+    assert_eq!(simple(&mut a, hidden).await[1..], ["C:SELECT 1", "C:SET"]);
+    assert_ne!(simple(&mut b, "SHOW work_mem").await[0], "D:1111kB");
+    assert_eq!(simple(&mut a, "SHOW work_mem").await[0], "D:1111kB");
+    drop((a, b));
+
     // Splitting on: such text is not read to route it, so it goes to the
     // primary (a write sent to a replica would fail there).
     let mut setup = Setup::new(&[&user]);
