@@ -42,7 +42,7 @@ impl Conn<'_> {
     /// A statement's text (`raw`, as sent), to read: see [`Legibility`].
     #[inline]
     fn read_statement<'a>(&self, raw: &'a [u8]) -> (Cow<'a, str>, Legibility) {
-        read(raw, self.settings.backslash_trail())
+        read(raw, self.settings.backslash_trail() || self.encoding_unsettled)
     }
 
     /// What running a statement does to the session: needed in transaction
@@ -411,6 +411,7 @@ impl Conn<'_> {
         if self.mode != PoolMode::Transaction {
             return;
         }
+        self.encoding_unsettled |= fx.encoding;
         if !fx.pins.is_empty() {
             let before = self.pins;
             self.pins.add(fx.pins);

@@ -152,6 +152,10 @@ pub(super) struct Conn<'a> {
     pub(super) unnamed: Unnamed,
     /// The client's session settings, carried to each server connection.
     pub(super) settings: Settings,
+    /// A `client_encoding` change was sent and is not settled yet (its
+    /// transaction is open, or its answer owed): text is read as if the
+    /// encoding might end characters with a backslash's byte.
+    pub(super) encoding_unsettled: bool,
     /// Its settings from the startup packet (what RESET returns to).
     pub(super) startup: Settings,
     pub(super) tracker: Tracker,
@@ -259,6 +263,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         expect: Expectations::default(),
         statements: Statements::default(),
         unnamed: Unnamed::default(),
+        encoding_unsettled: false,
         settings: startup.clone(),
         startup,
         tracker: Tracker::default(),
@@ -667,6 +672,10 @@ impl Conn<'_> {
                             a.conn.conn.state.settings.apply_for_server(change);
                         }
                         a.conn.conn.state.dirty |= settled.uncertain;
+                        if status == TransactionStatus::Idle && self.expect.is_empty() {
+                            // Any change of client_encoding is now in `settings`, or gone.
+                            self.encoding_unsettled = false;
+                        }
                         if a.role == Role::Replica && a.conn.conn.state.settings.serializable() {
                             // Set inside a read-only transaction there: a standby
                             // connection defaulting to SERIALIZABLE would fail the

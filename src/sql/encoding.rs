@@ -31,6 +31,10 @@ pub fn read(raw: &[u8], backslash_trail: bool) -> (Cow<'_, str>, Legibility) {
         Legibility::Unreadable
     } else if matches!(text, Cow::Borrowed(_)) {
         Legibility::Clear
+    } else if raw.windows(2).any(|w| w[0] == 0xef && matches!(w[1], 0x9e | 0x9f)) {
+        // A character of the stand-ins' range sent as UTF-8 (U+F780 is
+        // EF 9E 80) would read as one of them.
+        Legibility::Unreadable
     } else {
         Legibility::Foreign
     };
@@ -48,8 +52,10 @@ pub fn effects(text: &str, legibility: Legibility) -> Effects {
 
 /// Text in any client encoding, to read: borrowed when it is UTF-8 (as
 /// nearly always), else (`Owned`) with a stand-in for each byte that is
-/// not, one character per byte value (U+F780 + the byte, in a private-use
-/// area), so that different names and quote tags stay different.
+/// not, one character per byte value (U+F700 + the byte: U+F780 to U+F7FF, in
+/// a private-use area), so that different names and quote tags stay
+/// different. ([`read`] does not trust text that holds those characters
+/// itself.)
 pub fn lossy_text(bytes: &[u8]) -> Cow<'_, str> {
     // (`from_utf8` first: its check of ASCII text is several times faster.)
     match std::str::from_utf8(bytes) {
@@ -145,6 +151,12 @@ mod tests {
             Some(LocalCommand::Deallocate("s1".into()))
         );
         assert_eq!(read(b"DISCARD ALL -- \xe9").local, Some(LocalCommand::DiscardAll));
+        // A character of the stand-ins' own range (U+F7E9: EF 9F A9) in text
+        // that needs them is not trusted to tell dollar-quote tags apart.
+        let clash = b"SELECT $\xe9$x$\xef\x9f\xa9$y$\xe9$; SET work_mem = '1GB'";
+        assert_eq!(super::read(clash, false).1, Legibility::Unreadable);
+        assert_eq!(super::read(b"SELECT '\xe9'", false).1, Legibility::Foreign);
+        assert_eq!(super::read("SELECT '\u{f7e9}'".as_bytes(), false).1, Legibility::Clear);
         // A backslash after a byte above 0x7f, with an escape string about.
         assert!(backslash_in_doubt(b"SELECT E'\x95\\'; SET work_mem = '1GB'; --'"));
         assert!(backslash_in_doubt(b"select e'\xe3\x81\x81\\'"));

@@ -125,6 +125,10 @@ pub struct Effects {
     pub unpins: Pins,
     /// Set when the whole text is one command the proxy can answer.
     pub local: Option<LocalCommand>,
+    /// The text may change `client_encoding`, if only for its transaction
+    /// (`SET LOCAL`, `set_config(.., true)`): how later text is read
+    /// depends on it (`sql::encoding`).
+    pub encoding: bool,
 }
 
 impl Effects {
@@ -343,6 +347,9 @@ fn savepoint_name(sql: &str, t: &[Token], at: usize) -> Option<String> {
 fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
     let word = |i: usize, kw: &str| t.get(i).is_some_and(|tok| tok.is_word(sql, kw));
     if word(0, "set") {
+        fx.encoding |= t
+            .iter()
+            .any(|tok| tok.is_word(sql, "client_encoding") || tok.is_word(sql, "names"));
         set(sql, t, fx);
     } else if word(0, "reset") {
         let name = if word(1, "all") {
@@ -520,6 +527,9 @@ fn set_config(sql: &str, args: &[Token], fx: &mut Effects) {
         }
         _ => None,
     };
+    fx.encoding |= parsed
+        .as_ref()
+        .is_none_or(|(name, _, _)| name.eq_ignore_ascii_case("client_encoding"));
     match parsed {
         Some((_, _, local)) if local.is_word(sql, "true") => {}
         Some((name, value, local)) if local.is_word(sql, "false") => {
@@ -622,6 +632,23 @@ mod tests {
             Pins::UNTRACKED
         );
         assert!(analyze("SELECT 'LISTEN x', $$pg_advisory_lock(1)$$").is_empty());
+    }
+
+    #[test]
+    fn a_change_of_client_encoding_is_noticed_in_every_form() {
+        for sql in [
+            "SET client_encoding = 'SJIS'",
+            "SET LOCAL client_encoding TO 'SJIS'",
+            "set names 'sjis'",
+            "SET LOCAL NAMES 'SJIS'",
+            "SELECT set_config('client_encoding', 'SJIS', true)",
+            "SELECT set_config($1, 'SJIS', false)",
+        ] {
+            assert!(analyze(sql).encoding, "{sql}");
+        }
+        for sql in ["SET work_mem = '1GB'", "SELECT set_config('work_mem', '1GB', true)"] {
+            assert!(!analyze(sql).encoding, "{sql}");
+        }
     }
 
     #[test]

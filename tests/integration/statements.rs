@@ -377,6 +377,17 @@ async fn text_that_is_not_utf8_is_renamed_routed_and_tracked_like_any_other() {
     assert_ne!(simple(&mut b, "SHOW work_mem").await[0], "D:1111kB");
     assert_eq!(simple(&mut a, "SHOW work_mem").await[0], "D:1111kB");
     drop((a, b));
+    // The same with the encoding set for one transaction only.
+    let mut a = login(proxy.local_addr(), &user).await;
+    let mut b = login(proxy.local_addr(), &user).await;
+    assert_eq!(simple(&mut a, "BEGIN").await, ["C:BEGIN"]);
+    assert_eq!(simple(&mut a, "SET LOCAL client_encoding = 'SJIS'").await, ["C:SET"]);
+    let hidden = b"SELECT E'\x95\x5c'; SET work_mem = '2222kB'; --'";
+    assert_eq!(simple(&mut a, hidden).await[1..], ["C:SELECT 1", "C:SET"]);
+    assert_eq!(simple(&mut a, "COMMIT").await, ["C:COMMIT"]);
+    assert_ne!(simple(&mut b, "SHOW work_mem").await[0], "D:2222kB");
+    assert_eq!(simple(&mut a, "SHOW work_mem").await[0], "D:2222kB");
+    drop((a, b));
 
     // Splitting on: such text is not read to route it, so it goes to the
     // primary (a write sent to a replica would fail there).
