@@ -169,7 +169,7 @@ impl Settings {
     }
 
     /// Whether the client's encoding may end a character with the byte of a
-    /// backslash (see `sql::backslash_in_doubt`).
+    /// backslash (see `sql::encoding::backslash_in_doubt`).
     pub fn backslash_trail(&self) -> bool {
         self.backslash_trail
     }

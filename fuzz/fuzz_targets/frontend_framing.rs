@@ -6,7 +6,7 @@
 
 use bytes::BytesMut;
 use dbproxy::protocol::extended::{parse_bind_names, parse_parse, parse_target, write_bind_renamed, write_parse, write_target};
-use dbproxy::protocol::framing::{HEADER_LEN, Item, Scanner, read_cstr};
+use dbproxy::protocol::framing::{HEADER_LEN, Item, Scanner, read_cbytes};
 use dbproxy::protocol::frontend::parse_sasl_initial_response;
 use libfuzzer_sys::fuzz_target;
 
@@ -26,7 +26,11 @@ fn decode(tag: u8, msg: &[u8]) {
                 write_parse(&mut out, "dbp_0123456789abcdef", p.query, p.param_types);
                 let again = parse_parse(&out[HEADER_LEN..]).expect("a rewritten Parse decodes");
                 assert_eq!((again.query, again.param_types), (p.query, p.param_types));
-                let _ = dbproxy::sql::session::analyze(p.query);
+                // Text in any client encoding, as the session reads it.
+                for backslash_trail in [false, true] {
+                    let (text, legibility) = dbproxy::sql::encoding::read(p.query, backslash_trail);
+                    let _ = dbproxy::sql::encoding::effects(&text, legibility);
+                }
             }
         }
         b'B' => {
@@ -44,8 +48,9 @@ fn decode(tag: u8, msg: &[u8]) {
             }
         }
         b'Q' => {
-            if let Some((sql, _)) = read_cstr(body) {
-                let _ = dbproxy::sql::session::analyze(sql);
+            if let Some((sql, _)) = read_cbytes(body) {
+                let (text, legibility) = dbproxy::sql::encoding::read(sql, true);
+                let _ = dbproxy::sql::encoding::effects(&text, legibility);
             }
         }
         b'p' => {

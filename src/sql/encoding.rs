@@ -77,7 +77,7 @@ fn stand_in(b: u8) -> char {
 }
 
 /// Whether `c` is one of [`lossy_text`]'s stand-ins.
-pub fn is_stand_in(c: char) -> bool {
+fn is_stand_in(c: char) -> bool {
     ('\u{f780}'..='\u{f7ff}').contains(&c)
 }
 

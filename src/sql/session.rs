@@ -228,8 +228,9 @@ fn may_have_effects(sql: &str) -> bool {
             i += 1;
             continue;
         }
-        if class == TRIGGER_START && starts_with_trigger(&b[i..]) {
-            // (Looked into only here, off the path of texts without triggers.)
+        if class == TRIGGER_START && (starts_with_trigger(&b[i..]) || b[i + 1..].starts_with(b"&\"")) {
+            // (Looked into only here, off the path of texts without triggers;
+            // `U&"...`: an identifier with Unicode escapes may name anything.)
             let clause = is_word(&b[i..], b"set") && memchr::memchr(b';', &b[..i]).is_none() && starts_with_dml(b);
             if !clause {
                 return true;
@@ -502,10 +503,17 @@ fn set(sql: &str, t: &[Token], fx: &mut Effects) {
 /// Function calls with session effects: advisory locks and set_config.
 fn functions(sql: &str, t: &[Token], fx: &mut Effects) {
     for (i, tok) in t.iter().enumerate() {
-        if tok.kind != Kind::Word || !t.get(i + 1).is_some_and(|n| n.is_punct(sql, b'(')) {
+        if !matches!(tok.kind, Kind::Word | Kind::Quoted) || !t.get(i + 1).is_some_and(|n| n.is_punct(sql, b'(')) {
             continue;
         }
-        let name = tok.text(sql).to_ascii_lowercase();
+        if tok.kind == Kind::Quoted && i >= 2 && t[i - 1].is_punct(sql, b'&') && t[i - 2].is_word(sql, "u") {
+            // U&"\0073et_config"(...): a name with Unicode escapes is not
+            // read, so whatever it calls counts as an untracked change.
+            fx.pins.add(Pins::UNTRACKED);
+            continue;
+        }
+        // ("set_config"(...) is set_config too: a quoted name as written.)
+        let name = ident_key(sql, tok);
         match name.as_str() {
             "pg_advisory_lock" | "pg_advisory_lock_shared" | "pg_try_advisory_lock" | "pg_try_advisory_lock_shared" => {
                 fx.pins.add(Pins::ADVISORY_LOCK)
@@ -635,6 +643,24 @@ mod tests {
     }
 
     #[test]
+    fn functions_are_found_by_quoted_names_too() {
+        let quoted = analyze("SELECT \"set_config\"('work_mem', '1GB', false)");
+        assert!(matches!(&quoted.changes[..], [SettingChange::Set { name, .. }] if name == "work_mem"));
+        let escaped = analyze("SELECT U&\"\\0073et_config\"('work_mem', '1GB', false)");
+        assert_eq!(escaped.pins, Pins::UNTRACKED);
+        assert_eq!(
+            analyze("SELECT pg_catalog.\"pg_advisory_lock\"(1)").pins,
+            Pins::ADVISORY_LOCK
+        );
+        // As written: a quoted name in other case is another function.
+        assert!(
+            analyze("SELECT \"Set_Config\"('work_mem', '1GB', false)")
+                .changes
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn a_change_of_client_encoding_is_noticed_in_every_form() {
         for sql in [
             "SET client_encoding = 'SJIS'",
@@ -740,6 +766,7 @@ mod tests {
             "/* UPDATE */ SET x = 1",
             "-- UPDATE\nSET x = 1",
             "updates SET x = 1",
+            "SELECT U&\"\\0073et_config\"('work_mem', '1GB', false)",
             "SELECT 1; UPDATE t SET x = 1",
             "UPDATE t SET x = 1; -- \n SET work_mem = 1",
             "UPDATE t SET x = 1;; LISTEN c;",
