@@ -40,6 +40,40 @@ pub fn parse_bind_names(body: &[u8]) -> Option<(&str, &str, usize)> {
     Some((portal, statement, body.len() - rest.len()))
 }
 
+/// Parameter `n` (from 1) of a Bind body whose names end at `rest_at`: its
+/// format code (0 text, 1 binary) and its value (`None`: NULL). `None` if
+/// the message has no such parameter or does not add up.
+pub fn bind_param(body: &[u8], rest_at: usize, n: usize) -> Option<(i16, Option<&[u8]>)> {
+    fn u16_at(b: &[u8]) -> Option<(u16, &[u8])> {
+        b.split_first_chunk::<2>()
+            .map(|(c, rest)| (u16::from_be_bytes(*c), rest))
+    }
+    let (formats, rest) = u16_at(body.get(rest_at..)?)?;
+    let (codes, rest) = rest.split_at_checked(usize::from(formats) * 2)?;
+    let (params, mut rest) = u16_at(rest)?;
+    let code = |i: usize| i16::from_be_bytes([codes[2 * i], codes[2 * i + 1]]);
+    let format = match formats {
+        _ if n == 0 || n > usize::from(params) => return None,
+        0 => 0,
+        1 => code(0),
+        _ if formats == params => code(n - 1),
+        _ => return None,
+    };
+    for i in 1..=n {
+        let (len, after) = rest.split_first_chunk::<4>()?;
+        let len = i32::from_be_bytes(*len);
+        let (value, after) = match usize::try_from(len) {
+            Ok(len) => after.split_at_checked(len).map(|(v, a)| (Some(v), a))?,
+            Err(_) => (None, after),
+        };
+        if i == n {
+            return Some((format, value));
+        }
+        rest = after;
+    }
+    None
+}
+
 /// The target of a Describe or Close body: `b'S'` or `b'P'`, and the name.
 pub fn parse_target(body: &[u8]) -> Option<(u8, &str)> {
     let (&kind, rest) = body.split_first()?;
@@ -133,6 +167,28 @@ mod tests {
             "count says 2 OIDs, only 1 sent"
         );
         assert!(parse_parse(b"s1\0SELECT").is_none());
+    }
+
+    #[test]
+    fn bind_parameters_are_found_by_number() {
+        let mut bind = BytesMut::new();
+        message(&mut bind, b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "s");
+            b.put_slice(&[0, 2, 0, 0, 0, 1]); // formats: text, binary
+            b.put_slice(&[0, 2]); // two parameters
+            b.put_slice(&[0, 0, 0, 2, b'4', b'2']);
+            b.put_slice(&[0xff, 0xff, 0xff, 0xff]); // NULL
+            b.put_slice(&[0, 0]); // result formats
+        });
+        let body = &bind[HEADER_LEN..];
+        let (_, _, rest_at) = parse_bind_names(body).unwrap();
+        assert_eq!(bind_param(body, rest_at, 1), Some((0, Some(&b"42"[..]))));
+        assert_eq!(bind_param(body, rest_at, 2), Some((1, None)));
+        assert_eq!(bind_param(body, rest_at, 3), None);
+        assert_eq!(bind_param(body, rest_at, 0), None);
+        // Cut short: no value past the end.
+        assert_eq!(bind_param(&body[..body.len() - 9], rest_at, 1), None);
     }
 
     #[test]

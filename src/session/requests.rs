@@ -13,7 +13,7 @@ use bytes::{Buf, BytesMut};
 
 use super::expect::{ClientParse, Request, Synthetic};
 use super::local::reject_sql;
-use super::statements::{Statement, server_name};
+use super::statements::{Statement, bound, server_name};
 use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
 use crate::config::PoolMode;
 use crate::pool::Role;
@@ -734,16 +734,16 @@ impl Conn<'_> {
         match (names, known) {
             (Some((portal, _, rest_at)), Some(stmt)) => {
                 self.ensure_prepared(&stmt);
-                self.apply_effects(&stmt.effects);
+                self.apply_effects(&bound(&stmt.effects, &msg[HEADER_LEN..], rest_at));
                 write_bind_renamed(&mut self.to_server, msg, portal, &stmt.server_name, rest_at);
                 self.expect.sent(Request::Bind, false, Some(stmt.server_name.clone()));
                 self.tracker_and_sync_state(b'B');
                 return Ok(());
             }
             (names, _) => {
-                if matches!(names, Some((_, "", _))) {
+                if let Some((_, "", rest_at)) = names {
                     let fx = std::mem::take(self.unnamed.effects_mut());
-                    self.apply_effects(&fx);
+                    self.apply_effects(&bound(&fx, &msg[HEADER_LEN..], rest_at));
                     *self.unnamed.effects_mut() = fx;
                 }
                 self.to_server.extend_from_slice(msg);

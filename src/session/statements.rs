@@ -3,14 +3,16 @@
 //! that one client cannot grow the proxy without bound
 //! (`pool.max_client_statement_bytes`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use super::expect::ClientParse;
+use crate::protocol::extended::bind_param;
 use crate::router::Class;
-use crate::sql::Effects;
+use crate::sql::{Effects, Pins, SettingChange, set_config_sql};
 
 /// A client's named prepared statement.
 #[derive(Debug, Clone)]
@@ -43,6 +45,33 @@ pub(super) fn server_name(query: &[u8], param_types: &[u8], epoch: u64) -> Arc<s
 /// Bytes a statement costs beyond its name, text and types: the map entry,
 /// the statement itself, its server-side name and its effects.
 pub const OVERHEAD: usize = 256;
+
+/// `fx` of a statement run through Bind `body` (whose names end at
+/// `rest_at`): each `set_config('name', $n, false)` gets the value bound,
+/// read as text whether sent as text or binary (set_config takes text, and
+/// the server refuses the Bind of a parameter of a type that is not like
+/// it). A NULL, or a value that is not UTF-8, cannot be carried as SQL: it
+/// pins the client as an untracked change.
+pub fn bound<'a>(fx: &'a Effects, body: &[u8], rest_at: usize) -> Cow<'a, Effects> {
+    if fx.param_changes.is_empty() {
+        return Cow::Borrowed(fx);
+    }
+    let mut bound = fx.clone();
+    // From the last, so that each goes where it was among the changes.
+    for (at, name, n) in std::mem::take(&mut bound.param_changes).into_iter().rev() {
+        let value = bind_param(body, rest_at, n).and_then(|(_, value)| value);
+        match value.and_then(|v| std::str::from_utf8(v).ok()) {
+            Some(value) => {
+                let sql = set_config_sql(&name, value);
+                bound
+                    .changes
+                    .insert(at.min(bound.changes.len()), SettingChange::Set { name, sql });
+            }
+            None => bound.pins.add(Pins::UNTRACKED),
+        }
+    }
+    Cow::Owned(bound)
+}
 
 /// What keeping statement `name` with this text and these types costs.
 pub fn cost(name: &str, query: &[u8], param_types: &[u8]) -> usize {

@@ -90,8 +90,9 @@ fn is_stand_in(c: char) -> bool {
 /// are UTF-8) goes to the server.
 pub fn analyze_foreign(text: &str) -> Effects {
     let mut fx = analyze(text);
-    if !fx.changes.is_empty() {
+    if !fx.changes.is_empty() || !fx.param_changes.is_empty() {
         fx.changes.clear();
+        fx.param_changes.clear();
         for (before, _) in &mut fx.tx {
             *before = 0;
         }

@@ -125,6 +125,10 @@ pub struct Effects {
     pub unpins: Pins,
     /// Set when the whole text is one command the proxy can answer.
     pub local: Option<LocalCommand>,
+    /// `set_config('name', $n, false)`: a change whose value is parameter
+    /// `n` (from 1), known once a Bind gives it (`session::statements::bound`):
+    /// its place among `changes`, the name, `n`.
+    pub param_changes: Vec<(usize, String, usize)>,
     /// The text may change `client_encoding`, if only for its transaction
     /// (`SET LOCAL`, `set_config(.., true)`): how later text is read
     /// depends on it (`sql::encoding`).
@@ -139,6 +143,7 @@ impl Effects {
             && self.pins.is_empty()
             && self.unpins.is_empty()
             && self.local.is_none()
+            && self.param_changes.is_empty()
     }
 }
 
@@ -525,26 +530,36 @@ fn functions(sql: &str, t: &[Token], fx: &mut Effects) {
     }
 }
 
-/// `set_config('name', 'value', false)`: tracked when all three are literals.
+/// `set_config('name', value, false)`: tracked when the name is a literal and
+/// the value a literal or a parameter (`$n`, known at Bind); `is_local` true
+/// changes nothing lasting; anything else is an untracked change.
 fn set_config(sql: &str, args: &[Token], fx: &mut Effects) {
     let parsed = match args {
         [name, c1, value, c2, local, close, ..]
             if c1.is_punct(sql, b',') && c2.is_punct(sql, b',') && close.is_punct(sql, b')') =>
         {
-            literal(sql, name).zip(literal(sql, value)).map(|(n, v)| (n, v, local))
+            literal(sql, name).map(|n| (n.to_ascii_lowercase(), value, local))
         }
         _ => None,
     };
-    fx.encoding |= parsed
-        .as_ref()
-        .is_none_or(|(name, _, _)| name.eq_ignore_ascii_case("client_encoding"));
-    match parsed {
-        Some((_, _, local)) if local.is_word(sql, "true") => {}
-        Some((name, value, local)) if local.is_word(sql, "false") => {
-            let name = name.to_ascii_lowercase();
+    let Some((name, value, local)) = parsed else {
+        fx.encoding = true;
+        fx.pins.add(Pins::UNTRACKED);
+        return;
+    };
+    fx.encoding |= name == "client_encoding";
+    if local.is_word(sql, "true") {
+        return;
+    }
+    let param = (value.kind == Kind::Param)
+        .then(|| value.text(sql)[1..].parse::<usize>().ok())
+        .flatten();
+    match (local.is_word(sql, "false"), literal(sql, value), param) {
+        (true, Some(value), _) => {
             let sql = set_config_sql(&name, &value);
             fx.changes.push(SettingChange::Set { name, sql })
         }
+        (true, None, Some(n)) if n > 0 => fx.param_changes.push((fx.changes.len(), name, n)),
         _ => fx.pins.add(Pins::UNTRACKED),
     }
 }
@@ -640,6 +655,22 @@ mod tests {
             Pins::UNTRACKED
         );
         assert!(analyze("SELECT 'LISTEN x', $$pg_advisory_lock(1)$$").is_empty());
+    }
+
+    #[test]
+    fn set_config_with_a_parameter_for_its_value_waits_for_the_bind() {
+        let fx = analyze("SELECT set_config('App.Tenant', $2, false), $1::int");
+        assert_eq!(fx.param_changes, [(0, "app.tenant".to_owned(), 2)]);
+        assert!(fx.changes.is_empty() && fx.pins.is_empty());
+        assert!(analyze("SELECT set_config('a.b', $1, true)").is_empty());
+        for sql in [
+            "SELECT set_config('a.b', $1, $2)",
+            "SELECT set_config('a.b', $1 || 'x', false)",
+            "SELECT set_config($1, 'x', false)",
+        ] {
+            let fx = analyze(sql);
+            assert_eq!((fx.pins, fx.param_changes.len()), (Pins::UNTRACKED, 0), "{sql}");
+        }
     }
 
     #[test]

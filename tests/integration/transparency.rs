@@ -570,3 +570,38 @@ async fn each_session_feature_is_released_by_its_own_statement() {
             .unwrap_or_else(|e| panic!("{release} did not release the pin of {pin}: {}", describe(&e)));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_with_a_bound_value_follows_its_client_without_pinning_it() {
+    let user = create_user("setcfgparam").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 1\ncheckout_timeout = \"2s\"")
+        .start()
+        .await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    let tenant = |c: &tokio_postgres::Row| c.get::<_, Option<String>>(0);
+    // tokio-postgres binds a text parameter in binary format, psycopg in text
+    // (tests/python): the value is read from the Bind either way.
+    let set = "SELECT set_config('app.tenant', $1, false)";
+    a.query(set, &[&"tenant-a"]).await.unwrap();
+    for _ in 0..3 {
+        // Not pinned: B gets the one server connection, without A's setting.
+        let row = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
+        assert_ne!(tenant(&row.unwrap()).as_deref(), Some("tenant-a"));
+        let row = a.query_one("SELECT current_setting('app.tenant')", &[]).await;
+        assert_eq!(tenant(&row.unwrap()).as_deref(), Some("tenant-a"));
+    }
+    // Through the unnamed statement too, and the last value wins.
+    a.query_typed(set, &[(&"tenant-a2", tokio_postgres::types::Type::TEXT)])
+        .await
+        .unwrap();
+    let row = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
+    assert_ne!(tenant(&row.unwrap()).as_deref(), Some("tenant-a2"));
+    let row = a.query_one("SELECT current_setting('app.tenant')", &[]).await;
+    assert_eq!(tenant(&row.unwrap()).as_deref(), Some("tenant-a2"));
+    // A NULL cannot be carried as SQL: that client is pinned.
+    a.query(set, &[&None::<&str>]).await.unwrap();
+    let err = b.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{}", describe(&err));
+}

@@ -139,6 +139,20 @@ def test_settings_follow_the_connection_across_transactions(tx_proxy):
         assert a.execute("SHOW application_name").fetchone() == ("psy-a",)
 
 
+def test_set_config_with_a_parameter_follows_the_connection(tx_proxy):
+    """psycopg binds %s server-side, in text format: set_config's value arrives in the Bind,
+    and is carried to later transactions like a literal one, never to another connection."""
+    with connect(tx_proxy) as a, connect(tx_proxy) as b:
+        a.execute("SELECT set_config('app.tenant', %s, false)", ("tenant-a",))
+        a.commit()
+        for _ in range(3):
+            assert a.execute("SELECT current_setting('app.tenant')").fetchone() == ("tenant-a",)
+            a.commit()
+            seen = b.execute("SELECT current_setting('app.tenant', true)").fetchone()[0]
+            assert seen != "tenant-a"
+            b.commit()
+
+
 def test_unnamed_statement_kept_across_transactions(tx_proxy):
     """libpq's PQprepare of the unnamed statement (Parse, Sync) and a later PQexecPrepared of it
     (Bind, Describe, Execute, Sync), as pgx's describe-exec mode and sqlx's non-persistent
