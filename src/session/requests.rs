@@ -436,10 +436,15 @@ impl Conn<'_> {
         // simple Query (the server connection's is dropped as it is sent).
         self.unnamed.drop_statement();
         let read = read_cbytes(&msg[HEADER_LEN..]).map(|(sql, _)| self.read_statement(sql));
-        let fx = match &read {
+        let mut fx = match &read {
             Some((text, legibility)) => self.effects_of(text, *legibility),
             None => Effects::default(),
         };
+        if !fx.param_changes.is_empty() {
+            // No Bind gives the value (a SQL PREPARE body): untracked.
+            fx.param_changes.clear();
+            fx.pins.add(crate::sql::Pins::UNTRACKED);
+        }
         let sql = read.as_ref().map(|(text, _)| &**text);
         if let (Some(cmd), Phase::Idle) = (&fx.local, &self.phase) {
             self.answer_locally(cmd.clone());
@@ -734,7 +739,8 @@ impl Conn<'_> {
         match (names, known) {
             (Some((portal, _, rest_at)), Some(stmt)) => {
                 self.ensure_prepared(&stmt);
-                self.apply_effects(&bound(&stmt.effects, &msg[HEADER_LEN..], rest_at));
+                let fx = bound(&stmt.effects, &msg[HEADER_LEN..], rest_at, Some(&stmt.param_types));
+                self.apply_effects(&fx);
                 write_bind_renamed(&mut self.to_server, msg, portal, &stmt.server_name, rest_at);
                 self.expect.sent(Request::Bind, false, Some(stmt.server_name.clone()));
                 self.tracker_and_sync_state(b'B');
@@ -743,7 +749,11 @@ impl Conn<'_> {
             (names, _) => {
                 if let Some((_, "", rest_at)) = names {
                     let fx = std::mem::take(self.unnamed.effects_mut());
-                    self.apply_effects(&bound(&fx, &msg[HEADER_LEN..], rest_at));
+                    // (Looked up only for a set_config with a parameter.)
+                    let types = (!fx.param_changes.is_empty())
+                        .then(|| self.unnamed.param_types())
+                        .flatten();
+                    self.apply_effects(&bound(&fx, &msg[HEADER_LEN..], rest_at, types.as_deref()));
                     *self.unnamed.effects_mut() = fx;
                 }
                 self.to_server.extend_from_slice(msg);

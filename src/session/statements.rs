@@ -48,18 +48,35 @@ pub const OVERHEAD: usize = 256;
 
 /// `fx` of a statement run through Bind `body` (whose names end at
 /// `rest_at`): each `set_config('name', $n, false)` gets the value bound,
-/// read as text whether sent as text or binary (set_config takes text, and
-/// the server refuses the Bind of a parameter of a type that is not like
-/// it). A NULL, or a value that is not UTF-8, cannot be carried as SQL: it
-/// pins the client as an untracked change.
-pub fn bound<'a>(fx: &'a Effects, body: &[u8], rest_at: usize) -> Cow<'a, Effects> {
+/// whether sent as text or binary, if the Parse's `param_types` (its
+/// parameter-type section; `None`: not known) declared the parameter text,
+/// varchar, unknown or not at all, so that its bytes are the value as
+/// set_config takes it (a `name`, `bpchar` or `"char"` parameter would be
+/// cut or trimmed on the way). Otherwise, or for a NULL or a value that is
+/// not UTF-8 (which cannot be carried as SQL), the client is pinned as an
+/// untracked change.
+pub fn bound<'a>(fx: &'a Effects, body: &[u8], rest_at: usize, param_types: Option<&[u8]>) -> Cow<'a, Effects> {
     if fx.param_changes.is_empty() {
         return Cow::Borrowed(fx);
     }
+    // OIDs of text, varchar, unknown; 0: left to the server, which gives
+    // set_config's argument text.
+    const AS_TEXT: [u32; 4] = [0, 25, 1043, 705];
+    let declared = |n: usize| -> Option<u32> {
+        let oids = param_types?.get(2..)?;
+        match oids.get(4 * (n - 1)..4 * n) {
+            Some(oid) => Some(u32::from_be_bytes(oid.try_into().ok()?)),
+            // Past the types declared: left to the server.
+            None => Some(0),
+        }
+    };
     let mut bound = fx.clone();
     // From the last, so that each goes where it was among the changes.
     for (at, name, n) in std::mem::take(&mut bound.param_changes).into_iter().rev() {
-        let value = bind_param(body, rest_at, n).and_then(|(_, value)| value);
+        let value = match declared(n) {
+            Some(oid) if AS_TEXT.contains(&oid) => bind_param(body, rest_at, n).and_then(|(_, value)| value),
+            _ => None,
+        };
         match value.and_then(|v| std::str::from_utf8(v).ok()) {
             Some(value) => {
                 let sql = set_config_sql(&name, value);
@@ -251,6 +268,13 @@ impl Unnamed {
         (kept.id != 0).then(|| (kept.id, (!kept.parse.is_empty()).then_some(&kept.parse[..])))
     }
 
+    /// The parameter-type section of the last unnamed Parse, if it is kept.
+    pub fn param_types(&self) -> Option<Vec<u8>> {
+        let (_, parse) = self.current()?;
+        let p = crate::protocol::extended::parse_parse(parse?.get(crate::protocol::framing::HEADER_LEN..)?)?;
+        Some(p.param_types.to_vec())
+    }
+
     /// Where the last unnamed statement may run.
     pub fn class(&self) -> Class {
         self.current.class
@@ -301,6 +325,43 @@ impl Unnamed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_value_is_taken_where_its_declared_type_keeps_it_whole() {
+        use crate::protocol::backend::{message, put_cstr};
+        use bytes::BufMut;
+        let fx = Effects {
+            param_changes: vec![(0, "a.b".to_owned(), 1)],
+            ..Effects::default()
+        };
+        let mut bind = bytes::BytesMut::new();
+        message(&mut bind, b'B', |b| {
+            put_cstr(b, "");
+            put_cstr(b, "");
+            b.put_slice(&[0, 0, 0, 1, 0, 0, 0, 3, b'C', b':', b'\\', 0, 0]);
+        });
+        let body = &bind[crate::protocol::framing::HEADER_LEN..];
+        let set = |types: Option<&[u8]>| bound(&fx, body, 2, types).into_owned();
+        for types in [
+            &[0, 0][..],
+            &[0, 1, 0, 0, 0, 25],
+            &[0, 1, 0, 0, 0, 0],
+            &[0, 1, 0, 0, 4, 19],
+        ] {
+            let got = set(Some(types));
+            assert!(got.pins.is_empty() && got.param_changes.is_empty(), "{types:?}");
+            let want = "SELECT pg_catalog.set_config('a.b', E'C:\\\\', false)";
+            assert!(
+                matches!(&got.changes[..], [SettingChange::Set { sql, .. }] if sql == want),
+                "{types:?}"
+            );
+        }
+        // name (OID 19), "char" (18): the server would cut the value; unknown types.
+        for types in [Some(&[0, 1, 0, 0, 0, 19][..]), Some(&[0, 1, 0, 0, 0, 18]), None] {
+            let got = set(types);
+            assert_eq!((got.pins, got.changes.len()), (Pins::UNTRACKED, 0), "{types:?}");
+        }
+    }
 
     #[test]
     fn server_names_depend_on_text_and_types() {

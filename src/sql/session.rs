@@ -157,8 +157,15 @@ pub fn set_config_sql(name: &str, value: &str) -> String {
 }
 
 /// Quotes `s` as an SQL string literal.
+/// With a backslash in it, an escape string (`E'...'`, the backslash
+/// doubled), as PostgreSQL's own `quote_literal` writes it: read the same
+/// whatever `standard_conforming_strings` the connection has.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    let quoted = s.replace('\'', "''");
+    match s.contains('\\') {
+        true => format!("E'{}'", quoted.replace('\\', "\\\\")),
+        false => format!("'{quoted}'"),
+    }
 }
 
 /// A setting name as a key: PostgreSQL finds settings by name whatever
@@ -828,5 +835,6 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("C:\\new's"), "E'C:\\\\new''s'");
     }
 }

@@ -604,4 +604,17 @@ async fn set_config_with_a_bound_value_follows_its_client_without_pinning_it() {
     a.query(set, &[&None::<&str>]).await.unwrap();
     let err = b.query_one("SELECT 1", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "57014", "{}", describe(&err));
+    drop(a);
+
+    // Nor is a parameter that no Bind gives (SQL PREPARE and EXECUTE): the
+    // client stays pinned after DEALLOCATE ALL, and nobody gets its setting.
+    let c = connect(&proxy, &user).await.unwrap();
+    c.batch_execute(
+        "PREPARE p(text) AS SELECT set_config('app.tenant', $1, false); \
+         EXECUTE p('tenant-c'); DEALLOCATE ALL; SELECT 1",
+    )
+    .await
+    .unwrap();
+    let err = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
+    assert_eq!(sqlstate(&err.unwrap_err()), "57014");
 }
