@@ -25,6 +25,7 @@ pub enum Legibility {
 /// A statement's text `raw` (as sent), to read, and how it can be read;
 /// `backslash_trail`: the client's encoding may end a character with the
 /// byte of a backslash (`Settings::backslash_trail`).
+#[inline]
 pub fn read(raw: &[u8], backslash_trail: bool) -> (Cow<'_, str>, Legibility) {
     let text = lossy_text(raw);
     let legibility = if backslash_trail && backslash_in_doubt(raw) {
@@ -42,6 +43,7 @@ pub fn read(raw: &[u8], backslash_trail: bool) -> (Cow<'_, str>, Legibility) {
 }
 
 /// What running text read by [`read`] does to the session.
+#[inline]
 pub fn effects(text: &str, legibility: Legibility) -> Effects {
     match legibility {
         Legibility::Clear => analyze(text),
@@ -56,6 +58,7 @@ pub fn effects(text: &str, legibility: Legibility) -> Effects {
 /// a private-use area), so that different names and quote tags stay
 /// different. ([`read`] does not trust text that holds those characters
 /// itself.)
+#[inline]
 pub fn lossy_text(bytes: &[u8]) -> Cow<'_, str> {
     // (`from_utf8` first: its check of ASCII text is several times faster.)
     match std::str::from_utf8(bytes) {
