@@ -412,6 +412,11 @@ impl Conn<'_> {
             return;
         }
         self.encoding_unsettled |= fx.encoding;
+        if fx.opaque
+            && let Some(a) = self.attached()
+        {
+            a.conn.conn.state.dirty = true;
+        }
         if !fx.pins.is_empty() {
             let before = self.pins;
             self.pins.add(fx.pins);

@@ -129,6 +129,9 @@ pub struct Effects {
     /// `n` (from 1), known once a Bind gives it (`session::statements::bound`):
     /// its place among `changes`, the name, `n`.
     pub param_changes: Vec<(usize, String, usize)>,
+    /// Runs code whose session effects cannot be seen (a `DO` block): the
+    /// server connection is reset before another client gets it.
+    pub opaque: bool,
     /// The text may change `client_encoding`, if only for its transaction
     /// (`SET LOCAL`, `set_config(.., true)`): how later text is read
     /// depends on it (`sql::encoding`).
@@ -144,6 +147,7 @@ impl Effects {
             && self.unpins.is_empty()
             && self.local.is_none()
             && self.param_changes.is_empty()
+            && !self.opaque
     }
 }
 
@@ -240,10 +244,16 @@ fn may_have_effects(sql: &str) -> bool {
             i += 1;
             continue;
         }
-        if class == TRIGGER_START && (starts_with_trigger(&b[i..]) || b[i + 1..].starts_with(b"&\"")) {
+        let word = &b[i..];
+        if class == TRIGGER_START
+            && (starts_with_trigger(word) || word[1..].starts_with(b"&\"") || is_word(word, b"do"))
+        {
             // (Looked into only here, off the path of texts without triggers;
-            // `U&"...`: an identifier with Unicode escapes may name anything.)
-            let clause = is_word(&b[i..], b"set") && memchr::memchr(b';', &b[..i]).is_none() && starts_with_dml(b);
+            // `U&"...`: an identifier with Unicode escapes may name anything;
+            // `DO`: a block of code, unless an upsert's `ON CONFLICT DO`.)
+            let clause = (is_word(word, b"set") || is_word(word, b"do"))
+                && memchr::memchr(b';', &b[..i]).is_none()
+                && starts_with_dml(b);
             if !clause {
                 return true;
             }
@@ -420,6 +430,10 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
         } else if word(1, "temp") || word(1, "temporary") {
             fx.unpins.add(Pins::TEMP_TABLE);
         }
+    } else if word(0, "do") {
+        // Code dbproxy cannot follow: whatever it sets, the connection is
+        // reset before another client gets it.
+        fx.opaque = true;
     } else if word(0, "declare") {
         if t.windows(2)
             .any(|w| w[0].is_word(sql, "with") && w[1].is_word(sql, "hold"))
@@ -662,6 +676,9 @@ mod tests {
             Pins::UNTRACKED
         );
         assert!(analyze("SELECT 'LISTEN x', $$pg_advisory_lock(1)$$").is_empty());
+        assert!(analyze("DO $$ BEGIN PERFORM set_config('a.b', 'c', false); END $$").opaque);
+        assert!(analyze("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING; DO 'begin null; end'").opaque);
+        assert!(!analyze("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING; SELECT 1").opaque);
     }
 
     #[test]
@@ -805,6 +822,8 @@ mod tests {
             "-- UPDATE\nSET x = 1",
             "updates SET x = 1",
             "SELECT U&\"\\0073et_config\"('work_mem', '1GB', false)",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "do 'begin null; end'",
             "SELECT 1; UPDATE t SET x = 1",
             "UPDATE t SET x = 1; -- \n SET work_mem = 1",
             "UPDATE t SET x = 1;; LISTEN c;",
@@ -817,6 +836,8 @@ mod tests {
             "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET x = s.x",
             "UPDATE \"set\" SET \"set\" = 1",
             "UPDATE t SET x = 1; ;\n",
+            "INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING;",
+            "SELECT double_precision, done, d FROM domains",
         ] {
             assert!(!may_have_effects(sql), "{sql}");
         }

@@ -618,3 +618,22 @@ async fn set_config_with_a_bound_value_follows_its_client_without_pinning_it() {
     let err = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
     assert_eq!(sqlstate(&err.unwrap_err()), "57014");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_do_block_leaves_nothing_to_the_next_client() {
+    let user = create_user("doblock").await;
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    // A DO block may set anything: its connection is reset before the next
+    // client gets it (the setting is not carried to A's later transactions
+    // either: README, "Known gaps").
+    a.batch_execute("DO $$ BEGIN PERFORM set_config('app.tenant', 'tenant-a', false); END $$")
+        .await
+        .unwrap();
+    let row = b
+        .query_one("SELECT current_setting('app.tenant', true)", &[])
+        .await
+        .unwrap();
+    assert_ne!(row.get::<_, Option<String>>(0).as_deref(), Some("tenant-a"));
+}
