@@ -315,7 +315,7 @@ impl Conn<'_> {
         let body = &msg[HEADER_LEN..];
         match tag {
             b'Q' => self.on_query(&msg).await,
-            b'P' => self.on_parse(&msg).await,
+            b'P' => self.on_parse(&msg, false).await,
             b'B' => self.on_bind(&msg).await,
             b'D' => match parse_target(body) {
                 Some((b'S', name)) => self.on_statement_target(&msg, b'D', name.to_owned()).await,
@@ -488,7 +488,9 @@ impl Conn<'_> {
         Ok(())
     }
 
-    async fn on_parse(&mut self, msg: &[u8]) -> Result<(), Exit> {
+    /// `refusal`: the Parse is dbproxy's own, raising a refused feature's
+    /// error (a DO block that sets nothing).
+    async fn on_parse(&mut self, msg: &[u8], refusal: bool) -> Result<(), Exit> {
         let Some(p) = parse_parse(&msg[HEADER_LEN..]) else {
             // Let the server judge a Parse dbproxy cannot read (malformed, or
             // a name that is not UTF-8 in a client encoding that allows it).
@@ -510,7 +512,8 @@ impl Conn<'_> {
         };
         // (The text is sent as it came, whatever dbproxy reads it as.)
         let (text, legibility) = self.read_statement(p.query);
-        let fx = self.effects_of(&text, legibility);
+        let mut fx = self.effects_of(&text, legibility);
+        fx.opaque &= !refusal;
         if !fx.pins.is_empty()
             && self.shared.live().config.pool.session_features == crate::config::SessionFeatures::Reject
             && !crate::sql::lexer::tokenize(&text)
@@ -522,7 +525,7 @@ impl Conn<'_> {
             // cannot be rewritten so, and still pin).
             let mut rewritten = BytesMut::new();
             write_parse(&mut rewritten, p.name, reject_sql(&fx).as_bytes(), &[0, 0]);
-            return Box::pin(self.on_parse(&rewritten)).await;
+            return Box::pin(self.on_parse(&rewritten, true)).await;
         }
         let class = self.class_of(&text, legibility);
         if crate::router::classify::is_ddl(&text) {

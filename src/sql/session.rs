@@ -206,7 +206,9 @@ fn literal(sql: &str, t: &Token) -> Option<String> {
 }
 
 /// Words whose absence (at the start of a word) proves a statement has no
-/// session effect. `advisory` also matches inside `pg_advisory_lock`.
+/// session effect. `advisory` also matches inside `pg_advisory_lock`. (The
+/// whole word `DO`, found through `d`, and `U&"` are looked for too: see
+/// [`may_have_effects`].)
 const TRIGGERS: [&[u8]; 14] = [
     b"set",
     b"savepoint",
