@@ -21,8 +21,9 @@
 //!   sizing and reuse of its buffers (`session/buffers.rs`),
 //!   giving a server connection back or up, the read-your-writes position after a
 //!   write, and the end of a session (`session/release.rs`), client messages: batch
-//!   staging and routing, statement renaming, settings carry, pinning
-//!   (`session/requests.rs`), a client's named statements and their memory
+//!   staging and routing, statement renaming, settings carry
+//!   (`session/requests.rs`), how a statement's text is read and its effects
+//!   (pins, setting changes, a reset) applied (`session/effects.rs`), a client's named statements and their memory
 //!   budget, and its unnamed statement kept to be prepared again on another
 //!   connection (`session/statements.rs`), taking a server connection for a request
 //!   (`session/checkout.rs`: the pool, the wait, what a held connection carries),
@@ -34,7 +35,8 @@
 //!   (`session/stream.rs`).
 //! - [`sql`]: a lexer that understands comments, quoting and dollar quoting
 //!   (`sql/lexer.rs`), and what a statement does to the session: settings, pins,
-//!   locally answered commands (`sql/session.rs`); how text in client
+//!   locally answered commands (`sql/session.rs`) with a cheap pre-check that
+//!   spares most statements the lexer (`sql/precheck.rs`); how text in client
 //!   encodings other than UTF-8 is read, only to be safe (`sql/encoding.rs`).
 //! - [`router`]: read/write splitting per database: replica choice, read-your-writes
 //!   marks and the classification cache (`router/mod.rs`), the conservative

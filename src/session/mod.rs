@@ -5,6 +5,7 @@
 mod buffers;
 mod cancel;
 mod checkout;
+mod effects;
 mod expect;
 mod greeting;
 mod local;

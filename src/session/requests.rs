@@ -6,7 +6,6 @@
 //! DISCARD ALL and refused session features are in `local.rs`, the stale-plan
 //! resend in `retry.rs`.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -26,7 +25,6 @@ use crate::protocol::framing::{HEADER_LEN, read_cbytes};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, WriteReason};
 use crate::sql::Effects;
-use crate::sql::encoding::{Legibility, read};
 
 /// Bytes of an extended-protocol batch held back, with read/write splitting,
 /// until its Sync shows where it may run. A larger batch goes to the primary
@@ -37,33 +35,6 @@ impl Conn<'_> {
     /// Statement renaming is on: transaction mode with a statement budget.
     fn tracking(&self) -> bool {
         self.mode == PoolMode::Transaction && self.shared.max_prepared.load(std::sync::atomic::Ordering::Relaxed) > 0
-    }
-
-    /// A statement's text (`raw`, as sent), to read: see [`Legibility`].
-    #[inline]
-    fn read_statement<'a>(&self, raw: &'a [u8]) -> (Cow<'a, str>, Legibility) {
-        read(raw, self.settings.backslash_trail() || self.encoding_unsettled)
-    }
-
-    /// What running a statement does to the session: needed in transaction
-    /// mode only.
-    #[inline]
-    fn effects_of(&self, text: &str, legibility: Legibility) -> Effects {
-        match self.mode {
-            PoolMode::Session => Effects::default(),
-            PoolMode::Transaction => crate::sql::encoding::effects(text, legibility),
-        }
-    }
-
-    /// Where a statement may run: text not read as the server reads it goes
-    /// to the primary.
-    #[inline]
-    fn class_of(&self, text: &str, legibility: Legibility) -> Class {
-        match (self.split, legibility) {
-            (false, _) => Class::Neutral,
-            (true, Legibility::Clear) => self.router.classify(text),
-            (true, _) => Class::Primary(WriteReason::ParseFallback),
-        }
     }
 
     /// Handles every complete client message that can be handled now.
@@ -406,36 +377,6 @@ impl Conn<'_> {
         }
     }
 
-    /// Session effects of a statement about to run: pins and setting changes.
-    fn apply_effects(&mut self, fx: &Effects) {
-        if self.mode != PoolMode::Transaction {
-            return;
-        }
-        self.encoding_unsettled |= fx.encoding;
-        if fx.opaque
-            && let Some(a) = self.attached()
-        {
-            a.conn.conn.state.dirty = true;
-        }
-        if !fx.pins.is_empty() {
-            let before = self.pins;
-            self.pins.add(fx.pins);
-            if self.pins != before && before.is_empty() {
-                self.stats.pinned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            if self.pins != before {
-                tracing::info!(features = ?fx.pins.names(), "client pinned to its server connection");
-            }
-        }
-        if !fx.unpins.is_empty() {
-            self.pins.remove(fx.unpins);
-        }
-        if !fx.pins.is_empty() || !fx.unpins.is_empty() {
-            self.me.set_pins(self.pins);
-        }
-        self.tracker.record(fx);
-    }
-
     async fn on_query(&mut self, msg: &[u8]) -> Result<(), Exit> {
         // Whether answered here or by a server, as PostgreSQL does for any
         // simple Query (the server connection's is dropped as it is sent).
@@ -459,10 +400,10 @@ impl Conn<'_> {
         if reject && self.mode == PoolMode::Transaction && !fx.pins.is_empty() {
             return self.reject_session_feature(&fx).await;
         }
-        let class = match sql {
+        let class = match &read {
             // A client about to be pinned stays where it lands: the primary.
             Some(_) if self.split && !fx.pins.is_empty() => Class::Primary(WriteReason::Write),
-            Some(sql) => self.class_of(sql, read.as_ref().map_or(Legibility::Clear, |(_, l)| *l)),
+            Some((text, legibility)) => self.class_of(text, *legibility),
             // Malformed: the server will say so.
             None => Class::Neutral,
         };

@@ -59,7 +59,7 @@ pub fn effects(text: &str, legibility: Legibility) -> Effects {
 /// different. ([`read`] does not trust text that holds those characters
 /// itself.)
 #[inline]
-pub fn lossy_text(bytes: &[u8]) -> Cow<'_, str> {
+fn lossy_text(bytes: &[u8]) -> Cow<'_, str> {
     // (`from_utf8` first: its check of ASCII text is several times faster.)
     match std::str::from_utf8(bytes) {
         Ok(text) => Cow::Borrowed(text),
@@ -91,7 +91,7 @@ fn is_stand_in(c: char) -> bool {
 /// connections as SQL) pins the client as untracked; a `DEALLOCATE` of a
 /// name with such bytes (not one of the client's statements, whose names
 /// are UTF-8) goes to the server.
-pub fn analyze_foreign(text: &str) -> Effects {
+fn analyze_foreign(text: &str) -> Effects {
     let mut fx = analyze(text);
     if !fx.changes.is_empty() || !fx.param_changes.is_empty() {
         fx.changes.clear();
@@ -116,7 +116,7 @@ pub fn analyze_foreign(text: &str) -> Effects {
 /// above 0x7f, in text with an escape string (`E'...'`, the only place a
 /// backslash means anything to the lexer). Where strings and statements end
 /// cannot then be told from the bytes.
-pub fn backslash_in_doubt(bytes: &[u8]) -> bool {
+fn backslash_in_doubt(bytes: &[u8]) -> bool {
     memchr::memchr_iter(b'\\', bytes).any(|i| i > 0 && bytes[i - 1] > 0x7f)
         && bytes.windows(2).any(|w| w[0] | 0x20 == b'e' && w[1] == b'\'')
 }

@@ -4,6 +4,7 @@
 
 pub mod encoding;
 pub mod lexer;
+mod precheck;
 pub mod session;
 
 pub use lexer::{Kind, Token, tokenize};
