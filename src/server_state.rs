@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
-use crate::sql::SettingChange;
+use crate::sql::{Effects, SettingChange};
 
 /// Statements prepared on one server connection, by server-side name.
 #[derive(Debug, Default)]
@@ -62,6 +62,94 @@ impl Prepared {
     /// Whether none is held.
     pub fn is_empty(&self) -> bool {
         self.last_used.is_empty()
+    }
+}
+
+/// What the statements a connection holds under clients' own names do to
+/// the session (statement renaming off, `pool.max_prepared_statements = 0`),
+/// for each Bind of them, whoever binds: only statements that do something
+/// (a `SET`, a session-only feature, a `DO` block) are recorded.
+#[derive(Debug, Default)]
+pub struct ClientNamed {
+    recorded: HashMap<Arc<str>, Arc<NamedEffects>>,
+    /// Closes sent and not answered yet: recorded again if the server skips
+    /// one after an earlier error.
+    closing: Vec<(Arc<str>, Arc<NamedEffects>)>,
+}
+
+/// A statement's effects and its Parse's parameter types as sent (for a
+/// `set_config` whose value is a parameter).
+#[derive(Debug)]
+pub struct NamedEffects {
+    pub effects: Effects,
+    pub param_types: Box<[u8]>,
+}
+
+impl ClientNamed {
+    /// Most statements recorded per connection.
+    pub const LIMIT: usize = 64;
+
+    /// A Parse of `name` sent. Returns false where its effects cannot be
+    /// vouched for at its Binds, so that the client must be pinned: too many
+    /// are recorded, or `name` is a recorded statement's (the server keeps
+    /// that one if this Parse fails as a duplicate, as it should; the record
+    /// stays).
+    pub fn parsed(&mut self, name: &str, effects: Effects, param_types: &[u8]) -> bool {
+        if self.recorded.contains_key(name) {
+            return effects.is_empty();
+        }
+        if effects.is_empty() {
+            return true;
+        }
+        if self.recorded.len() >= Self::LIMIT {
+            return false;
+        }
+        let named = NamedEffects {
+            effects,
+            param_types: param_types.into(),
+        };
+        self.recorded.insert(name.into(), Arc::new(named));
+        true
+    }
+
+    /// The effects of statement `name`, if recorded.
+    pub fn get(&self, name: &str) -> Option<Arc<NamedEffects>> {
+        self.recorded.get(name).cloned()
+    }
+
+    /// A Close of `name` sent: returns the name to look for among the
+    /// Closes skipped ([`Self::kept`]) if it was recorded.
+    pub fn closed(&mut self, name: &str) -> Option<Arc<str>> {
+        let (name, named) = self.recorded.remove_entry(name)?;
+        self.closing.push((name.clone(), named));
+        Some(name)
+    }
+
+    /// A Close of `name` was skipped after an error: whether it was one of
+    /// [`Self::closed`], now recorded again.
+    pub fn kept(&mut self, name: &str) -> bool {
+        let Some(i) = self.closing.iter().position(|(n, _)| **n == *name) else {
+            return false;
+        };
+        let (name, named) = self.closing.swap_remove(i);
+        self.recorded.insert(name, named);
+        true
+    }
+
+    /// Nothing is owed on the connection: the Closes sent are answered.
+    pub fn settle(&mut self) {
+        self.closing.clear();
+    }
+
+    /// `DEALLOCATE name` ran.
+    pub fn remove(&mut self, name: &str) {
+        self.recorded.remove(name);
+    }
+
+    /// The connection holds none of them now (`DISCARD ALL`, `DEALLOCATE ALL`).
+    pub fn clear(&mut self) {
+        self.recorded.clear();
+        self.closing.clear();
     }
 }
 
@@ -256,6 +344,8 @@ pub struct ServerState {
     /// session id and its Parse's id (`session::statements::Unnamed`). None:
     /// nobody's known (none, or one the proxy did not record).
     pub unnamed: Option<(u64, u64)>,
+    /// Statements under clients' own names that affect the session.
+    pub client_named: ClientNamed,
 }
 
 impl ServerState {
@@ -270,12 +360,49 @@ impl ServerState {
         self.settings.clear();
         self.dirty = false;
         self.unnamed = None;
+        self.client_named.clear();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_named_effects_are_recorded_until_closed_or_discarded() {
+        let set = || Effects {
+            changes: vec![SettingChange::Set {
+                name: "work_mem".into(),
+                sql: "SET work_mem = '1MB'".into(),
+            }],
+            ..Effects::default()
+        };
+        let mut named = ClientNamed::default();
+        assert!(named.parsed("s0", set(), &[0, 0]));
+        assert!(named.parsed("s1", Effects::default(), &[0, 0]));
+        assert!(named.get("s0").is_some() && named.get("s1").is_none());
+        // Parsed again: the server keeps the one it has if the Parse fails.
+        assert!(!named.parsed("s0", set(), &[0, 0]));
+        assert!(named.parsed("s0", Effects::default(), &[0, 0]));
+        assert!(named.get("s0").is_some());
+        // A Close skipped after an error leaves it; one answered drops it.
+        let closing = named.closed("s0");
+        assert_eq!(closing.as_deref(), Some("s0"));
+        assert!(named.get("s0").is_none() && named.closed("s0").is_none());
+        assert!(named.kept("s0") && named.get("s0").is_some());
+        assert!(!named.kept("s1"));
+        named.closed("s0");
+        named.settle();
+        assert!(!named.kept("s0") && named.get("s0").is_none());
+        // Bounded: past the limit the client is to be pinned instead.
+        for i in 0..ClientNamed::LIMIT {
+            assert!(named.parsed(&format!("n{i}"), set(), &[0, 0]));
+        }
+        assert!(!named.parsed("more", set(), &[0, 0]));
+        assert!(named.parsed("plain", Effects::default(), &[0, 0]));
+        named.clear();
+        assert!(named.get("n0").is_none());
+    }
 
     #[test]
     fn lru_evicts_the_least_recently_used() {

@@ -130,11 +130,17 @@ impl Conn<'_> {
                     write_query(&mut self.to_server, &sql);
                     return true;
                 }
+                if !in_block {
+                    // Under the client's own name (renaming off). (In a block
+                    // that fails it stays: its record with it.)
+                    a.conn.conn.state.client_named.remove(name);
+                }
             }
             LocalCommand::DeallocateAll => {
                 self.statements.clear();
                 // Prepare afresh from now on; whether it succeeds or not, reset before reuse.
                 a.conn.conn.state.prepared = Default::default();
+                a.conn.conn.state.client_named.clear();
                 a.conn.conn.state.dirty = true;
             }
             LocalCommand::DiscardAll => {
@@ -144,6 +150,7 @@ impl Conn<'_> {
                 self.pins = Default::default();
                 self.me.set_pins(self.pins);
                 a.conn.conn.state.prepared = Default::default();
+                a.conn.conn.state.client_named.clear();
                 a.conn.conn.state.dirty = true;
             }
         }

@@ -306,6 +306,20 @@ impl Conn<'_> {
                     self.expect.synthetic(Synthetic::CloseComplete);
                     Ok(())
                 }
+                Some((b'S', name)) if !name.is_empty() && self.mode == PoolMode::Transaction => {
+                    // Under the client's own name (renaming off).
+                    if !self.ensure_server(b'C', Class::Neutral).await? {
+                        return Ok(());
+                    }
+                    let closed = self
+                        .attached()
+                        .and_then(|a| a.conn.conn.state.client_named.closed(name));
+                    self.to_server.extend_from_slice(&msg);
+                    // Named, so that a Close skipped after an error is found.
+                    self.expect.sent(Request::Close, false, closed);
+                    self.tracker_and_sync_state(b'C');
+                    Ok(())
+                }
                 _ => self.send(&msg, b'C', Some(Request::Close), Class::Neutral).await,
             },
             b'E' => self.send(&msg, b'E', Some(Request::Execute), Class::Neutral).await,
@@ -481,6 +495,8 @@ impl Conn<'_> {
             if unnamed {
                 // Session mode: whose it is, is not recorded.
                 self.set_unnamed_owner(None);
+            } else if self.mode == PoolMode::Transaction {
+                self.record_client_named(p.name, fx, p.param_types);
             }
             return Ok(());
         }
@@ -572,6 +588,22 @@ impl Conn<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A Parse under the client's own name (renaming off) sent: what the
+    /// statement does is recorded on the connection, for its Binds; where
+    /// that cannot be vouched for, the client is pinned.
+    fn record_client_named(&mut self, name: &str, fx: Effects, param_types: &[u8]) {
+        let Some(a) = self.attached() else {
+            return;
+        };
+        if !a.conn.conn.state.client_named.parsed(name, fx, param_types) {
+            let pin = Effects {
+                pins: crate::sql::Pins::UNTRACKED,
+                ..Effects::default()
+            };
+            self.apply_effects(&pin);
+        }
     }
 
     /// Records whose unnamed statement the held connection has now: this
@@ -696,6 +728,13 @@ impl Conn<'_> {
                 return Ok(());
             }
             (names, _) => {
+                if let Some((_, name, rest_at)) = names.filter(|(_, name, _)| !name.is_empty())
+                    && let Some(named) = self.attached().and_then(|a| a.conn.conn.state.client_named.get(name))
+                {
+                    // Under the client's own name (renaming off).
+                    let fx = bound(&named.effects, &msg[HEADER_LEN..], rest_at, Some(&named.param_types));
+                    self.apply_effects(&fx);
+                }
                 if let Some((_, "", rest_at)) = names {
                     let fx = std::mem::take(self.unnamed.effects_mut());
                     // (Looked up only for a set_config with a parameter.)

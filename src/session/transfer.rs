@@ -721,7 +721,9 @@ impl Conn<'_> {
                     }
                 }
                 for name in self.expect.take_kept() {
-                    a.conn.conn.state.prepared.insert(name, usize::MAX);
+                    if !a.conn.conn.state.client_named.kept(&name) {
+                        a.conn.conn.state.prepared.insert(name, usize::MAX);
+                    }
                 }
             }
             if self.expect.has_created() {

@@ -637,3 +637,47 @@ async fn a_do_block_leaves_nothing_to_the_next_client() {
         .unwrap();
     assert_ne!(row.get::<_, Option<String>>(0).as_deref(), Some("tenant-a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_renaming_off_a_named_statement_still_pins_and_carries_its_settings() {
+    let user = create_user("renamingoff").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 1\ncheckout_timeout = \"2s\"\nmax_prepared_statements = 0")
+        .start()
+        .await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    let text = |row: tokio_postgres::Row| row.get::<_, Option<String>>(0);
+    // tokio-postgres prepares every query as a named statement (s0, s1, ...),
+    // which goes to the server under that name with renaming off.
+    a.execute("SET work_mem = '1111kB'", &[]).await.unwrap();
+    a.query("SELECT set_config('app.tenant', $1, false)", &[&"tenant-a"])
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let row = b.query_one("SHOW work_mem", &[]).await.unwrap();
+        assert_ne!(text(row).as_deref(), Some("1111kB"));
+        let row = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
+        assert_ne!(text(row.unwrap()).as_deref(), Some("tenant-a"));
+        let row = a.query_one("SHOW work_mem", &[]).await.unwrap();
+        assert_eq!(text(row).as_deref(), Some("1111kB"));
+        let row = a.query_one("SELECT current_setting('app.tenant')", &[]).await;
+        assert_eq!(text(row.unwrap()).as_deref(), Some("tenant-a"));
+    }
+    // A session-only feature pins the client to its server connection.
+    a.query("SELECT pg_advisory_lock(42)", &[]).await.unwrap();
+    let err = b.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{}", describe(&err));
+    drop(a);
+    // And a DO block has its connection reset before the next client.
+    let c = connect(&proxy, &user).await.unwrap();
+    c.execute(
+        "DO $$ BEGIN PERFORM set_config('app.tenant', 'tenant-c', false); END $$",
+        &[],
+    )
+    .await
+    .unwrap();
+    drop(c);
+    let row = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
+    assert_ne!(text(row.unwrap()).as_deref(), Some("tenant-c"));
+}
