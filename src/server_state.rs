@@ -171,8 +171,9 @@ pub struct Settings {
     /// standbys refuse: such a client's reads must go to the primary.
     serializable: bool,
     /// `client_encoding` is one whose characters may end in the byte of a
-    /// backslash (SJIS, BIG5, GBK, UHC, GB18030, JOHAB).
-    backslash_trail: bool,
+    /// backslash (SJIS, BIG5, GBK, UHC, GB18030, JOHAB); None: not set
+    /// (the role's or database's default applies).
+    backslash_trail: Option<bool>,
 }
 
 fn serializable(values: &Values) -> bool {
@@ -183,19 +184,10 @@ fn serializable(values: &Values) -> bool {
         .any(|(name, sql)| name == "default_transaction_isolation" && crate::sql::mentions(sql, "serializable"))
 }
 
-fn backslash_trail(values: &Values) -> bool {
-    // Encoding names as PostgreSQL compares them: case and punctuation aside.
-    const NAMES: [&str; 12] = [
-        "sjis", "shiftjis", "mskanji", "932", "big5", "950", "gbk", "936", "uhc", "949", "gb18030", "johab",
-    ];
-    values.get("client_encoding").is_some_and(|sql| {
-        let folded: String = sql
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        NAMES.iter().any(|name| folded.contains(name))
-    })
+fn backslash_trail(values: &Values) -> Option<bool> {
+    values
+        .get("client_encoding")
+        .map(|sql| crate::sql::encoding::backslash_trail(sql))
 }
 
 fn fingerprint(values: &Values) -> u64 {
@@ -257,8 +249,9 @@ impl Settings {
     }
 
     /// Whether the client's encoding may end a character with the byte of a
-    /// backslash (see `sql::encoding::backslash_in_doubt`).
-    pub fn backslash_trail(&self) -> bool {
+    /// backslash (see `sql::encoding::backslash_in_doubt`); None where
+    /// `client_encoding` is not set here.
+    pub fn backslash_trail(&self) -> Option<bool> {
         self.backslash_trail
     }
 

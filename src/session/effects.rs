@@ -15,7 +15,8 @@ impl Conn<'_> {
     /// A statement's text (`raw`, as sent), to read: see [`Legibility`].
     #[inline]
     pub(super) fn read_statement<'a>(&self, raw: &'a [u8]) -> (Cow<'a, str>, Legibility) {
-        read(raw, self.settings.backslash_trail() || self.encoding_unsettled)
+        let trail = self.settings.backslash_trail().unwrap_or(self.default_backslash_trail);
+        read(raw, trail || self.encoding_unsettled)
     }
 
     /// What running a statement does to the session: needed in transaction

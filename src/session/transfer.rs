@@ -156,6 +156,10 @@ pub(super) struct Conn<'a> {
     /// transaction is open, or its answer owed): text is read as if the
     /// encoding might end characters with a backslash's byte.
     pub(super) encoding_unsettled: bool,
+    /// The `client_encoding` the servers start sessions with (the role's or
+    /// database's) may end characters with a backslash's byte: it applies
+    /// while the client sets none.
+    pub(super) default_backslash_trail: bool,
     /// Its settings from the startup packet (what RESET returns to).
     pub(super) startup: Settings,
     pub(super) tracker: Tracker,
@@ -220,7 +224,12 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     // What the servers report, except where the client's startup packet
     // asked for its own value (applied on every server it uses).
     let candidates: Vec<&Arc<Pool>> = std::iter::once(&pool).chain(replica_pools.iter()).collect();
+    let mut default_backslash_trail = false;
     for (name, value) in Box::pin(server_params(shared, &candidates)).await.iter() {
+        if name == "client_encoding" {
+            // The role's or database's, where the client sets none.
+            default_backslash_trail = crate::sql::encoding::backslash_trail(value);
+        }
         let own = params
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -264,6 +273,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         statements: Statements::default(),
         unnamed: Unnamed::default(),
         encoding_unsettled: false,
+        default_backslash_trail,
         settings: startup.clone(),
         startup,
         tracker: Tracker::default(),

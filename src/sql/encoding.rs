@@ -22,6 +22,22 @@ pub enum Legibility {
     Unreadable,
 }
 
+/// Whether an encoding (its name, or a statement naming it) may end a
+/// character with the byte of a backslash: SJIS, BIG5, GBK, UHC, GB18030,
+/// JOHAB and their aliases.
+pub fn backslash_trail(name: &str) -> bool {
+    // Encoding names as PostgreSQL compares them: case and punctuation aside.
+    const NAMES: [&str; 12] = [
+        "sjis", "shiftjis", "mskanji", "932", "big5", "950", "gbk", "936", "uhc", "949", "gb18030", "johab",
+    ];
+    let folded: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    NAMES.iter().any(|name| folded.contains(name))
+}
+
 /// A statement's text `raw` (as sent), to read, and how it can be read;
 /// `backslash_trail`: the client's encoding may end a character with the
 /// byte of a backslash (`Settings::backslash_trail`).

@@ -421,3 +421,33 @@ async fn text_that_is_not_utf8_is_renamed_routed_and_tracked_like_any_other() {
     assert_eq!(got, ["1", "2", "D:t", "C:SELECT 1"]);
     assert_eq!(on_replicas(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_encoding_the_role_sets_is_read_as_the_server_reads_it() {
+    let user = create_user("sjisrole").await;
+    let role = format!("ALTER ROLE {} SET client_encoding = 'SJIS'", user.name);
+    superuser().await.batch_execute(&role).await.unwrap();
+    let proxy = Setup::new(&[&user])
+        .pool("size = 2\ncheckout_timeout = \"2s\"")
+        .start()
+        .await;
+    let mut a = login(proxy.local_addr(), &user).await;
+    let mut b = login(proxy.local_addr(), &user).await;
+    // No client_encoding in the startup packet: the role's applies, and
+    // 0x95 0x5c is one SJIS character (see the test above).
+    assert_eq!(simple(&mut a, "SHOW client_encoding").await[0], "D:SJIS");
+    let hidden = b"SELECT E'\x95\x5c'; SET work_mem = '1111kB'; --'";
+    assert_eq!(simple(&mut a, hidden).await[1..], ["C:SELECT 1", "C:SET"]);
+    assert_ne!(simple(&mut b, "SHOW work_mem").await[0], "D:1111kB");
+    assert_eq!(simple(&mut a, "SHOW work_mem").await[0], "D:1111kB");
+    // A client that asks for UTF-8 is read as UTF-8, where no character
+    // ends in 0x5c: its SET is tracked, and it is not pinned (A is, to one
+    // of the two server connections; B still gets the other).
+    let mut c = login(proxy.local_addr(), &user).await;
+    assert_eq!(simple(&mut c, "SET client_encoding = 'UTF8'").await, ["C:SET"]);
+    let text = "SELECT E'\u{d5}\\\\'; SET work_mem = '3333kB'";
+    assert_eq!(simple(&mut c, text).await, ["D:\u{d5}\\", "C:SELECT 1", "C:SET"]);
+    let shown = simple(&mut b, "SHOW work_mem").await;
+    assert!(shown[0].starts_with("D:") && shown[0] != "D:3333kB", "{shown:?}");
+    assert_eq!(simple(&mut c, "SHOW work_mem").await[0], "D:3333kB");
+}
