@@ -68,13 +68,11 @@ impl Prepared {
 /// What the statements a connection holds under clients' own names do to
 /// the session (statement renaming off, `pool.max_prepared_statements = 0`),
 /// for each Bind of them, whoever binds: only statements that do something
-/// (a `SET`, a session-only feature, a `DO` block) are recorded.
+/// (a `SET`, a session-only feature, a `DO` block) are recorded, once the
+/// server has answered their Parse.
 #[derive(Debug, Default)]
 pub struct ClientNamed {
     recorded: HashMap<Arc<str>, Arc<NamedEffects>>,
-    /// Closes sent and not answered yet: recorded again if the server skips
-    /// one after an earlier error.
-    closing: Vec<(Arc<str>, Arc<NamedEffects>)>,
 }
 
 /// A statement's effects and its Parse's parameter types as sent (for a
@@ -85,31 +83,23 @@ pub struct NamedEffects {
     pub param_types: Box<[u8]>,
 }
 
+/// A Parse or Close under a client's own name, applied to [`ClientNamed`]
+/// when the server answers it (one it skips or refuses changes nothing).
+#[derive(Debug, Clone)]
+pub enum NamedChange {
+    /// The statement now under the name, and what it does (None: nothing,
+    /// or nothing dbproxy records).
+    Parsed(Arc<str>, Option<Arc<NamedEffects>>),
+    Closed(Arc<str>),
+}
+
 impl ClientNamed {
     /// Most statements recorded per connection.
     pub const LIMIT: usize = 64;
 
-    /// A Parse of `name` sent. Returns false where its effects cannot be
-    /// vouched for at its Binds, so that the client must be pinned: too many
-    /// are recorded, or `name` is a recorded statement's (the server keeps
-    /// that one if this Parse fails as a duplicate, as it should; the record
-    /// stays).
-    pub fn parsed(&mut self, name: &str, effects: Effects, param_types: &[u8]) -> bool {
-        if self.recorded.contains_key(name) {
-            return effects.is_empty();
-        }
-        if effects.is_empty() {
-            return true;
-        }
-        if self.recorded.len() >= Self::LIMIT {
-            return false;
-        }
-        let named = NamedEffects {
-            effects,
-            param_types: param_types.into(),
-        };
-        self.recorded.insert(name.into(), Arc::new(named));
-        true
+    /// Whether no more may be recorded.
+    pub fn full(&self) -> bool {
+        self.recorded.len() >= Self::LIMIT
     }
 
     /// The effects of statement `name`, if recorded.
@@ -117,31 +107,27 @@ impl ClientNamed {
         self.recorded.get(name).cloned()
     }
 
-    /// A Close of `name` sent: returns the name to look for among the
-    /// Closes skipped ([`Self::kept`]) if it was recorded.
-    pub fn closed(&mut self, name: &str) -> Option<Arc<str>> {
-        let (name, named) = self.recorded.remove_entry(name)?;
-        self.closing.push((name.clone(), named));
-        Some(name)
-    }
-
-    /// A Close of `name` was skipped after an error: whether it was one of
-    /// [`Self::closed`], now recorded again.
-    pub fn kept(&mut self, name: &str) -> bool {
-        let Some(i) = self.closing.iter().position(|(n, _)| **n == *name) else {
-            return false;
-        };
-        let (name, named) = self.closing.swap_remove(i);
-        self.recorded.insert(name, named);
+    /// The server answered a Parse or Close. Returns false where a
+    /// statement with effects could not be recorded (more Parses were under
+    /// way when it was sent than room was left): the connection must be
+    /// reset before anyone else gets it.
+    pub fn apply(&mut self, change: NamedChange) -> bool {
+        match change {
+            // Accepted: the name was free, whatever was recorded under it.
+            NamedChange::Parsed(name, Some(named)) => {
+                if self.full() && !self.recorded.contains_key(&name) {
+                    return false;
+                }
+                self.recorded.insert(name, named);
+            }
+            NamedChange::Parsed(name, None) | NamedChange::Closed(name) => {
+                self.recorded.remove(&name);
+            }
+        }
         true
     }
 
-    /// Nothing is owed on the connection: the Closes sent are answered.
-    pub fn settle(&mut self) {
-        self.closing.clear();
-    }
-
-    /// `DEALLOCATE name` ran.
+    /// `DEALLOCATE name` was sent.
     pub fn remove(&mut self, name: &str) {
         self.recorded.remove(name);
     }
@@ -149,7 +135,6 @@ impl ClientNamed {
     /// The connection holds none of them now (`DISCARD ALL`, `DEALLOCATE ALL`).
     pub fn clear(&mut self) {
         self.recorded.clear();
-        self.closing.clear();
     }
 }
 
@@ -362,39 +347,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_named_effects_are_recorded_until_closed_or_discarded() {
-        let set = || Effects {
-            changes: vec![SettingChange::Set {
-                name: "work_mem".into(),
-                sql: "SET work_mem = '1MB'".into(),
-            }],
-            ..Effects::default()
+    fn client_named_effects_are_recorded_once_answered_until_closed() {
+        let set = || {
+            Some(Arc::new(NamedEffects {
+                effects: Effects {
+                    changes: vec![SettingChange::Set {
+                        name: "work_mem".into(),
+                        sql: "SET work_mem = '1MB'".into(),
+                    }],
+                    ..Effects::default()
+                },
+                param_types: [0, 0].into(),
+            }))
         };
+        let parsed = |name: &str, named| NamedChange::Parsed(name.into(), named);
         let mut named = ClientNamed::default();
-        assert!(named.parsed("s0", set(), &[0, 0]));
-        assert!(named.parsed("s1", Effects::default(), &[0, 0]));
+        assert!(named.apply(parsed("s0", set())));
+        assert!(named.apply(parsed("s1", None)));
         assert!(named.get("s0").is_some() && named.get("s1").is_none());
-        // Parsed again: the server keeps the one it has if the Parse fails.
-        assert!(!named.parsed("s0", set(), &[0, 0]));
-        assert!(named.parsed("s0", Effects::default(), &[0, 0]));
-        assert!(named.get("s0").is_some());
-        // A Close skipped after an error leaves it; one answered drops it.
-        let closing = named.closed("s0");
-        assert_eq!(closing.as_deref(), Some("s0"));
-        assert!(named.get("s0").is_none() && named.closed("s0").is_none());
-        assert!(named.kept("s0") && named.get("s0").is_some());
-        assert!(!named.kept("s1"));
-        named.closed("s0");
-        named.settle();
-        assert!(!named.kept("s0") && named.get("s0").is_none());
-        // Bounded: past the limit the client is to be pinned instead.
+        // An accepted Parse means the name was free: its record replaces any.
+        assert!(named.apply(parsed("s0", None)));
+        assert!(named.get("s0").is_none());
+        assert!(named.apply(parsed("s0", set())));
+        assert!(named.apply(NamedChange::Closed("s0".into())));
+        assert!(named.get("s0").is_none());
+        // Bounded: past the limit the connection is to be reset instead.
         for i in 0..ClientNamed::LIMIT {
-            assert!(named.parsed(&format!("n{i}"), set(), &[0, 0]));
+            assert!(!named.full());
+            assert!(named.apply(parsed(&format!("n{i}"), set())));
         }
-        assert!(!named.parsed("more", set(), &[0, 0]));
-        assert!(named.parsed("plain", Effects::default(), &[0, 0]));
+        assert!(named.full());
+        assert!(!named.apply(parsed("more", set())));
+        assert!(named.apply(parsed("n0", set())));
+        assert!(named.apply(parsed("plain", None)));
+        named.remove("n1");
+        assert!(named.get("n1").is_none() && named.get("n2").is_some());
         named.clear();
-        assert!(named.get("n0").is_none());
+        assert!(named.get("n2").is_none());
     }
 
     #[test]

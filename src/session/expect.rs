@@ -10,6 +10,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::server_state::{NamedChange, NamedEffects};
+
 /// A request sent to the server, by what completes its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
@@ -78,6 +80,8 @@ enum Entry {
         creates: Option<Arc<str>>,
         /// The client's Parse this is, if it is one.
         client: Option<ClientParse>,
+        /// A Parse or Close under the client's own name (renaming off).
+        named: Option<NamedChange>,
     },
     Synthetic(Synthetic, Option<ClientParse>),
     /// The client ended a COPY IN here (CopyDone or CopyFail); no answer.
@@ -107,6 +111,8 @@ pub struct Expectations {
     created: Vec<Arc<str>>,
     /// Statements whose Close was skipped after an error: still prepared.
     kept: Vec<Arc<str>>,
+    /// Parses and Closes under clients' own names the server answered.
+    named: Vec<NamedChange>,
     /// Client Parses that got no ParseComplete after all, each with whether
     /// it was skipped after an earlier error (rather than failed or lost).
     unparsed: Vec<(ClientParse, bool)>,
@@ -146,6 +152,7 @@ impl Expectations {
             injected,
             creates,
             client: None,
+            named: None,
         });
     }
 
@@ -157,6 +164,7 @@ impl Expectations {
             injected: false,
             creates,
             client: Some(client),
+            named: None,
         });
     }
 
@@ -169,7 +177,43 @@ impl Expectations {
             injected: true,
             creates: None,
             client: Some(client),
+            named: None,
         });
+    }
+
+    /// Records the client's Parse or Close of a statement under its own
+    /// name (renaming off): `change` is collected once the server answers it.
+    pub fn sent_named(&mut self, request: Request, change: NamedChange) {
+        self.queue.push_back(Entry::Sent {
+            request,
+            injected: false,
+            creates: None,
+            client: None,
+            named: Some(change),
+        });
+    }
+
+    /// The last Parse or Close of `name` under the client's own name still
+    /// owed an answer: what it would record (a Close: nothing), and whether
+    /// it is in an earlier batch than the next request's (it may yet be
+    /// skipped after an error in its batch, or fail).
+    pub fn pending_named(&self, name: &str) -> Option<(Option<Arc<NamedEffects>>, bool)> {
+        let mut after_sync = false;
+        for entry in self.queue.iter().rev() {
+            match entry {
+                Entry::Sent {
+                    named: Some(NamedChange::Parsed(n, named)),
+                    ..
+                } if **n == *name => return Some((named.clone(), after_sync)),
+                Entry::Sent {
+                    named: Some(NamedChange::Closed(n)),
+                    ..
+                } if **n == *name => return Some((None, after_sync)),
+                Entry::Sent { request, .. } if request.ends_with_ready() => after_sync = true,
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Whether the last unnamed Parse owed (the client's, or the proxy's
@@ -266,10 +310,16 @@ impl Expectations {
     }
 
     /// Whether failed or skipped Parses, or skipped Closes, await
-    /// [`Self::take_failed`], [`Self::take_unparsed`] or [`Self::take_kept`]
-    /// (rarely: one check per server message instead of three drains).
+    /// [`Self::take_failed`], [`Self::take_unparsed`], [`Self::take_kept`] or
+    /// [`Self::take_named`] (rarely: one check per server message instead of
+    /// four drains).
     pub fn has_outcomes(&self) -> bool {
-        !(self.failed.is_empty() && self.unparsed.is_empty() && self.kept.is_empty())
+        !(self.failed.is_empty() && self.unparsed.is_empty() && self.kept.is_empty() && self.named.is_empty())
+    }
+
+    /// Parses and Closes under clients' own names the server answered.
+    pub fn take_named(&mut self) -> impl Iterator<Item = NamedChange> + '_ {
+        self.named.drain(..)
     }
 
     /// Statements the server did not create after all.
@@ -291,6 +341,7 @@ impl Expectations {
         self.failed.clear();
         self.created.clear();
         self.kept.clear();
+        self.named.clear();
         self.in_copy_in = false;
         self.ignored_syncs = 0;
     }
@@ -364,11 +415,14 @@ impl Expectations {
             if !injected {
                 self.visible_done += 1;
             }
-            if let Some(Entry::Sent {
-                creates: Some(name), ..
-            }) = self.queue.pop_front()
-            {
-                self.created.push(name);
+            match self.queue.pop_front() {
+                Some(Entry::Sent {
+                    creates: Some(name), ..
+                }) => self.created.push(name),
+                Some(Entry::Sent {
+                    named: Some(change), ..
+                }) => self.named.push(change),
+                _ => {}
             }
             self.release_synthetic();
         }

@@ -130,10 +130,12 @@ impl Conn<'_> {
                     write_query(&mut self.to_server, &sql);
                     return true;
                 }
-                if !in_block {
-                    // Under the client's own name (renaming off). (In a block
-                    // that fails it stays: its record with it.)
+                if a.conn.conn.state.client_named.get(name).is_some() {
+                    // Under the client's own name (renaming off). In a block
+                    // that failed already it is not deallocated: whatever it
+                    // does ends with the connection's reset.
                     a.conn.conn.state.client_named.remove(name);
+                    a.conn.conn.state.dirty |= in_block;
                 }
             }
             LocalCommand::DeallocateAll => {

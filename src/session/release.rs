@@ -28,7 +28,7 @@ const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 impl Conn<'_> {
     /// Gives the server connection back (or closes it if it is not clean).
     pub(super) async fn detach(&mut self) {
-        let Phase::Attached(mut a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Attached(a) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
         };
         let held = a.since.elapsed();
@@ -51,7 +51,6 @@ impl Conn<'_> {
         // (Released with nothing owed, or at the session's end: no client
         // Parse is left unanswered that the client could still use.)
         self.expect.clear();
-        a.conn.conn.state.client_named.settle();
         self.retry.reset();
         self.sscan.reset();
         if clean {

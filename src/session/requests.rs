@@ -24,7 +24,8 @@ use crate::protocol::extended::{
 use crate::protocol::framing::{HEADER_LEN, read_cbytes};
 use crate::protocol::{FrameError, Item, SqlState, TransactionStatus};
 use crate::router::{Class, WriteReason};
-use crate::sql::Effects;
+use crate::server_state::{NamedChange, NamedEffects};
+use crate::sql::{Effects, Pins};
 
 /// Bytes of an extended-protocol batch held back, with read/write splitting,
 /// until its Sync shows where it may run. A larger batch goes to the primary
@@ -311,12 +312,8 @@ impl Conn<'_> {
                     if !self.ensure_server(b'C', Class::Neutral).await? {
                         return Ok(());
                     }
-                    let closed = self
-                        .attached()
-                        .and_then(|a| a.conn.conn.state.client_named.closed(name));
                     self.to_server.extend_from_slice(&msg);
-                    // Named, so that a Close skipped after an error is found.
-                    self.expect.sent(Request::Close, false, closed);
+                    self.expect.sent_named(Request::Close, NamedChange::Closed(name.into()));
                     self.tracker_and_sync_state(b'C');
                     Ok(())
                 }
@@ -456,7 +453,7 @@ impl Conn<'_> {
             }
             self.send(msg, b'P', Some(Request::Parse), class).await?;
             self.set_unnamed_owner(None);
-            if self.tracking()
+            if self.mode == PoolMode::Transaction
                 && let Some(a) = self.attached()
             {
                 // A statement under the client's own name: reset before
@@ -491,12 +488,13 @@ impl Conn<'_> {
             if unnamed && self.mode == PoolMode::Transaction {
                 return self.parse_unnamed(msg, fx, class).await;
             }
+            if !unnamed && self.mode == PoolMode::Transaction {
+                return self.parse_client_named(msg, p.name, fx, p.param_types, class).await;
+            }
             self.send(msg, b'P', Some(Request::Parse), class).await?;
             if unnamed {
                 // Session mode: whose it is, is not recorded.
                 self.set_unnamed_owner(None);
-            } else if self.mode == PoolMode::Transaction {
-                self.record_client_named(p.name, fx, p.param_types);
             }
             return Ok(());
         }
@@ -590,19 +588,66 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// A Parse under the client's own name (renaming off) sent: what the
-    /// statement does is recorded on the connection, for its Binds; where
-    /// that cannot be vouched for, the client is pinned.
-    fn record_client_named(&mut self, name: &str, fx: Effects, param_types: &[u8]) {
-        let Some(a) = self.attached() else {
-            return;
+    /// A Parse under the client's own name (renaming off): what the
+    /// statement does is recorded on the connection once the server accepts
+    /// it, for its Binds (see `server_state::ClientNamed`). Past the number
+    /// recorded, the client is pinned instead.
+    async fn parse_client_named(
+        &mut self,
+        msg: &[u8],
+        name: &str,
+        fx: Effects,
+        param_types: &[u8],
+        class: Class,
+    ) -> Result<(), Exit> {
+        if !self.ensure_server(b'P', class).await? {
+            return Ok(());
+        }
+        let full = self.attached().is_some_and(|a| a.conn.conn.state.client_named.full());
+        let named = match (fx.is_empty(), full) {
+            (true, _) => None,
+            (false, true) => {
+                self.apply_effects(&Effects {
+                    pins: Pins::UNTRACKED,
+                    ..Effects::default()
+                });
+                None
+            }
+            (false, false) => Some(Arc::new(NamedEffects {
+                effects: fx,
+                param_types: param_types.into(),
+            })),
         };
-        if !a.conn.conn.state.client_named.parsed(name, fx, param_types) {
-            let pin = Effects {
-                pins: crate::sql::Pins::UNTRACKED,
-                ..Effects::default()
-            };
-            self.apply_effects(&pin);
+        self.to_server.extend_from_slice(msg);
+        self.expect
+            .sent_named(Request::Parse, NamedChange::Parsed(name.into(), named));
+        self.tracker_and_sync_state(b'P');
+        Ok(())
+    }
+
+    /// A Bind of statement `name` under the client's own name (renaming
+    /// off), in the held connection's stream: what it does is that of the
+    /// Parse of it in the same batch, else of the statement recorded on the
+    /// connection. Behind a Parse or Close of it in an earlier batch, still
+    /// unanswered (which may yet fail or be skipped), which statement the
+    /// Bind will find is not known: the client is pinned if either does
+    /// something.
+    fn bind_client_named(&mut self, name: &str, body: &[u8], rest_at: usize) {
+        let recorded = self.attached().and_then(|a| a.conn.conn.state.client_named.get(name));
+        let named = match self.expect.pending_named(name) {
+            Some((pending, false)) => pending,
+            None => recorded,
+            Some((pending, true)) if pending.is_none() && recorded.is_none() => None,
+            Some((_, true)) => Some(Arc::new(NamedEffects {
+                effects: Effects {
+                    pins: Pins::UNTRACKED,
+                    ..Effects::default()
+                },
+                param_types: Box::default(),
+            })),
+        };
+        if let Some(n) = named {
+            self.apply_effects(&bound(&n.effects, body, rest_at, Some(&n.param_types)));
         }
     }
 
@@ -728,12 +773,18 @@ impl Conn<'_> {
                 return Ok(());
             }
             (names, _) => {
-                if let Some((_, name, rest_at)) = names.filter(|(_, name, _)| !name.is_empty())
-                    && let Some(named) = self.attached().and_then(|a| a.conn.conn.state.client_named.get(name))
-                {
-                    // Under the client's own name (renaming off).
-                    let fx = bound(&named.effects, &msg[HEADER_LEN..], rest_at, Some(&named.param_types));
-                    self.apply_effects(&fx);
+                match names {
+                    Some((_, name, rest_at)) if !name.is_empty() && self.mode == PoolMode::Transaction => {
+                        self.bind_client_named(name, &msg[HEADER_LEN..], rest_at);
+                    }
+                    // Names dbproxy cannot read: whatever the statement does
+                    // ends with the connection's reset.
+                    None if self.mode == PoolMode::Transaction => {
+                        if let Some(a) = self.attached() {
+                            a.conn.conn.state.dirty = true;
+                        }
+                    }
+                    _ => {}
                 }
                 if let Some((_, "", rest_at)) = names {
                     let fx = std::mem::take(self.unnamed.effects_mut());

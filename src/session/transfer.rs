@@ -731,8 +731,11 @@ impl Conn<'_> {
                     }
                 }
                 for name in self.expect.take_kept() {
-                    if !a.conn.conn.state.client_named.kept(&name) {
-                        a.conn.conn.state.prepared.insert(name, usize::MAX);
+                    a.conn.conn.state.prepared.insert(name, usize::MAX);
+                }
+                for change in self.expect.take_named() {
+                    if !a.conn.conn.state.client_named.apply(change) {
+                        a.conn.conn.state.dirty = true;
                     }
                 }
             }

@@ -60,12 +60,6 @@ fn execute_rows(portal: &str, rows: i32) -> Vec<u8> {
     message(b'E', &body)
 }
 
-fn target(tag: u8, kind: u8, name: &str) -> Vec<u8> {
-    let mut body = vec![kind];
-    body.extend_from_slice(format!("{name}\0").as_bytes());
-    message(tag, &body)
-}
-
 /// A Bind of `statement` to the unnamed portal, with text parameters.
 fn bind_params(statement: &str, params: &[&str]) -> Vec<u8> {
     let mut body = format!("\0{statement}\0").into_bytes();

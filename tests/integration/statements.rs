@@ -451,3 +451,57 @@ async fn a_client_encoding_the_role_sets_is_read_as_the_server_reads_it() {
     assert!(shown[0].starts_with("D:") && shown[0] != "D:3333kB", "{shown:?}");
     assert_eq!(simple(&mut c, "SHOW work_mem").await[0], "D:3333kB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_renaming_off_what_a_bind_does_is_what_the_server_holds_under_its_name() {
+    // One server connection, renaming off: statement names reach it as the
+    // clients wrote them, and a Bind runs whatever it holds under the name.
+    let user = create_user("clientnamed").await;
+    let proxy = Setup::new(&[&user])
+        .pool("size = 1\nmax_prepared_statements = 0")
+        .start()
+        .await;
+    let mut a = login(proxy.local_addr(), &user).await;
+    let mut b = login(proxy.local_addr(), &user).await;
+    let tenant = "SELECT current_setting('app.tenant', true)";
+    let set_b = "SELECT set_config('app.tenant', 'tenant-b', false)";
+    // A Parse the server refuses records nothing: one of a name taken ...
+    assert_eq!(rows(&mut a, &[parse_msg("s1", "SELECT 1")]).await, ["1"]);
+    assert_eq!(rows(&mut b, &[parse_msg("s1", set_b)]).await, ["E:42P05"]);
+    assert_eq!(rows(&mut a, &run("s1")).await, ["2", "D:1", "C:SELECT 1"]);
+    // ... or one that fails, whose name another client then takes.
+    let failing = format!("{set_b} FROM no_such_table");
+    assert_eq!(rows(&mut b, &[parse_msg("s2", &failing)]).await, ["E:42P01"]);
+    let got = rows(&mut a, &[parse_msg("s2", "SELECT 2"), bind_msg("s2"), execute_msg()]).await;
+    assert_eq!(got, ["1", "2", "D:2", "C:SELECT 1"]);
+    // (B uses the connection in between: A's settings are carried back.)
+    assert_ne!(simple(&mut b, tenant).await[0], "D:tenant-b");
+    assert_ne!(simple(&mut a, tenant).await[0], "D:tenant-b");
+
+    // A Close the server skips after an error leaves the statement there,
+    // and what it does: B runs A's statement, and the setting is B's now,
+    // not a third client's.
+    let set_a = "SELECT set_config('app.tenant', 'tenant-a', false)";
+    assert_eq!(rows(&mut a, &[parse_msg("s3", set_a)]).await, ["1"]);
+    let failing = [
+        parse_msg("", "SELECT 1/0"),
+        bind_msg(""),
+        execute_msg(),
+        target(b'C', b'S', "s3"),
+    ];
+    assert_eq!(rows(&mut a, &failing).await, ["1", "E:22012"]);
+    assert_eq!(rows(&mut b, &run("s3")).await, ["2", "D:tenant-a", "C:SELECT 1"]);
+    let mut c = login(proxy.local_addr(), &user).await;
+    assert_ne!(simple(&mut c, tenant).await[0], "D:tenant-a");
+    assert_eq!(simple(&mut b, tenant).await[0], "D:tenant-a");
+    // Once the name is free (here by a DEALLOCATE dbproxy does not follow),
+    // what it does is the new statement's.
+    assert_eq!(
+        simple(&mut b, "DEALLOCATE s3; SELECT 1").await,
+        ["C:DEALLOCATE", "D:1", "C:SELECT 1"]
+    );
+    assert_eq!(rows(&mut c, &[parse_msg("s3", "SELECT 3")]).await, ["1"]);
+    assert_eq!(rows(&mut c, &run("s3")).await, ["2", "D:3", "C:SELECT 1"]);
+    assert_eq!(simple(&mut b, tenant).await[0], "D:tenant-a");
+    assert_ne!(simple(&mut c, tenant).await[0], "D:tenant-a");
+}

@@ -117,6 +117,13 @@ pub fn bind_msg(statement: &str) -> Vec<u8> {
     message(b'B', &body)
 }
 
+/// A Describe (`D`) or Close (`C`) of a statement (`S`) or portal (`P`).
+pub fn target(tag: u8, kind: u8, name: &str) -> Vec<u8> {
+    let mut body = vec![kind];
+    body.extend_from_slice(format!("{name}\0").as_bytes());
+    message(tag, &body)
+}
+
 pub fn execute_msg() -> Vec<u8> {
     message(b'E', &[0, 0, 0, 0, 0])
 }
