@@ -187,6 +187,9 @@ impl ServerConn {
             return Err(login.protocol("data after ReadyForQuery during login".to_owned()));
         }
         let now = Instant::now();
+        let default_backslash_trail = params
+            .iter()
+            .any(|(name, value)| name == "client_encoding" && crate::sql::encoding::backslash_trail(value));
         Ok(ServerConn {
             stream: login.stream,
             endpoint: endpoint(addr),
@@ -195,7 +198,10 @@ impl ServerConn {
             secret_key: key.1,
             created: now,
             last_used: now,
-            state: ServerState::default(),
+            state: ServerState {
+                default_backslash_trail,
+                ..ServerState::default()
+            },
             generation: 0,
             tls_epoch: tls.epoch(),
         })

@@ -324,12 +324,22 @@ pub struct ServerState {
     pub unnamed: Option<(u64, u64)>,
     /// Statements under clients' own names that affect the session.
     pub client_named: ClientNamed,
+    /// The `client_encoding` the server reported at login (the role's or
+    /// database's) may end characters with a backslash's byte.
+    pub default_backslash_trail: bool,
 }
 
 impl ServerState {
     /// A simple Query was sent: PostgreSQL drops the unnamed statement.
     pub fn query_sent(&mut self) {
         self.unnamed = None;
+    }
+
+    /// Whether text sent now is read by the server in an encoding that may
+    /// end characters with a backslash's byte: as set on it, or as it
+    /// started.
+    pub fn backslash_trail(&self) -> bool {
+        self.settings.backslash_trail().unwrap_or(self.default_backslash_trail)
     }
 
     /// After `DISCARD ALL` ran on the connection.

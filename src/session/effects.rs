@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use super::transfer::Conn;
+use super::transfer::{Conn, Phase};
 use crate::config::PoolMode;
 use crate::router::{Class, WriteReason};
 use crate::sql::Effects;
@@ -15,8 +15,14 @@ impl Conn<'_> {
     /// A statement's text (`raw`, as sent), to read: see [`Legibility`].
     #[inline]
     pub(super) fn read_statement<'a>(&self, raw: &'a [u8]) -> (Cow<'a, str>, Legibility) {
-        let trail = self.settings.backslash_trail().unwrap_or(self.default_backslash_trail);
-        read(raw, trail || self.encoding_unsettled)
+        let client = self.settings.backslash_trail().unwrap_or(self.default_backslash_trail);
+        // The held connection's view too: a RESET there returns to its own
+        // default, not to the client's startup value.
+        let held = match &self.phase {
+            Phase::Attached(a) => a.conn.conn.state.backslash_trail(),
+            _ => false,
+        };
+        read(raw, client || held || self.encoding_unsettled)
     }
 
     /// What running a statement does to the session: needed in transaction

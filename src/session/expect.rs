@@ -62,6 +62,20 @@ pub struct ClientParse {
     pub id: u64,
 }
 
+/// What a Bind of a statement under the client's own name (renaming off)
+/// would meet among the Parses and Closes of that name owed an answer.
+#[derive(Debug, Clone)]
+pub enum PendingNamed {
+    /// None: the statement recorded on the connection, if any, is the one.
+    None,
+    /// The last is in the Bind's batch: the Bind gets its statement (a
+    /// Close: none), or is skipped with it. What that statement does.
+    SameBatch(Option<Arc<NamedEffects>>),
+    /// In earlier batches only, which may yet fail or be skipped: the Bind
+    /// may meet any of them, or the one recorded. Whether any does something.
+    Earlier { effects: bool },
+}
+
 /// A response the proxy writes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synthetic {
@@ -80,8 +94,10 @@ enum Entry {
         creates: Option<Arc<str>>,
         /// The client's Parse this is, if it is one.
         client: Option<ClientParse>,
-        /// A Parse or Close under the client's own name (renaming off).
-        named: Option<NamedChange>,
+        /// A Parse or Close under the client's own name (renaming off):
+        /// its change is in `Expectations::named_pending`, in order. (A
+        /// flag, so that the hot path's entries stay as small as they were.)
+        named: bool,
     },
     Synthetic(Synthetic, Option<ClientParse>),
     /// The client ended a COPY IN here (CopyDone or CopyFail); no answer.
@@ -113,6 +129,8 @@ pub struct Expectations {
     kept: Vec<Arc<str>>,
     /// Parses and Closes under clients' own names the server answered.
     named: Vec<NamedChange>,
+    /// The changes of the entries marked `named` owed an answer, in order.
+    named_pending: VecDeque<NamedChange>,
     /// Client Parses that got no ParseComplete after all, each with whether
     /// it was skipped after an earlier error (rather than failed or lost).
     unparsed: Vec<(ClientParse, bool)>,
@@ -152,7 +170,7 @@ impl Expectations {
             injected,
             creates,
             client: None,
-            named: None,
+            named: false,
         });
     }
 
@@ -164,7 +182,7 @@ impl Expectations {
             injected: false,
             creates,
             client: Some(client),
-            named: None,
+            named: false,
         });
     }
 
@@ -177,7 +195,7 @@ impl Expectations {
             injected: true,
             creates: None,
             client: Some(client),
-            named: None,
+            named: false,
         });
     }
 
@@ -189,31 +207,38 @@ impl Expectations {
             injected: false,
             creates: None,
             client: None,
-            named: Some(change),
+            named: true,
         });
+        self.named_pending.push_back(change);
     }
 
-    /// The last Parse or Close of `name` under the client's own name still
-    /// owed an answer: what it would record (a Close: nothing), and whether
-    /// it is in an earlier batch than the next request's (it may yet be
-    /// skipped after an error in its batch, or fail).
-    pub fn pending_named(&self, name: &str) -> Option<(Option<Arc<NamedEffects>>, bool)> {
+    /// Parses and Closes of `name` under the client's own name still owed
+    /// an answer, as a Bind of it sent now would meet them.
+    pub fn pending_named(&self, name: &str) -> PendingNamed {
         let mut after_sync = false;
+        let mut found = PendingNamed::None;
+        let mut changes = self.named_pending.iter().rev();
         for entry in self.queue.iter().rev() {
             match entry {
-                Entry::Sent {
-                    named: Some(NamedChange::Parsed(n, named)),
-                    ..
-                } if **n == *name => return Some((named.clone(), after_sync)),
-                Entry::Sent {
-                    named: Some(NamedChange::Closed(n)),
-                    ..
-                } if **n == *name => return Some((None, after_sync)),
+                Entry::Sent { named: true, .. } => {
+                    let effects = match changes.next() {
+                        Some(NamedChange::Parsed(n, named)) if **n == *name => named,
+                        Some(NamedChange::Closed(n)) if **n == *name => &None,
+                        _ => continue,
+                    };
+                    if !after_sync {
+                        // The last, in the Bind's batch: if it fails, so does the Bind.
+                        return PendingNamed::SameBatch(effects.clone());
+                    }
+                    found = PendingNamed::Earlier {
+                        effects: effects.is_some() || matches!(found, PendingNamed::Earlier { effects: true }),
+                    };
+                }
                 Entry::Sent { request, .. } if request.ends_with_ready() => after_sync = true,
                 _ => {}
             }
         }
-        None
+        found
     }
 
     /// Whether the last unnamed Parse owed (the client's, or the proxy's
@@ -342,6 +367,7 @@ impl Expectations {
         self.created.clear();
         self.kept.clear();
         self.named.clear();
+        self.named_pending.clear();
         self.in_copy_in = false;
         self.ignored_syncs = 0;
     }
@@ -419,9 +445,7 @@ impl Expectations {
                 Some(Entry::Sent {
                     creates: Some(name), ..
                 }) => self.created.push(name),
-                Some(Entry::Sent {
-                    named: Some(change), ..
-                }) => self.named.push(change),
+                Some(Entry::Sent { named: true, .. }) => self.named.extend(self.named_pending.pop_front()),
                 _ => {}
             }
             self.release_synthetic();
@@ -441,6 +465,10 @@ impl Expectations {
                 break;
             }
             match self.queue.pop_front() {
+                Some(Entry::Sent { named: true, .. }) => {
+                    // Refused or skipped: nothing changes.
+                    self.named_pending.pop_front();
+                }
                 Some(Entry::Sent {
                     request: Request::Close,
                     creates: Some(s),
@@ -673,6 +701,40 @@ mod tests {
         e.sent_client_parse(None, client("", 2));
         e.sent(Request::Bind, false, None);
         assert!(!e.unnamed_parse_in_earlier_batch());
+    }
+
+    #[test]
+    fn a_bind_of_a_client_named_statement_meets_the_parses_owed_before_it() {
+        let effects = || {
+            Some(Arc::new(NamedEffects {
+                effects: crate::sql::analyze("SET work_mem = '1MB'"),
+                param_types: Box::default(),
+            }))
+        };
+        let parsed = |name: &str, named| NamedChange::Parsed(name.into(), named);
+        let mut e = Expectations::default();
+        assert!(matches!(e.pending_named("s"), PendingNamed::None));
+        e.sent_named(Request::Parse, parsed("s", effects()));
+        e.sent(Request::Sync, false, None);
+        e.sent_named(Request::Parse, parsed("s", None));
+        e.sent_named(Request::Parse, parsed("t", None));
+        // The last of the name is in the Bind's batch: the Bind gets it.
+        assert!(matches!(e.pending_named("s"), PendingNamed::SameBatch(None)));
+        e.sent(Request::Sync, false, None);
+        // Behind two batches: either may hold, and one does something.
+        assert!(matches!(e.pending_named("s"), PendingNamed::Earlier { effects: true }));
+        assert!(matches!(e.pending_named("t"), PendingNamed::Earlier { effects: false }));
+        assert!(matches!(e.pending_named("u"), PendingNamed::None));
+        // Answered or refused, each leaves the queue with its change, in order.
+        assert_eq!(e.on_server_message(b'1'), Verdict::Forward);
+        assert_eq!(e.on_server_message(b'Z'), Verdict::Forward);
+        assert_eq!(e.on_server_message(b'E'), Verdict::Forward);
+        assert_eq!(e.on_server_message(b'Z'), Verdict::Forward);
+        let answered: Vec<NamedChange> = e.take_named().collect();
+        assert!(matches!(&answered[..], [NamedChange::Parsed(n, Some(_))] if &**n == "s"));
+        assert!(matches!(e.pending_named("s"), PendingNamed::None));
+        e.sent_named(Request::Close, NamedChange::Closed("s".into()));
+        assert!(matches!(e.pending_named("s"), PendingNamed::SameBatch(None)));
     }
 
     #[test]

@@ -132,10 +132,11 @@ impl Conn<'_> {
                 }
                 if a.conn.conn.state.client_named.get(name).is_some() {
                     // Under the client's own name (renaming off). In a block
-                    // that failed already it is not deallocated: whatever it
-                    // does ends with the connection's reset.
+                    // that has failed, or behind requests that may fail it,
+                    // it may not be deallocated: whatever it does then ends
+                    // with the connection's reset.
                     a.conn.conn.state.client_named.remove(name);
-                    a.conn.conn.state.dirty |= in_block;
+                    a.conn.conn.state.dirty |= in_block || a.unsynced || !self.expect.is_empty();
                 }
             }
             LocalCommand::DeallocateAll => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 
-use super::expect::{ClientParse, Request, Synthetic};
+use super::expect::{ClientParse, PendingNamed, Request, Synthetic};
 use super::local::reject_sql;
 use super::statements::{Statement, bound, server_name};
 use super::transfer::{Attached, Conn, Exit, HIGH_WATER, Phase, whole_frontend};
@@ -628,23 +628,26 @@ impl Conn<'_> {
     /// A Bind of statement `name` under the client's own name (renaming
     /// off), in the held connection's stream: what it does is that of the
     /// Parse of it in the same batch, else of the statement recorded on the
-    /// connection. Behind a Parse or Close of it in an earlier batch, still
-    /// unanswered (which may yet fail or be skipped), which statement the
-    /// Bind will find is not known: the client is pinned if either does
-    /// something.
+    /// connection. Behind Parses or Closes of it in earlier batches only,
+    /// still unanswered (which may yet fail or be skipped), which statement
+    /// the Bind will find is not known: the client is pinned if any of them,
+    /// or the one recorded, does something.
     fn bind_client_named(&mut self, name: &str, body: &[u8], rest_at: usize) {
         let recorded = self.attached().and_then(|a| a.conn.conn.state.client_named.get(name));
-        let named = match self.expect.pending_named(name) {
-            Some((pending, false)) => pending,
-            None => recorded,
-            Some((pending, true)) if pending.is_none() && recorded.is_none() => None,
-            Some((_, true)) => Some(Arc::new(NamedEffects {
+        let untracked = || {
+            Some(Arc::new(NamedEffects {
                 effects: Effects {
                     pins: Pins::UNTRACKED,
                     ..Effects::default()
                 },
                 param_types: Box::default(),
-            })),
+            }))
+        };
+        let named = match self.expect.pending_named(name) {
+            PendingNamed::None => recorded,
+            PendingNamed::SameBatch(named) => named,
+            PendingNamed::Earlier { effects } if effects || recorded.is_some() => untracked(),
+            PendingNamed::Earlier { .. } => None,
         };
         if let Some(n) = named {
             self.apply_effects(&bound(&n.effects, body, rest_at, Some(&n.param_types)));

@@ -735,7 +735,11 @@ impl Conn<'_> {
                 }
                 for change in self.expect.take_named() {
                     if !a.conn.conn.state.client_named.apply(change) {
+                        // Not recorded: the client keeps the connection, which
+                        // is reset after it.
                         a.conn.conn.state.dirty = true;
+                        self.pins.add(Pins::UNTRACKED);
+                        self.me.set_pins(self.pins);
                     }
                 }
             }

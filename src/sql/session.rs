@@ -250,6 +250,7 @@ fn statement(sql: &str, t: &[Token], fx: &mut Effects, alone: bool) {
         } else {
             t.get(1).map(|tok| name_key(sql, tok))
         };
+        fx.encoding |= name.as_deref().is_none_or(|name| name == "client_encoding");
         fx.changes
             .push(name.map_or(SettingChange::ResetAll, SettingChange::Reset));
     } else if word(0, "rollback") && (word(1, "to") || word(2, "to")) {
@@ -590,10 +591,17 @@ mod tests {
             "SET LOCAL NAMES 'SJIS'",
             "SELECT set_config('client_encoding', 'SJIS', true)",
             "SELECT set_config($1, 'SJIS', false)",
+            // Back to the server connection's own default (the role's).
+            "RESET client_encoding",
+            "RESET ALL",
         ] {
             assert!(analyze(sql).encoding, "{sql}");
         }
-        for sql in ["SET work_mem = '1GB'", "SELECT set_config('work_mem', '1GB', true)"] {
+        for sql in [
+            "SET work_mem = '1GB'",
+            "SELECT set_config('work_mem', '1GB', true)",
+            "RESET work_mem",
+        ] {
             assert!(!analyze(sql).encoding, "{sql}");
         }
     }

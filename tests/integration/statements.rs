@@ -450,6 +450,23 @@ async fn a_client_encoding_the_role_sets_is_read_as_the_server_reads_it() {
     let shown = simple(&mut b, "SHOW work_mem").await;
     assert!(shown[0].starts_with("D:") && shown[0] != "D:3333kB", "{shown:?}");
     assert_eq!(simple(&mut c, "SHOW work_mem").await[0], "D:3333kB");
+
+    // RESET returns the server to the role's encoding: text sent behind it,
+    // even before its answer, is read as SJIS.
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let mut d = login(proxy.local_addr(), &user).await;
+    assert_eq!(simple(&mut d, "SET client_encoding = 'UTF8'").await, ["C:SET"]);
+    let hidden = b"SELECT E'\x95\x5c'; SET work_mem = '4444kB'; --'\0";
+    let pipelined = [message(b'Q', b"RESET client_encoding\0"), message(b'Q', hidden)].concat();
+    tokio::io::AsyncWriteExt::write_all(&mut d, &pipelined).await.unwrap();
+    assert_eq!(until_ready(&mut d).await.len(), 2);
+    let answers = until_ready(&mut d).await;
+    assert!(!answers.iter().any(|(tag, _)| *tag == b'E'), "{answers:?}");
+    assert_eq!(simple(&mut d, "SHOW work_mem").await[0], "D:4444kB");
+    drop(d);
+    // D was pinned: its server connection is reset before the next client.
+    let mut e = login(proxy.local_addr(), &user).await;
+    assert_ne!(simple(&mut e, "SHOW work_mem").await[0], "D:4444kB");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,4 +521,30 @@ async fn with_renaming_off_what_a_bind_does_is_what_the_server_holds_under_its_n
     assert_eq!(rows(&mut c, &run("s3")).await, ["2", "D:3", "C:SELECT 1"]);
     assert_eq!(simple(&mut b, tenant).await[0], "D:tenant-a");
     assert_ne!(simple(&mut c, tenant).await[0], "D:tenant-a");
+
+    // Pipelined: a Bind behind unanswered Parses of its name in earlier
+    // batches may meet any of them (here the first; the second is refused as
+    // a duplicate). The client is pinned, and its connection reset after it.
+    let mut d = login(proxy.local_addr(), &user).await;
+    let set_d = "SELECT set_config('app.tenant', 'tenant-d', false)";
+    let sync = message(b'S', &[]);
+    let batches = [
+        parse_msg("s4", set_d),
+        sync.clone(),
+        parse_msg("s4", "SELECT 4"),
+        sync.clone(),
+        bind_msg("s4"),
+        execute_msg(),
+        sync,
+    ];
+    tokio::io::AsyncWriteExt::write_all(&mut d, &batches.concat())
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.extend(until_ready(&mut d).await.iter().map(|(tag, body)| spelled(*tag, body)));
+    }
+    assert_eq!(answers, ["1", "E:42P05", "2", "D", "C:SELECT 1"]);
+    drop(d);
+    assert_ne!(simple(&mut c, tenant).await[0], "D:tenant-d");
 }
