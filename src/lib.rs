@@ -51,7 +51,8 @@
 //! - `io_enum`: `AsyncRead`/`AsyncWrite` for enums of streams (client and
 //!   server streams and their halves).
 //! - [`server_state`]: what a server connection holds for clients: prepared
-//!   statements (LRU) and applied settings.
+//!   statements (LRU), applied settings, and (renaming off) what statements
+//!   under clients' own names do to the session.
 //! - [`live`]: the reloadable state (configuration, users, databases, TLS, a router,
 //!   counters and a pause switch per database), swapped as a whole by a reload.
 //! - [`proxy`]: the shared state (pools, the [`live`] snapshot) and the handle that
