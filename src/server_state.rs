@@ -144,7 +144,7 @@ type Values = BTreeMap<String, String>;
 /// so two sets compare in O(1) on the hot path.
 ///
 /// The map is shared: clients whose startup packets ask for the same
-/// settings share one (see [`intern`]), and a server connection that was
+/// settings share one (see `intern`), and a server connection that was
 /// given a client's settings shares that client's, so the check on every
 /// checkout is a pointer comparison rather than a walk over strings in
 /// memory no other transaction has touched lately.

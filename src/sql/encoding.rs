@@ -18,7 +18,7 @@ pub enum Legibility {
     Clear,
     /// Not UTF-8 (LATIN1, ...): read with stand-ins, only to be safe.
     Foreign,
-    /// Its statements cannot be told from its bytes ([`backslash_in_doubt`]).
+    /// Its statements cannot be told from its bytes (`backslash_in_doubt`).
     Unreadable,
 }
 
