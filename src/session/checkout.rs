@@ -6,6 +6,7 @@
 use tokio::io::AsyncWriteExt;
 
 use super::transfer::{Attached, Conn, Exit, Phase};
+use crate::config::PoolMode;
 use crate::pool::{CheckoutError, Role};
 use crate::protocol::backend::{ErrorFields, error_response, ready_for_query};
 use crate::protocol::extended::write_query;
@@ -21,6 +22,20 @@ impl Conn<'_> {
         if let Phase::Attached(a) = &mut self.phase {
             if a.role == Role::Primary && matches!(class, Class::Primary(_)) {
                 a.wrote = true;
+            }
+            if self.expect.is_empty()
+                && !a.unsynced
+                && a.status == TransactionStatus::Idle
+                && self.mode == PoolMode::Transaction
+                && let Some(sql) = self.settings.carry_to(&mut a.conn.conn.state.settings)
+            {
+                // Kept across transactions (pinned): a RESET since went to
+                // the server connection's own defaults, not to the client's
+                // startup values. Its ParameterStatus messages reach the
+                // client, which was told the connection's.
+                a.conn.conn.state.query_sent();
+                write_query(&mut self.to_server, &sql);
+                self.expect.sent_resync();
             }
             return Ok(true);
         }

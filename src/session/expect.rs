@@ -98,6 +98,8 @@ enum Entry {
         /// its change is in `Expectations::named_pending`, in order. (A
         /// flag, so that the hot path's entries stay as small as they were.)
         named: bool,
+        /// Injected, but its ParameterStatus messages are the client's.
+        show_status: bool,
     },
     Synthetic(Synthetic, Option<ClientParse>),
     /// The client ended a COPY IN here (CopyDone or CopyFail); no answer.
@@ -171,6 +173,7 @@ impl Expectations {
             creates,
             client: None,
             named: false,
+            show_status: false,
         });
     }
 
@@ -183,6 +186,7 @@ impl Expectations {
             creates,
             client: Some(client),
             named: false,
+            show_status: false,
         });
     }
 
@@ -196,6 +200,20 @@ impl Expectations {
             creates: None,
             client: Some(client),
             named: false,
+            show_status: false,
+        });
+    }
+
+    /// Records the proxy's query setting the client's settings again on the
+    /// connection it holds: answers swallowed but for ParameterStatus.
+    pub fn sent_resync(&mut self) {
+        self.queue.push_back(Entry::Sent {
+            request: Request::Query,
+            injected: true,
+            creates: None,
+            client: None,
+            named: false,
+            show_status: true,
         });
     }
 
@@ -208,6 +226,7 @@ impl Expectations {
             creates: None,
             client: None,
             named: true,
+            show_status: false,
         });
         self.named_pending.push_back(change);
     }
@@ -420,7 +439,13 @@ impl Expectations {
             // NOTIFY for a pinned listener: always the client's.
             return Verdict::Forward;
         }
-        let Some(Entry::Sent { request, injected, .. }) = self.queue.front() else {
+        let Some(Entry::Sent {
+            request,
+            injected,
+            show_status,
+            ..
+        }) = self.queue.front()
+        else {
             // Unsolicited (NOTIFY, ParameterStatus, a notice) or nothing owed.
             return Verdict::Forward;
         };
@@ -430,6 +455,7 @@ impl Expectations {
             (true, b'E') if request == Request::Query => Verdict::Demote,
             // An injected Parse that fails: the client's own request needed it.
             (true, b'E') => Verdict::Forward,
+            (true, b'S') if *show_status => Verdict::Forward,
             (true, _) => Verdict::Swallow,
         };
         if tag == b'G' && request == Request::Execute {

@@ -681,3 +681,30 @@ async fn with_renaming_off_a_named_statement_still_pins_and_carries_its_settings
     let row = b.query_one("SELECT current_setting('app.tenant', true)", &[]).await;
     assert_ne!(text(row.unwrap()).as_deref(), Some("tenant-c"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_returns_a_pinned_client_to_its_startup_values() {
+    let user = create_user("resetpinned").await;
+    let proxy = Setup::new(&[&user]).pool("size = 2").start().await;
+    let mut config: tokio_postgres::Config = url(&proxy, &user).parse().unwrap();
+    config.options("-c work_mem=7777kB").application_name("resetter");
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let show = async |name: &str| -> String {
+        let row = client.query_one(&format!("SHOW {name}"), &[]).await.unwrap();
+        row.get(0)
+    };
+    client
+        .batch_execute("LISTEN resetter; SET work_mem = '1MB'")
+        .await
+        .unwrap();
+    assert_eq!(show("work_mem").await, "1MB");
+    // Pinned, the client keeps its server connection, whose own RESET
+    // values are the server's (and application_name dbproxy's login name):
+    // the client's are set again before its next request.
+    client.batch_execute("RESET work_mem").await.unwrap();
+    assert_eq!(show("work_mem").await, "7777kB");
+    client.batch_execute("SET work_mem = '2MB'; RESET ALL").await.unwrap();
+    assert_eq!(show("work_mem").await, "7777kB");
+    assert_eq!(show("application_name").await, "resetter");
+}

@@ -153,6 +153,20 @@ def test_set_config_with_a_parameter_follows_the_connection(tx_proxy):
             b.commit()
 
 
+def test_reset_tells_a_pinned_client_its_own_startup_values(tx_proxy):
+    """A pinned client's RESET ALL runs on its server connection, whose own defaults are the
+    server's (application_name dbproxy's login name); the client's startup values are set again
+    before its next request, and the driver is told them (libpq's ParameterStatus record)."""
+    options = {"application_name": "resetter", "options": "-c work_mem=7777kB"}
+    with connect(tx_proxy, autocommit=True, **options) as conn:
+        conn.execute("LISTEN resetter")
+        conn.execute("SET work_mem = '1MB'")
+        conn.execute("RESET ALL")
+        assert conn.execute("SHOW work_mem").fetchone() == ("7777kB",)
+        assert conn.execute("SHOW application_name").fetchone() == ("resetter",)
+        assert conn.info.parameter_status("application_name") == "resetter"
+
+
 def test_unnamed_statement_kept_across_transactions(tx_proxy):
     """libpq's PQprepare of the unnamed statement (Parse, Sync) and a later PQexecPrepared of it
     (Bind, Describe, Execute, Sync), as pgx's describe-exec mode and sqlx's non-persistent
