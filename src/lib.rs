@@ -21,8 +21,10 @@
 //!   sizing and reuse of its buffers (`session/buffers.rs`),
 //!   giving a server connection back or up, the read-your-writes position after a
 //!   write, and the end of a session (`session/release.rs`), client messages: batch
-//!   staging and routing, statement renaming, settings carry
-//!   (`session/requests.rs`), how a statement's text is read and its effects
+//!   staging and routing, dispatch, simple queries (`session/requests.rs`), the
+//!   extended protocol's Parse, Bind and Describe: statement renaming, the
+//!   unnamed statement sent again, statements under clients' own names with
+//!   renaming off (`session/extended.rs`), how a statement's text is read and its effects
 //!   (pins, setting changes, a reset) applied (`session/effects.rs`), a client's named statements and their memory
 //!   budget, and its unnamed statement kept to be prepared again on another
 //!   connection (`session/statements.rs`), taking a server connection for a request

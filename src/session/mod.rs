@@ -7,6 +7,7 @@ mod cancel;
 mod checkout;
 mod effects;
 mod expect;
+mod extended;
 mod greeting;
 mod local;
 mod release;
