@@ -175,6 +175,20 @@ fn backslash_trail(values: &Values) -> Option<bool> {
         .map(|sql| crate::sql::encoding::backslash_trail(sql))
 }
 
+/// Settings `RESET ALL` leaves as they are (PostgreSQL's `GUC_NO_RESET_ALL`:
+/// `SET ROLE` and `SET SESSION AUTHORIZATION` stay in force).
+const NOT_RESET_BY_ALL: [&str; 2] = ["role", "session_authorization"];
+
+/// After `RESET ALL`, `values` takes `before`'s [`NOT_RESET_BY_ALL`] settings.
+fn keep_past_reset_all(values: &mut Values, before: &Values) {
+    for name in NOT_RESET_BY_ALL {
+        match before.get(name) {
+            Some(sql) => values.insert(name.to_owned(), sql.clone()),
+            None => values.remove(name),
+        };
+    }
+}
+
 fn fingerprint(values: &Values) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     values.hash(&mut h);
@@ -261,7 +275,11 @@ impl Settings {
                     Arc::make_mut(&mut self.values).remove(name);
                 }
             },
-            SettingChange::ResetAll => self.values = startup.values.clone(),
+            SettingChange::ResetAll => {
+                let mut values = Values::clone(&startup.values);
+                keep_past_reset_all(&mut values, &self.values);
+                self.values = Arc::new(values);
+            }
         }
         self.refresh();
     }
@@ -276,7 +294,11 @@ impl Settings {
             SettingChange::Reset(name) => {
                 Arc::make_mut(&mut self.values).remove(name);
             }
-            SettingChange::ResetAll => self.values = Arc::default(),
+            SettingChange::ResetAll => {
+                let mut values = Values::new();
+                keep_past_reset_all(&mut values, &self.values);
+                self.values = Arc::new(values);
+            }
         }
         self.refresh();
     }
@@ -284,6 +306,9 @@ impl Settings {
     /// The SQL that turns `current` into `self`, updating `current` to match.
     /// `None` when they already match.
     pub fn carry_to(&self, current: &mut Settings) -> Option<String> {
+        if Arc::ptr_eq(&self.values, &current.values) {
+            return None;
+        }
         if self.same_as(current) {
             // Share the map, so the next check is a pointer comparison.
             current.values = Arc::clone(&self.values);

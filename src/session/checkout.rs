@@ -27,6 +27,9 @@ impl Conn<'_> {
                 && !a.unsynced
                 && a.status == TransactionStatus::Idle
                 && self.mode == PoolMode::Transaction
+                // (A query drops the server's unnamed statement: with renaming
+                // off it is the client's own, and not sent again.)
+                && (tag == b'Q' || self.shared.max_prepared.load(std::sync::atomic::Ordering::Relaxed) > 0)
                 && let Some(sql) = self.settings.carry_to(&mut a.conn.conn.state.settings)
             {
                 // Kept across transactions (pinned): a RESET since went to

@@ -547,4 +547,20 @@ async fn with_renaming_off_what_a_bind_does_is_what_the_server_holds_under_its_n
     assert_eq!(answers, ["1", "E:42P05", "2", "D", "C:SELECT 1"]);
     drop(d);
     assert_ne!(simple(&mut c, tenant).await[0], "D:tenant-d");
+
+    // A pinned client's settings set again after its RESET ALL leave its
+    // unnamed statement alone (a query would drop it, and with renaming off
+    // dbproxy does not prepare it again).
+    let mut f = login(proxy.local_addr(), &user).await;
+    assert_eq!(
+        simple(&mut f, "LISTEN renaming_off; SET work_mem = '1MB'").await,
+        ["C:LISTEN", "C:SET"]
+    );
+    assert_eq!(rows(&mut f, &[parse_msg("", "SELECT 5")]).await, ["1"]);
+    let reset = [parse_msg("r", "RESET ALL"), bind_msg("r"), execute_msg()];
+    // (The RESET reports the server connection's application_name: README.)
+    let got = rows(&mut f, &reset).await;
+    assert_eq!(got, ["1", "2", "C:RESET", "S:application_name=dbproxy="]);
+    assert_eq!(rows(&mut f, &run("")).await, ["2", "D:5", "C:SELECT 1"]);
+    assert_eq!(simple(&mut f, "SHOW application_name").await, ["D:", "C:SHOW"]);
 }

@@ -708,3 +708,28 @@ async fn reset_returns_a_pinned_client_to_its_startup_values() {
     assert_eq!(show("work_mem").await, "7777kB");
     assert_eq!(show("application_name").await, "resetter");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_all_leaves_set_role_in_force_and_to_its_client_alone() {
+    let user = create_user("resetrole").await;
+    let role = format!("{}_r", user.name);
+    let grant = format!("CREATE ROLE {role}; GRANT {role} TO {}", user.name);
+    superuser().await.batch_execute(&grant).await.unwrap();
+    let proxy = Setup::new(&[&user]).pool("size = 1").start().await;
+    let a = connect(&proxy, &user).await.unwrap();
+    let b = connect(&proxy, &user).await.unwrap();
+    let current = async |c: &tokio_postgres::Client| -> String {
+        c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0)
+    };
+    // As in PostgreSQL, RESET ALL does not undo SET ROLE (nor SET SESSION
+    // AUTHORIZATION): A keeps the role, and B, on the same server
+    // connection, never runs as it.
+    a.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+    a.batch_execute("RESET ALL").await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(current(&b).await, user.name);
+        assert_eq!(current(&a).await, role);
+    }
+    a.batch_execute("RESET role").await.unwrap();
+    assert_eq!(current(&a).await, user.name);
+}
