@@ -97,9 +97,14 @@ impl ClientNamed {
     /// Most statements recorded per connection.
     pub const LIMIT: usize = 64;
 
-    /// Whether no more may be recorded.
-    pub fn full(&self) -> bool {
-        self.recorded.len() >= Self::LIMIT
+    /// How many are recorded.
+    pub fn len(&self) -> usize {
+        self.recorded.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.recorded.is_empty()
     }
 
     /// The effects of statement `name`, if recorded.
@@ -107,29 +112,23 @@ impl ClientNamed {
         self.recorded.get(name).cloned()
     }
 
-    /// The server answered a Parse or Close. Returns false where a
-    /// statement with effects could not be recorded (more Parses were under
-    /// way when it was sent than room was left): the connection must be
-    /// reset before anyone else gets it.
-    pub fn apply(&mut self, change: NamedChange) -> bool {
+    /// The server answered a Parse or Close. (A statement is given a record
+    /// only where the records and those owed stay within [`Self::LIMIT`].)
+    pub fn apply(&mut self, change: NamedChange) {
         match change {
             // Accepted: the name was free, whatever was recorded under it.
             NamedChange::Parsed(name, Some(named)) => {
-                if self.full() && !self.recorded.contains_key(&name) {
-                    return false;
-                }
                 self.recorded.insert(name, named);
             }
             NamedChange::Parsed(name, None) | NamedChange::Closed(name) => {
                 self.recorded.remove(&name);
             }
         }
-        true
     }
 
-    /// `DEALLOCATE name` was sent.
-    pub fn remove(&mut self, name: &str) {
-        self.recorded.remove(name);
+    /// `DEALLOCATE name` was sent: whether it had a record.
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.recorded.remove(name).is_some()
     }
 
     /// The connection holds none of them now (`DISCARD ALL`, `DEALLOCATE ALL`).
@@ -397,25 +396,22 @@ mod tests {
         };
         let parsed = |name: &str, named| NamedChange::Parsed(name.into(), named);
         let mut named = ClientNamed::default();
-        assert!(named.apply(parsed("s0", set())));
-        assert!(named.apply(parsed("s1", None)));
+        named.apply(parsed("s0", set()));
+        named.apply(parsed("s1", None));
         assert!(named.get("s0").is_some() && named.get("s1").is_none());
         // An accepted Parse means the name was free: its record replaces any.
-        assert!(named.apply(parsed("s0", None)));
+        named.apply(parsed("s0", None));
         assert!(named.get("s0").is_none());
-        assert!(named.apply(parsed("s0", set())));
-        assert!(named.apply(NamedChange::Closed("s0".into())));
-        assert!(named.get("s0").is_none());
-        // Bounded: past the limit the connection is to be reset instead.
-        for i in 0..ClientNamed::LIMIT {
-            assert!(!named.full());
-            assert!(named.apply(parsed(&format!("n{i}"), set())));
+        named.apply(parsed("s0", set()));
+        named.apply(NamedChange::Closed("s0".into()));
+        assert!(named.get("s0").is_none() && named.is_empty());
+        for i in 0..3 {
+            named.apply(parsed(&format!("n{i}"), set()));
         }
-        assert!(named.full());
-        assert!(!named.apply(parsed("more", set())));
-        assert!(named.apply(parsed("n0", set())));
-        assert!(named.apply(parsed("plain", None)));
-        named.remove("n1");
+        named.apply(parsed("n0", set()));
+        named.apply(parsed("plain", None));
+        assert_eq!(named.len(), 3);
+        assert!(named.remove("n1") && !named.remove("n1"));
         assert!(named.get("n1").is_none() && named.get("n2").is_some());
         named.clear();
         assert!(named.get("n2").is_none());

@@ -15,14 +15,13 @@ impl Conn<'_> {
     /// A statement's text (`raw`, as sent), to read: see [`Legibility`].
     #[inline]
     pub(super) fn read_statement<'a>(&self, raw: &'a [u8]) -> (Cow<'a, str>, Legibility) {
-        let client = self.settings.backslash_trail().unwrap_or(self.default_backslash_trail);
         // The held connection's view too: a RESET there returns to its own
         // default, not to the client's startup value.
-        let held = match &self.phase {
-            Phase::Attached(a) => a.conn.conn.state.backslash_trail(),
-            _ => false,
-        };
-        read(raw, client || held || self.encoding_unsettled)
+        let held = || matches!(&self.phase, Phase::Attached(a) if a.conn.conn.state.backslash_trail());
+        let trail = self.encoding_unsettled
+            || self.settings.backslash_trail().unwrap_or(self.default_backslash_trail)
+            || held();
+        read(raw, trail)
     }
 
     /// What running a statement does to the session: needed in transaction

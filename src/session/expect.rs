@@ -231,6 +231,13 @@ impl Expectations {
         self.named_pending.push_back(change);
     }
 
+    /// Parses under clients' own names owed an answer whose statements do
+    /// something: each takes a record when answered.
+    pub fn pending_named_effects(&self) -> usize {
+        let records = |c: &&NamedChange| matches!(c, NamedChange::Parsed(_, Some(_)));
+        self.named_pending.iter().filter(records).count()
+    }
+
     /// Parses and Closes of `name` under the client's own name still owed
     /// an answer, as a Bind of it sent now would meet them.
     pub fn pending_named(&self, name: &str) -> PendingNamed {
@@ -741,6 +748,7 @@ mod tests {
         let mut e = Expectations::default();
         assert!(matches!(e.pending_named("s"), PendingNamed::None));
         e.sent_named(Request::Parse, parsed("s", effects()));
+        assert_eq!(e.pending_named_effects(), 1);
         e.sent(Request::Sync, false, None);
         e.sent_named(Request::Parse, parsed("s", None));
         e.sent_named(Request::Parse, parsed("t", None));
@@ -758,6 +766,7 @@ mod tests {
         assert_eq!(e.on_server_message(b'Z'), Verdict::Forward);
         let answered: Vec<NamedChange> = e.take_named().collect();
         assert!(matches!(&answered[..], [NamedChange::Parsed(n, Some(_))] if &**n == "s"));
+        assert_eq!(e.pending_named_effects(), 0);
         assert!(matches!(e.pending_named("s"), PendingNamed::None));
         e.sent_named(Request::Close, NamedChange::Closed("s".into()));
         assert!(matches!(e.pending_named("s"), PendingNamed::SameBatch(None)));

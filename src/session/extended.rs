@@ -21,8 +21,8 @@ use crate::protocol::backend::ErrorFields;
 use crate::protocol::extended::{parse_bind_names, parse_parse, write_bind_renamed, write_parse, write_target};
 use crate::protocol::framing::HEADER_LEN;
 use crate::router::{Class, WriteReason};
-use crate::server_state::{NamedChange, NamedEffects};
-use crate::sql::{Effects, Pins};
+use crate::server_state::{ClientNamed, NamedChange, NamedEffects};
+use crate::sql::Effects;
 
 impl Conn<'_> {
     /// `refusal`: the Parse is dbproxy's own, raising a refused feature's
@@ -188,17 +188,18 @@ impl Conn<'_> {
         if !self.ensure_server(b'P', class).await? {
             return Ok(());
         }
-        let full = self.attached().is_some_and(|a| a.conn.conn.state.client_named.full());
-        let named = match (fx.is_empty(), full) {
+        // Those recorded and those to be: never more than the limit.
+        let owed = self.expect.pending_named_effects();
+        let room = self
+            .attached()
+            .is_none_or(|a| a.conn.conn.state.client_named.len() + owed < ClientNamed::LIMIT);
+        let named = match (fx.is_empty(), room) {
             (true, _) => None,
-            (false, true) => {
-                self.apply_effects(&Effects {
-                    pins: Pins::UNTRACKED,
-                    ..Effects::default()
-                });
+            (false, false) => {
+                self.apply_effects(&Effects::untracked());
                 None
             }
-            (false, false) => Some(Arc::new(NamedEffects {
+            (false, true) => Some(Arc::new(NamedEffects {
                 effects: fx,
                 param_types: param_types.into(),
             })),
@@ -219,20 +220,15 @@ impl Conn<'_> {
     /// or the one recorded, does something.
     fn bind_client_named(&mut self, name: &str, body: &[u8], rest_at: usize) {
         let recorded = self.attached().and_then(|a| a.conn.conn.state.client_named.get(name));
-        let untracked = || {
-            Some(Arc::new(NamedEffects {
-                effects: Effects {
-                    pins: Pins::UNTRACKED,
-                    ..Effects::default()
-                },
-                param_types: Box::default(),
-            }))
-        };
         let named = match self.expect.pending_named(name) {
             PendingNamed::None => recorded,
             PendingNamed::SameBatch(named) => named,
-            PendingNamed::Earlier { effects } if effects || recorded.is_some() => untracked(),
-            PendingNamed::Earlier { .. } => None,
+            PendingNamed::Earlier { effects } => {
+                if effects || recorded.is_some() {
+                    self.apply_effects(&Effects::untracked());
+                }
+                None
+            }
         };
         if let Some(n) = named {
             self.apply_effects(&bound(&n.effects, body, rest_at, Some(&n.param_types)));

@@ -130,12 +130,11 @@ impl Conn<'_> {
                     write_query(&mut self.to_server, &sql);
                     return true;
                 }
-                if a.conn.conn.state.client_named.get(name).is_some() {
+                if a.conn.conn.state.client_named.remove(name) {
                     // Under the client's own name (renaming off). In a block
                     // that has failed, or behind requests that may fail it,
                     // it may not be deallocated: whatever it does then ends
                     // with the connection's reset.
-                    a.conn.conn.state.client_named.remove(name);
                     a.conn.conn.state.dirty |= in_block || a.unsynced || !self.expect.is_empty();
                 }
             }

@@ -734,13 +734,7 @@ impl Conn<'_> {
                     a.conn.conn.state.prepared.insert(name, usize::MAX);
                 }
                 for change in self.expect.take_named() {
-                    if !a.conn.conn.state.client_named.apply(change) {
-                        // Not recorded: the client keeps the connection, which
-                        // is reset after it.
-                        a.conn.conn.state.dirty = true;
-                        self.pins.add(Pins::UNTRACKED);
-                        self.me.set_pins(self.pins);
-                    }
+                    a.conn.conn.state.client_named.apply(change);
                 }
             }
             if self.expect.has_created() {

@@ -64,7 +64,8 @@ pub fn effects(text: &str, legibility: Legibility) -> Effects {
     match legibility {
         Legibility::Clear => analyze(text),
         Legibility::Foreign => analyze_foreign(text),
-        Legibility::Unreadable => unreadable(),
+        // Whatever it does pins the client.
+        Legibility::Unreadable => Effects::untracked(),
     }
 }
 
@@ -135,15 +136,6 @@ fn analyze_foreign(text: &str) -> Effects {
 fn backslash_in_doubt(bytes: &[u8]) -> bool {
     memchr::memchr_iter(b'\\', bytes).any(|i| i > 0 && bytes[i - 1] > 0x7f)
         && bytes.windows(2).any(|w| w[0] | 0x20 == b'e' && w[1] == b'\'')
-}
-
-/// The effects of text that cannot be read: whatever it does pins the
-/// client (an `untracked session setting`).
-fn unreadable() -> Effects {
-    Effects {
-        pins: Pins::UNTRACKED,
-        ..Effects::default()
-    }
 }
 
 #[cfg(test)]

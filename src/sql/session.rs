@@ -139,6 +139,15 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// Whatever ran did something dbproxy cannot carry: the client is
+    /// pinned (an `untracked session setting`).
+    pub fn untracked() -> Effects {
+        Effects {
+            pins: Pins::UNTRACKED,
+            ..Effects::default()
+        }
+    }
+
     /// Nothing session-related.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
