@@ -45,12 +45,16 @@ impl Conn<'_> {
         if self.draining {
             return Err(Exit::Fatal(super::transfer::shutdown_error()));
         }
-        if self.attach_now(class) {
+        // Chosen once: a choice taken again would take another turn of the
+        // round robin, so a replica whose pool has no idle connection would
+        // never be used.
+        let choice = self.choose_replica(class);
+        if self.attach_now(class, choice) {
             return Ok(true);
         }
         // Boxed: checking out (and maybe connecting) is a large future that
         // an idle client's task should not carry.
-        match Box::pin(self.attach(class)).await? {
+        match Box::pin(self.attach(class, choice)).await? {
             Ok(()) => Ok(true),
             Err(e) => {
                 self.report_checkout_failure(tag, &e);
@@ -63,11 +67,10 @@ impl Conn<'_> {
     /// the database is not paused, the chosen pool has a free slot and an
     /// idle connection, and no cancel is being delivered. Needs no future of
     /// its own. `false` leaves everything as it was, for the full path.
-    fn attach_now(&mut self, class: Class) -> bool {
+    fn attach_now(&mut self, class: Class, (replica, reason): (Option<usize>, Reason)) -> bool {
         if self.paused.as_ref().is_some_and(|p| *p.borrow()) {
             return false;
         }
-        let (replica, reason) = self.choose_replica(class);
         let (pool, role) = self.pool_of(replica);
         let Some(conn) = pool.try_checkout() else {
             return false;
@@ -87,9 +90,14 @@ impl Conn<'_> {
     /// when the class allows and one is fresh enough, else the primary. A
     /// replica that cannot be reached is taken out of rotation and the next
     /// choice tried (nothing was sent yet). Carries the client's settings over
-    /// in the same write as its request. The outer error means the client left
-    /// while we flushed its pending output.
-    async fn attach(&mut self, class: Class) -> Result<Result<(), CheckoutError>, Exit> {
+    /// in the same write as its request. `choice`: where the request was
+    /// first sent (chosen again after a wait for RESUME). The outer error
+    /// means the client left while we flushed its pending output.
+    async fn attach(
+        &mut self,
+        class: Class,
+        mut choice: (Option<usize>, Reason),
+    ) -> Result<Result<(), CheckoutError>, Exit> {
         // Do not hold back output the client may be waiting for while we wait for a server.
         if !self.to_client.is_empty() {
             self.wr.write_all(&self.to_client).await.map_err(|_| Exit::ClientLeft)?;
@@ -106,10 +114,12 @@ impl Conn<'_> {
             if *paused.borrow() {
                 tracing::info!("database paused: the client's next transaction waits for RESUME");
                 let _ = paused.wait_for(|&p| !p).await;
+                // The replicas' health and lag may have changed meanwhile.
+                choice = self.choose_replica(class);
             }
         }
         let wait = self.shared.live().config.pool.checkout_timeout;
-        let result = self.checkout_routed(class, wait).await;
+        let result = self.checkout_routed(class, choice, wait).await;
         let now = std::time::Instant::now();
         let waited = now.saturating_duration_since(waiting_since);
         crate::stats::DbStats::add_time(&self.stats.wait_time_us, waited);
@@ -127,14 +137,16 @@ impl Conn<'_> {
     }
 
     /// The checkout of [`Self::attach`]: replicas first when allowed, then the
-    /// primary. Returns the connection, its role and its replica's index.
+    /// primary, starting with `choice`. Returns the connection, its role and
+    /// its replica's index.
     async fn checkout_routed(
         &mut self,
         class: Class,
+        mut choice: (Option<usize>, Reason),
         wait: std::time::Duration,
     ) -> Result<(crate::pool::Checkout, Role, Option<usize>), CheckoutError> {
         for _ in 0..=self.replica_pools.len() {
-            let (replica, reason) = self.choose_replica(class);
+            let (replica, reason) = choice;
             let (pool, role) = self.pool_of(replica);
             match pool.clone().checkout(wait).await {
                 Ok(conn) => {
@@ -146,6 +158,7 @@ impl Conn<'_> {
                     if let Some(i) = replica {
                         self.router.replicas[i].mark_down();
                     }
+                    choice = self.choose_replica(class);
                 }
                 Err(e) => return Err(e),
             }

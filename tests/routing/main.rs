@@ -56,13 +56,19 @@ async fn replicas_ready(client: &Client) {
     }
 }
 
+/// Round robin, for a user other than the one the health monitor logs in as
+/// (so its replica pools start empty: each read that finds no idle
+/// connection opens one on the replica whose turn it is).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_and_parameterised_reads_alternate_between_the_replicas() {
     let _shared = DISRUPTION.read().await;
+    let monitor = create_user("rr_monitor").await;
     let user = create_user("rr").await;
-    let proxy = split_setup(&user).start().await;
+    let mut setup = Setup::new(&[&monitor, &user]);
+    setup.routing = split_setup(&monitor).routing;
+    let proxy = setup.start().await;
+    replicas_ready(&connect(&proxy, &monitor).await.unwrap()).await;
     let client = connect(&proxy, &user).await.unwrap();
-    replicas_ready(&client).await;
     let replicas: BTreeSet<u16> = cluster().replicas.iter().copied().collect();
     let mut simple = Vec::new();
     for _ in 0..6 {
