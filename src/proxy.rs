@@ -85,6 +85,7 @@ impl Shared {
             Some(current) => current.server_password.clone(),
             None => user.server_password.clone(),
         };
+        let standby = role == Role::Replica;
         self.pools.get(key, || LoginTarget {
             addr: addr.clone(),
             dbname: db.server_dbname().to_owned(),
@@ -92,6 +93,7 @@ impl Shared {
             password,
             tls: self.server_tls.clone(),
             salted: Default::default(),
+            serializable_conns: standby.then(Default::default),
         })
     }
 

@@ -4,6 +4,7 @@
 //! byte stream that sessions forward frames over.
 
 use std::io;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,10 @@ pub struct LoginTarget {
     pub tls: crate::tls::ServerTlsSetting,
     /// The SCRAM salted password of the pool's logins (shared by clones).
     pub salted: SaltedPasswordCache,
+    /// For a standby's pool: each login asks the default transaction
+    /// isolation, and this counts the open connections where it is
+    /// SERIALIZABLE (which a standby refuses to run reads at).
+    pub serializable_conns: Option<Arc<AtomicUsize>>,
 }
 
 impl std::fmt::Debug for LoginTarget {
@@ -190,7 +195,7 @@ impl ServerConn {
         let default_backslash_trail = params
             .iter()
             .any(|(name, value)| name == "client_encoding" && crate::sql::encoding::backslash_trail(value));
-        Ok(ServerConn {
+        let mut conn = ServerConn {
             stream: login.stream,
             endpoint: endpoint(addr),
             params: Arc::new(params),
@@ -204,7 +209,23 @@ impl ServerConn {
             },
             generation: 0,
             tls_epoch: tls.epoch(),
-        })
+        };
+        if let Some(count) = &target.serializable_conns {
+            // The role's or database's default, which no client statement
+            // shows. SHOW takes no snapshot, so it runs even where that
+            // default makes every snapshot fail.
+            let rows = conn
+                .query_rows("SHOW default_transaction_isolation")
+                .await
+                .map_err(|source| ServerError::Io {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            if rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("serializable") {
+                conn.state.default_serializable = Some(crate::server_state::Counted::new(count));
+            }
+        }
+        Ok(conn)
     }
 
     /// The server this connection is to.

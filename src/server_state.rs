@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::sql::{Effects, SettingChange};
@@ -152,20 +153,21 @@ pub struct Settings {
     values: Arc<Values>,
     fingerprint: u64,
     /// `default_transaction_isolation` is `serializable`, which hot
-    /// standbys refuse: such a client's reads must go to the primary.
-    serializable: bool,
+    /// standbys refuse: such a client's reads must go to the primary. None
+    /// where it is not set here (the role's or database's default applies).
+    serializable: Option<bool>,
     /// `client_encoding` is one whose characters may end in the byte of a
     /// backslash (SJIS, BIG5, GBK, UHC, GB18030, JOHAB); None: not set
     /// (the role's or database's default applies).
     backslash_trail: Option<bool>,
 }
 
-fn serializable(values: &Values) -> bool {
+fn serializable(values: &Values) -> Option<bool> {
     // The statement that sets it names the value; no other value contains
     // this. (Names are keys as `sql::session` folds them.)
     values
-        .iter()
-        .any(|(name, sql)| name == "default_transaction_isolation" && crate::sql::mentions(sql, "serializable"))
+        .get("default_transaction_isolation")
+        .map(|sql| crate::sql::mentions(sql, "serializable"))
 }
 
 fn backslash_trail(values: &Values) -> Option<bool> {
@@ -241,8 +243,9 @@ impl Settings {
         self.backslash_trail = backslash_trail(&self.values);
     }
 
-    /// Whether transactions default to SERIALIZABLE.
-    pub fn serializable(&self) -> bool {
+    /// Whether transactions default to SERIALIZABLE; None where
+    /// `default_transaction_isolation` is not set here.
+    pub fn serializable(&self) -> Option<bool> {
         self.serializable
     }
 
@@ -351,6 +354,27 @@ pub struct ServerState {
     /// The `client_encoding` the server reported at login (the role's or
     /// database's) may end characters with a backslash's byte.
     pub default_backslash_trail: bool,
+    /// A standby's connection whose transactions default to SERIALIZABLE
+    /// (the role's or database's setting, asked at login): no read runs
+    /// there unless its client sets another default. Counted in its pool.
+    pub default_serializable: Option<Counted>,
+}
+
+/// One of a number of live things: counted while this exists.
+#[derive(Debug)]
+pub struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    pub fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ServerState {
@@ -364,6 +388,18 @@ impl ServerState {
     /// started.
     pub fn backslash_trail(&self) -> bool {
         self.settings.backslash_trail().unwrap_or(self.default_backslash_trail)
+    }
+
+    /// The SQL that gives this connection `client`'s settings (see
+    /// [`Settings::carry_to`]). Where transactions default to SERIALIZABLE
+    /// it runs at READ COMMITTED: a standby refuses the snapshot that
+    /// `set_config` takes at SERIALIZABLE.
+    pub fn carry(&mut self, client: &Settings) -> Option<String> {
+        let sql = client.carry_to(&mut self.settings)?;
+        Some(match self.default_serializable {
+            Some(_) => format!("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; {sql}"),
+            None => sql,
+        })
     }
 
     /// After `DISCARD ALL` ran on the connection.
@@ -435,9 +471,9 @@ mod tests {
             sql: sql.into(),
         };
         let startup = Settings::from_values([("default_transaction_isolation", "SERIALIZABLE")]);
-        assert!(startup.serializable());
+        assert_eq!(startup.serializable(), Some(true));
         let mut s = Settings::default();
-        assert!(!s.serializable());
+        assert_eq!(s.serializable(), None, "not set: the role's default applies");
         s.apply_for_client(
             &change(
                 "default_transaction_isolation",
@@ -445,7 +481,7 @@ mod tests {
             ),
             &Settings::default(),
         );
-        assert!(s.serializable());
+        assert_eq!(s.serializable(), Some(true));
         s.apply_for_client(
             &change(
                 "default_transaction_isolation",
@@ -453,13 +489,19 @@ mod tests {
             ),
             &Settings::default(),
         );
-        assert!(!s.serializable());
+        assert_eq!(s.serializable(), Some(false));
         s.apply_for_client(&SettingChange::ResetAll, &startup);
-        assert!(s.serializable(), "RESET ALL returns to the startup value");
+        assert_eq!(s.serializable(), Some(true), "RESET ALL returns to the startup value");
+        s.apply_for_client(&SettingChange::ResetAll, &Settings::default());
+        assert_eq!(s.serializable(), None, "RESET ALL with no startup value");
         let mut quoted = Settings::default();
         let fx = crate::sql::analyze("SET \"Default_Transaction_Isolation\" TO 'SERIALIZABLE'");
         quoted.apply_for_client(&fx.changes[0], &Settings::default());
-        assert!(quoted.serializable(), "setting names are matched as PostgreSQL does");
+        assert_eq!(
+            quoted.serializable(),
+            Some(true),
+            "setting names are matched as PostgreSQL does"
+        );
     }
 
     #[test]

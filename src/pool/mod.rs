@@ -109,6 +109,16 @@ impl Pool {
         self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether a connection of this pool, open now, runs transactions at
+    /// SERIALIZABLE unless told otherwise, which a standby refuses for reads
+    /// (see [`LoginTarget::serializable_conns`]).
+    pub fn serializable_default(&self) -> bool {
+        self.target
+            .serializable_conns
+            .as_ref()
+            .is_some_and(|n| n.load(Ordering::Relaxed) > 0)
+    }
+
     /// Whether a server of this pool accepted this statement before.
     pub fn knows_statement(&self, name: &str) -> bool {
         self.known_statements

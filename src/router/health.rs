@@ -70,9 +70,20 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
-const CHECK_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+/// Runs `select` in a READ COMMITTED transaction: a role or database whose
+/// transactions default to SERIALIZABLE would make every read on a standby
+/// fail. (If the SELECT fails, the query fails and the connection is closed.)
+macro_rules! read_committed {
+    ($select:literal) => {
+        concat!("BEGIN ISOLATION LEVEL READ COMMITTED, READ ONLY; ", $select, "; COMMIT")
+    };
+}
+
+const CHECK_SQL: &str = read_committed!(
+    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
      COALESCE((EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint, 0), \
-     pg_is_in_recovery()";
+     pg_is_in_recovery()"
+);
 
 /// What one check found.
 enum Verdict {
@@ -374,7 +385,7 @@ fn set(health: &ServerHealth, healthy: bool, lsn: u64, lag_ms: u64, name: &str) 
 
 /// Reads function volatility from the first server that answers.
 async fn load_functions<'a>(router: &Router, pools: impl Iterator<Item = &'a Arc<Pool>>, timeout: Duration) -> bool {
-    const SQL: &str = "SELECT proname, max(provolatile::text) FROM pg_proc GROUP BY proname";
+    const SQL: &str = read_committed!("SELECT proname, max(provolatile::text) FROM pg_proc GROUP BY proname");
     for pool in pools {
         let Ok(Ok(mut conn)) = tokio::time::timeout(timeout, pool.checkout(timeout)).await else {
             continue;

@@ -30,7 +30,7 @@ impl Conn<'_> {
                 // (A query drops the server's unnamed statement: with renaming
                 // off it is the client's own, and not sent again.)
                 && (tag == b'Q' || self.shared.max_prepared.load(std::sync::atomic::Ordering::Relaxed) > 0)
-                && let Some(sql) = self.settings.carry_to(&mut a.conn.conn.state.settings)
+                && let Some(sql) = a.conn.conn.state.carry(&self.settings)
             {
                 // Kept across transactions (pinned): a RESET since went to
                 // the server connection's own defaults, not to the client's
@@ -75,6 +75,10 @@ impl Conn<'_> {
         let Some(conn) = pool.try_checkout() else {
             return false;
         };
+        if !self.may_run_on(&conn) {
+            conn.checkin();
+            return false;
+        }
         if self.slot.try_set(conn.conn.cancel_key()).is_err() {
             // A cancel of the client's last request is still on its way.
             conn.checkin();
@@ -149,6 +153,13 @@ impl Conn<'_> {
             let (replica, reason) = choice;
             let (pool, role) = self.pool_of(replica);
             match pool.clone().checkout(wait).await {
+                Ok(conn) if !self.may_run_on(&conn) => {
+                    // Opened just now, or before the role's default changed.
+                    conn.checkin();
+                    let conn = self.pool.checkout(wait).await?;
+                    self.stats.routed(Reason::Serializable.as_str());
+                    return Ok((conn, Role::Primary, None));
+                }
                 Ok(conn) => {
                     self.stats.routed(reason.as_str());
                     return Ok((conn, role, replica));
@@ -165,7 +176,7 @@ impl Conn<'_> {
         }
         // Every replica failed just now; the primary is the last resort.
         let conn = self.pool.checkout(wait).await?;
-        self.stats.routed(crate::router::Reason::NoHealthyReplica.as_str());
+        self.stats.routed(Reason::NoHealthyReplica.as_str());
         Ok((conn, Role::Primary, None))
     }
 
@@ -196,7 +207,7 @@ impl Conn<'_> {
         class: Class,
         now: std::time::Instant,
     ) {
-        if let Some(sql) = self.settings.carry_to(&mut conn.conn.state.settings) {
+        if let Some(sql) = conn.conn.state.carry(&self.settings) {
             conn.conn.state.query_sent();
             write_query(&mut self.to_server, &sql);
             self.expect.sent(Request::Query, true, None);
@@ -228,6 +239,15 @@ impl Conn<'_> {
         });
     }
 
+    /// Whether the client's requests may run on `conn`: not on a standby's
+    /// connection defaulting to SERIALIZABLE (see [`Pool::serializable_default`]),
+    /// unless the client set a default of its own.
+    ///
+    /// [`Pool::serializable_default`]: crate::pool::Pool::serializable_default
+    fn may_run_on(&self, conn: &crate::pool::Checkout) -> bool {
+        conn.conn.state.default_serializable.is_none() || self.settings.serializable().is_some()
+    }
+
     /// The pool of replica `replica`, or of the primary.
     fn pool_of(&self, replica: Option<usize>) -> (&std::sync::Arc<crate::pool::Pool>, Role) {
         match replica {
@@ -246,7 +266,8 @@ impl Conn<'_> {
             tracing::debug!(reason = why.as_str(), "routed to the primary");
             return (None, Reason::Statement(why));
         }
-        if self.settings.serializable() {
+        let own_default = self.settings.serializable();
+        if own_default == Some(true) {
             tracing::debug!(reason = "serializable", "read routed to the primary");
             return (None, Reason::Serializable);
         }
@@ -255,6 +276,13 @@ impl Conn<'_> {
         let pools = &self.replica_pools;
         let active = |i: usize| pools[i].stats.active.load(std::sync::atomic::Ordering::Relaxed);
         match self.router.pick_replica(routing.balance, mark, active) {
+            Ok(i) if own_default.is_none() && pools[i].serializable_default() => {
+                tracing::debug!(
+                    reason = "serializable",
+                    "read routed to the primary (the role's default)"
+                );
+                (None, Reason::Serializable)
+            }
             Ok(i) if class == Class::ReadOnlyTransaction => (Some(i), Reason::ReadOnlyTransaction),
             Ok(i) => (Some(i), Reason::Read),
             Err(reason) => {

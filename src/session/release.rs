@@ -89,6 +89,11 @@ impl Conn<'_> {
             a.conn.checkin();
             return;
         }
+        // The reset query (DISCARD ALL) takes a snapshot, which a standby
+        // refuses while transactions default to SERIALIZABLE.
+        let standby_serializable = a.role == Role::Replica
+            && (a.conn.conn.state.default_serializable.is_some()
+                || a.conn.conn.state.settings.serializable() == Some(true));
         let mut conn = a.conn;
         if let Some(m) = &mark {
             m.begin();
@@ -119,6 +124,12 @@ impl Conn<'_> {
                     status = conn.conn.run_discarding("ROLLBACK").await?;
                 }
                 if let Some(q) = &reset {
+                    if standby_serializable {
+                        // Its own query: DISCARD ALL cannot run in a block.
+                        conn.conn
+                            .run_discarding("SET default_transaction_isolation TO 'read committed'")
+                            .await?;
+                    }
                     status = conn.conn.run_discarding(q).await?;
                     if q.trim().trim_end_matches(';').eq_ignore_ascii_case("DISCARD ALL") {
                         conn.conn.state.reset();

@@ -686,7 +686,7 @@ impl Conn<'_> {
                             // Any change of client_encoding is now in `settings`, or gone.
                             self.encoding_unsettled = false;
                         }
-                        if a.role == Role::Replica && a.conn.conn.state.settings.serializable() {
+                        if a.role == Role::Replica && a.conn.conn.state.settings.serializable() == Some(true) {
                             // Set inside a read-only transaction there: a standby
                             // connection defaulting to SERIALIZABLE would fail the
                             // next client's carried settings. Reset it before reuse.

@@ -131,6 +131,7 @@ async fn pool_serves_waiters_first_come_first_served() {
         password: user.password.clone(),
         tls: dbproxy::tls::ServerTls::disabled().into(),
         salted: Default::default(),
+        serializable_conns: None,
     };
     let settings = PoolSettings {
         size: 4,

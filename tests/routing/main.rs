@@ -700,3 +700,140 @@ async fn server_tls_require_refuses_a_server_without_tls() {
         .get(0);
     assert!(!ssl, "prefer against a server without TLS");
 }
+
+/// Waits until every replica has replayed `user`'s role settings.
+async fn replicas_see_role_settings(user: &TestUser) {
+    for &port in &cluster().replicas {
+        let su = superuser_on(port).await;
+        let seen = eventually(Duration::from_secs(10), || async {
+            let sql =
+                "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = $1";
+            su.query_one(sql, &[&user.name]).await.unwrap().get::<_, i64>(0) > 0
+        })
+        .await;
+        assert!(seen, "replica {port} never replayed the role's settings");
+    }
+}
+
+/// A role whose transactions default to SERIALIZABLE (`ALTER ROLE ... SET
+/// default_transaction_isolation`, which no statement of its clients shows)
+/// cannot read on a hot standby ("cannot use serializable mode in a hot
+/// standby"): its reads go to the primary and succeed, until the client sets
+/// another default for itself. A health monitor logging in as such a role
+/// still keeps the replicas in rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_whose_transactions_default_to_serializable_reads_from_the_primary() {
+    let _shared = DISRUPTION.read().await;
+    let plain = create_user("ser_plain").await;
+    let serial = create_user("ser_role").await;
+    let sql = format!(
+        "ALTER ROLE {} SET default_transaction_isolation = 'serializable'",
+        serial.name
+    );
+    superuser().await.batch_execute(&sql).await.unwrap();
+    replicas_see_role_settings(&serial).await;
+    let primary = cluster().primary;
+
+    let mut setup = Setup::new(&[&plain, &serial]);
+    setup.routing = split_setup(&plain).routing;
+    let proxy = setup.start().await;
+    replicas_ready(&connect(&proxy, &plain).await.unwrap()).await;
+    let client = connect(&proxy, &serial).await.unwrap();
+    let stmt = client.prepare(PORT_SQL).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(port_of(&client, PORT_SQL).await, primary, "a plain read");
+        let row = client.query_one(&stmt, &[]).await.unwrap();
+        assert_eq!(
+            row.get::<_, String>(0).parse::<u16>().unwrap(),
+            primary,
+            "a prepared read"
+        );
+        let rows = client
+            .simple_query("BEGIN READ ONLY; SHOW transaction_isolation; COMMIT")
+            .await
+            .unwrap();
+        let level = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(level.as_deref(), Some("serializable"), "the role's default holds");
+    }
+    client
+        .batch_execute("SET default_transaction_isolation = 'read committed'")
+        .await
+        .unwrap();
+    replicas_ready(&client).await;
+    client
+        .batch_execute("RESET default_transaction_isolation")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        assert_eq!(port_of(&client, PORT_SQL).await, primary, "after RESET");
+    }
+    // Clients that set nothing never get the replica connections the role's
+    // default made, even those another client used with its own setting.
+    let other = connect(&proxy, &serial).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(port_of(&other, PORT_SQL).await, primary, "another client");
+    }
+
+    // The monitor logs in as the serializable role.
+    let proxy = split_setup(&serial).start().await;
+    let client = connect(&proxy, &serial).await.unwrap();
+    client
+        .batch_execute("SET default_transaction_isolation = 'repeatable read'")
+        .await
+        .unwrap();
+    replicas_ready(&client).await;
+}
+
+/// A replica connection its client left defaulting to SERIALIZABLE (set
+/// inside a read-only transaction there) is reset and kept: the reset query
+/// (`DISCARD ALL`) takes a snapshot, which a standby refuses at SERIALIZABLE,
+/// so it runs after dbproxy's own SET of another default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_connection_left_serializable_is_reset_and_kept() {
+    let _shared = DISRUPTION.read().await;
+    let user = create_user("ser_reset").await;
+    let proxy = split_setup(&user).start().await;
+    let client = connect(&proxy, &user).await.unwrap();
+    replicas_ready(&client).await;
+    client.batch_execute("BEGIN READ ONLY").await.unwrap();
+    client
+        .batch_execute("SET default_transaction_isolation = 'serializable'")
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT pg_backend_pid(), setting::int4 FROM pg_settings WHERE name = 'port'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (pid, port): (i32, i32) = (row.get(0), row.get(1));
+    assert!(
+        cluster().replicas.contains(&(port as u16)),
+        "the transaction ran on a replica"
+    );
+    client.batch_execute("COMMIT").await.unwrap();
+    let su = superuser_on(port as u16).await;
+    let kept = eventually(Duration::from_secs(5), || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'idle' AND query = 'DISCARD ALL'";
+        su.query_one(sql, &[&pid]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    assert!(kept, "the connection was reset and kept");
+    let other = connect(&proxy, &user).await.unwrap();
+    for _ in 0..4 {
+        let p = port_of(&other, PORT_SQL).await;
+        assert!(
+            cluster().replicas.contains(&p),
+            "another client's reads go to the replicas"
+        );
+        assert_eq!(
+            port_of(&client, PORT_SQL).await,
+            cluster().primary,
+            "the client's own default holds"
+        );
+    }
+}
