@@ -215,28 +215,26 @@ impl Router {
             Some(m) => m.lsn.load(Ordering::Acquire),
             None => 0,
         };
-        let healthy: Vec<usize> = (0..n).filter(|&i| self.replicas[i].is_healthy()).collect();
-        if healthy.is_empty() {
-            return Err(Reason::NoHealthyReplica);
+        // No list is built: this runs for every read.
+        let healthy = |i: usize| self.replicas[i].is_healthy();
+        let fresh = |i: usize| healthy(i) && self.replicas[i].lsn() >= min_lsn;
+        let count = (0..n).filter(|&i| fresh(i)).count();
+        if count == 0 {
+            return Err(match (0..n).any(healthy) {
+                true => Reason::ReadYourWrites,
+                false => Reason::NoHealthyReplica,
+            });
         }
-        let fresh: Vec<usize> = healthy
-            .into_iter()
-            .filter(|&i| self.replicas[i].lsn() >= min_lsn)
-            .collect();
-        if fresh.is_empty() {
-            return Err(Reason::ReadYourWrites);
-        }
-        Ok(match balance {
-            Balance::RoundRobin => fresh[self.next.fetch_add(1, Ordering::Relaxed) % fresh.len()],
-            Balance::LeastConnections => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                // Ties rotate, so equal replicas share the load.
-                (0..fresh.len())
-                    .map(|k| fresh[(start + k) % fresh.len()])
-                    .min_by_key(|&i| active(i))
-                    .unwrap_or(fresh[0])
-            }
-        })
+        // The fresh replicas in order, from the one whose turn it is.
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let mut rotation = (0..n).filter(|&i| fresh(i)).cycle().skip(turn).take(count);
+        let pick = match balance {
+            Balance::RoundRobin => rotation.next(),
+            // Ties rotate, so equal replicas share the load.
+            Balance::LeastConnections => rotation.min_by_key(|&i| active(i)),
+        };
+        // None only if every replica left the rotation since they were counted.
+        pick.ok_or(Reason::NoHealthyReplica)
     }
 }
 
@@ -279,6 +277,18 @@ mod tests {
             r.pick_replica(Balance::RoundRobin, Some(&mark), |_| 0),
             Err(Reason::ReadYourWrites)
         );
+    }
+
+    #[test]
+    fn least_connections_ties_rotate_over_the_fresh_replicas() {
+        let r = router(&[(true, 10), (false, 10), (true, 10), (true, 5)]);
+        let mark = WriteMark::default();
+        mark.begin();
+        mark.finish(Some(10));
+        let picks: Vec<usize> = (0..4)
+            .map(|_| r.pick_replica(Balance::LeastConnections, Some(&mark), |_| 0).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
     }
 
     #[test]
