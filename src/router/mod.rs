@@ -89,6 +89,31 @@ const CACHE_PER_SHARD: usize = 256;
 /// Statements longer than this are classified every time, not cached.
 const CACHE_MAX_LEN: usize = 4096;
 
+/// One shard of the classification cache: by the hash of a statement's text
+/// (computed once per lookup), that text and its class.
+type CacheShard = HashMap<u64, (Box<str>, Class), std::hash::BuildHasherDefault<HashIsKey>>;
+
+/// Hashes a `u64` key that already is a hash to itself.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl std::hash::Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the keys are u64); fold anything else.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// Routing state of one database.
 #[derive(Debug)]
 pub struct Router {
@@ -97,8 +122,9 @@ pub struct Router {
     next: AtomicUsize,
     functions: RwLock<HashMap<String, Volatility>>,
     /// Classes by full statement text, valid for the current `functions`.
-    cache: Vec<std::sync::Mutex<HashMap<Box<str>, Class>>>,
-    hasher: std::collections::hash_map::RandomState,
+    cache: Vec<std::sync::Mutex<CacheShard>>,
+    /// Seeded at random: clients choose the texts.
+    hasher: foldhash::fast::RandomState,
     refresh: Notify,
     refresh_requested: std::sync::atomic::AtomicBool,
     /// Schema changes that may change a statement's result type (ALTER,
@@ -135,8 +161,13 @@ impl Router {
         if sql.len() > CACHE_MAX_LEN {
             return self.classify_uncached(sql);
         }
-        let shard = &self.cache[self.hasher.hash_one(sql) as usize % CACHE_SHARDS];
-        if let Some(class) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+        // One hash of the text picks the shard (from bits the shard's own
+        // table does not index by) and is the key within it.
+        let hash = self.hasher.hash_one(sql);
+        let shard = &self.cache[(hash >> 32) as usize % CACHE_SHARDS];
+        if let Some((text, class)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&hash)
+            && **text == *sql
+        {
             return *class;
         }
         // Hold the catalog while caching, so set_functions cannot clear the
@@ -147,7 +178,8 @@ impl Router {
         if shard.len() >= CACHE_PER_SHARD {
             shard.clear();
         }
-        shard.insert(sql.into(), class);
+        // (Another text with the same hash gives its place.)
+        shard.insert(hash, (sql.into(), class));
         class
     }
 
@@ -276,6 +308,24 @@ mod tests {
         assert_eq!(
             r.pick_replica(Balance::RoundRobin, Some(&mark), |_| 0),
             Err(Reason::ReadYourWrites)
+        );
+    }
+
+    #[test]
+    fn the_cache_answers_only_for_the_text_it_holds() {
+        use std::hash::BuildHasher;
+        let r = Router::new(0);
+        assert_eq!(r.classify("SELECT 1"), Class::Read);
+        assert_eq!(r.classify("SELECT 1"), Class::Read, "from the cache");
+        // Another text under the same hash (a collision) is not its answer.
+        let hash = r.hasher.hash_one("DELETE FROM t");
+        let shard = &r.cache[(hash >> 32) as usize % CACHE_SHARDS];
+        shard.lock().unwrap().insert(hash, ("SELECT 2".into(), Class::Read));
+        assert!(matches!(r.classify("DELETE FROM t"), Class::Primary(_)));
+        assert!(matches!(r.classify("DELETE FROM t"), Class::Primary(_)), "now cached");
+        assert_eq!(
+            shard.lock().unwrap().get(&hash).map(|(t, _)| &**t),
+            Some("DELETE FROM t")
         );
     }
 
