@@ -794,8 +794,12 @@ async fn a_role_whose_transactions_default_to_serializable_reads_from_the_primar
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_connection_left_serializable_is_reset_and_kept() {
     let _shared = DISRUPTION.read().await;
+    // Not the monitor's user: its checks would use the connection too.
+    let monitor = create_user("ser_reset_monitor").await;
     let user = create_user("ser_reset").await;
-    let proxy = split_setup(&user).start().await;
+    let mut setup = Setup::new(&[&monitor, &user]);
+    setup.routing = split_setup(&monitor).routing;
+    let proxy = setup.start().await;
     let client = connect(&proxy, &user).await.unwrap();
     replicas_ready(&client).await;
     client.batch_execute("BEGIN READ ONLY").await.unwrap();
