@@ -222,7 +222,7 @@ impl ServerConn {
                     source,
                 })?;
             if rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("serializable") {
-                conn.state.default_serializable = Some(crate::server_state::Counted::new(count));
+                conn.state.default_serializable = Some(crate::pool::Gauge::raise(count.clone()));
             }
         }
         Ok(conn)

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::sql::{Effects, SettingChange};
@@ -357,24 +357,7 @@ pub struct ServerState {
     /// A standby's connection whose transactions default to SERIALIZABLE
     /// (the role's or database's setting, asked at login): no read runs
     /// there unless its client sets another default. Counted in its pool.
-    pub default_serializable: Option<Counted>,
-}
-
-/// One of a number of live things: counted while this exists.
-#[derive(Debug)]
-pub struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    pub fn new(count: &Arc<AtomicUsize>) -> Counted {
-        count.fetch_add(1, Ordering::Relaxed);
-        Counted(count.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    pub default_serializable: Option<crate::pool::Gauge<Arc<AtomicUsize>>>,
 }
 
 impl ServerState {

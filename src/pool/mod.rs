@@ -9,6 +9,7 @@
 mod registry;
 
 use std::collections::HashSet;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -329,17 +330,20 @@ impl Checkout {
 }
 
 /// One unit of a gauge for as long as it lives: a checkout dropped while it
-/// waits or connects (a caller's timeout) still takes itself off the gauge.
-struct Gauge<'a>(&'a AtomicUsize);
+/// waits or connects (a caller's timeout) still takes itself off the gauge,
+/// and a connection counted in its pool (see `ServerState::default_serializable`)
+/// leaves the count when it is closed. `D`: a borrow of the gauge, or a share.
+#[derive(Debug)]
+pub struct Gauge<D: Deref<Target = AtomicUsize>>(D);
 
-impl<'a> Gauge<'a> {
-    fn raise(gauge: &'a AtomicUsize) -> Gauge<'a> {
+impl<D: Deref<Target = AtomicUsize>> Gauge<D> {
+    pub fn raise(gauge: D) -> Gauge<D> {
         gauge.fetch_add(1, Ordering::Relaxed);
         Gauge(gauge)
     }
 }
 
-impl Drop for Gauge<'_> {
+impl<D: Deref<Target = AtomicUsize>> Drop for Gauge<D> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }

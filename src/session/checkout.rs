@@ -149,6 +149,8 @@ impl Conn<'_> {
         mut choice: (Option<usize>, Reason),
         wait: std::time::Duration,
     ) -> Result<(crate::pool::Checkout, Role, Option<usize>), CheckoutError> {
+        // Why the primary, if the loop gives up: every replica failed just now.
+        let mut fallback = Reason::NoHealthyReplica;
         for _ in 0..=self.replica_pools.len() {
             let (replica, reason) = choice;
             let (pool, role) = self.pool_of(replica);
@@ -156,9 +158,8 @@ impl Conn<'_> {
                 Ok(conn) if !self.may_run_on(&conn) => {
                     // Opened just now, or before the role's default changed.
                     conn.checkin();
-                    let conn = self.pool.checkout(wait).await?;
-                    self.stats.routed(Reason::Serializable.as_str());
-                    return Ok((conn, Role::Primary, None));
+                    fallback = Reason::Serializable;
+                    break;
                 }
                 Ok(conn) => {
                     self.stats.routed(reason.as_str());
@@ -174,9 +175,9 @@ impl Conn<'_> {
                 Err(e) => return Err(e),
             }
         }
-        // Every replica failed just now; the primary is the last resort.
+        // The primary is the last resort.
         let conn = self.pool.checkout(wait).await?;
-        self.stats.routed(Reason::NoHealthyReplica.as_str());
+        self.stats.routed(fallback.as_str());
         Ok((conn, Role::Primary, None))
     }
 

@@ -25,6 +25,14 @@ fn split_setup(user: &TestUser) -> Setup {
     setup
 }
 
+/// [`split_setup`] for `user`, with the health monitor logging in as
+/// `monitor` (so `user`'s pools serve its clients alone).
+fn split_setup_beside(monitor: &TestUser, user: &TestUser) -> Setup {
+    let mut setup = split_setup(monitor);
+    setup.users.push(user.clone());
+    setup
+}
+
 async fn port_of(client: &Client, sql: &str) -> u16 {
     let rows = client
         .simple_query(sql)
@@ -64,9 +72,7 @@ async fn plain_and_parameterised_reads_alternate_between_the_replicas() {
     let _shared = DISRUPTION.read().await;
     let monitor = create_user("rr_monitor").await;
     let user = create_user("rr").await;
-    let mut setup = Setup::new(&[&monitor, &user]);
-    setup.routing = split_setup(&monitor).routing;
-    let proxy = setup.start().await;
+    let proxy = split_setup_beside(&monitor, &user).start().await;
     replicas_ready(&connect(&proxy, &monitor).await.unwrap()).await;
     let client = connect(&proxy, &user).await.unwrap();
     let replicas: BTreeSet<u16> = cluster().replicas.iter().copied().collect();
@@ -734,9 +740,7 @@ async fn a_role_whose_transactions_default_to_serializable_reads_from_the_primar
     replicas_see_role_settings(&serial).await;
     let primary = cluster().primary;
 
-    let mut setup = Setup::new(&[&plain, &serial]);
-    setup.routing = split_setup(&plain).routing;
-    let proxy = setup.start().await;
+    let proxy = split_setup_beside(&plain, &serial).start().await;
     replicas_ready(&connect(&proxy, &plain).await.unwrap()).await;
     let client = connect(&proxy, &serial).await.unwrap();
     let stmt = client.prepare(PORT_SQL).await.unwrap();
@@ -797,9 +801,7 @@ async fn a_replica_connection_left_serializable_is_reset_and_kept() {
     // Not the monitor's user: its checks would use the connection too.
     let monitor = create_user("ser_reset_monitor").await;
     let user = create_user("ser_reset").await;
-    let mut setup = Setup::new(&[&monitor, &user]);
-    setup.routing = split_setup(&monitor).routing;
-    let proxy = setup.start().await;
+    let proxy = split_setup_beside(&monitor, &user).start().await;
     let client = connect(&proxy, &user).await.unwrap();
     replicas_ready(&client).await;
     client.batch_execute("BEGIN READ ONLY").await.unwrap();
