@@ -79,18 +79,29 @@ pub struct Pool {
     /// ParameterStatus values of the newest connection, shown to clients at login.
     server_params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
+    /// Connections handed out right now by every pool of this server (all
+    /// users and databases): what `least_connections` compares.
+    server_active: Arc<AtomicUsize>,
 }
 
 impl Pool {
     /// A pool with no connections yet and a bound of its own.
     pub fn new(key: PoolKey, target: LoginTarget, settings: PoolSettings) -> Pool {
         let permits = Arc::new(Semaphore::new(settings.size));
-        Pool::with_limit(key, target, settings, permits)
+        Pool::with_limit(key, target, settings, permits, Default::default())
     }
 
     /// A pool whose bound (`permits`) may be shared with other pools: every
-    /// pool logging in to the same server as the same user shares one.
-    pub fn with_limit(key: PoolKey, target: LoginTarget, settings: PoolSettings, permits: Arc<Semaphore>) -> Pool {
+    /// pool logging in to the same server as the same user shares one; and
+    /// whose count of connections in use adds to `server_active`, shared by
+    /// every pool of the same server.
+    pub fn with_limit(
+        key: PoolKey,
+        target: LoginTarget,
+        settings: PoolSettings,
+        permits: Arc<Semaphore>,
+        server_active: Arc<AtomicUsize>,
+    ) -> Pool {
         Pool {
             key,
             target,
@@ -101,7 +112,19 @@ impl Pool {
             generation: AtomicUsize::new(0),
             server_params: Mutex::new(None),
             stats: PoolStats::default(),
+            server_active,
         }
+    }
+
+    /// Connections to this pool's server in use now, through any pool.
+    pub fn server_active(&self) -> usize {
+        self.server_active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection handed out.
+    fn hand_out(&self) {
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.server_active.fetch_add(1, Ordering::Relaxed);
     }
 
     /// What the servers of this pool last reported in ParameterStatus, if any
@@ -198,7 +221,7 @@ impl Pool {
                 Box::new(conn)
             }
         };
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.hand_out();
         Ok(Checkout {
             conn,
             slot: Slot {
@@ -213,7 +236,7 @@ impl Pool {
     pub fn try_checkout(self: &Arc<Self>) -> Option<Checkout> {
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         let conn = self.pop_idle()?;
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.hand_out();
         Some(Checkout {
             conn,
             slot: Slot {
@@ -287,6 +310,7 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.pool.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.pool.server_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

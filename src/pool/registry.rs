@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
@@ -42,6 +43,8 @@ pub struct Pools {
     /// One bound per (server, user), shared by the pools of every database
     /// that logs in to that server as that user.
     limits: Mutex<HashMap<(ServerAddr, String), Arc<Semaphore>>>,
+    /// Connections in use per server, across all its pools.
+    server_active: Mutex<HashMap<ServerAddr, Arc<AtomicUsize>>>,
     settings: Mutex<PoolSettings>,
 }
 
@@ -51,6 +54,7 @@ impl Pools {
         Pools {
             map: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
+            server_active: Mutex::new(HashMap::new()),
             settings: Mutex::new(settings),
         }
     }
@@ -73,9 +77,16 @@ impl Pools {
             .entry((key.addr.clone(), key.user.clone()))
             .or_insert_with(|| Arc::new(Semaphore::new(settings.size)))
             .clone();
+        let server_active = self
+            .server_active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.addr.clone())
+            .or_default()
+            .clone();
         self.map()
             .entry(key)
-            .or_insert_with_key(|k| Arc::new(Pool::with_limit(k.clone(), target(), settings, permits)))
+            .or_insert_with_key(|k| Arc::new(Pool::with_limit(k.clone(), target(), settings, permits, server_active)))
             .clone()
     }
 

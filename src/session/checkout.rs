@@ -275,7 +275,7 @@ impl Conn<'_> {
         let routing = &self.shared.live().config.routing;
         let mark = routing.read_your_writes.then_some(&*self.mark);
         let pools = &self.replica_pools;
-        let active = |i: usize| pools[i].stats.active.load(std::sync::atomic::Ordering::Relaxed);
+        let active = |i: usize| pools[i].server_active();
         match self.router.pick_replica(routing.balance, mark, active) {
             Ok(i) if own_default.is_none() && pools[i].serializable_default() => {
                 tracing::debug!(

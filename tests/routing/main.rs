@@ -100,6 +100,39 @@ async fn plain_and_parameterised_reads_alternate_between_the_replicas() {
     assert_eq!(extended.iter().collect::<BTreeSet<_>>().len(), 2, "{extended:?}");
 }
 
+/// Least connections counts what a replica serves for every user and
+/// database: while one user's transaction holds a connection to one replica,
+/// another user's reads go to the other (its own pools there are empty
+/// alike). The monitor checks once a second, so its own checks hardly ever
+/// count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_counts_every_users_connections_to_a_replica() {
+    let _shared = DISRUPTION.read().await;
+    let holder = create_user("lc_holder").await;
+    let reader = create_user("lc_reader").await;
+    let mut setup = split_setup_beside(&holder, &reader);
+    setup.routing =
+        "read_write_split = true\nbalance = \"least_connections\"\nhealth_check_interval = \"1s\"".to_owned();
+    let proxy = setup.start().await;
+    let holding = connect(&proxy, &holder).await.unwrap();
+    replicas_ready(&holding).await;
+    holding.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let busy = port_of(&holding, PORT_SQL).await;
+    assert!(cluster().replicas.contains(&busy), "{busy}");
+
+    let client = connect(&proxy, &reader).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(port_of(&client, PORT_SQL).await);
+    }
+    let idle: Vec<u16> = cluster().replicas.iter().copied().filter(|&p| p != busy).collect();
+    assert!(
+        seen.iter().all(|p| idle.contains(p)),
+        "reads while replica {busy} serves a transaction: {seen:?}"
+    );
+    holding.batch_execute("COMMIT").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_write_reaches_the_primary() {
     let _shared = DISRUPTION.read().await;
