@@ -125,7 +125,8 @@ fn scram(c: &mut Criterion) {
 }
 
 /// Statement classification for read/write splitting: uncached (the
-/// classifier itself) and cached (the router's lookup by full text).
+/// classifier itself) and cached (the router's lookup by full text, or by
+/// shape).
 fn routing(c: &mut Criterion) {
     use dbproxy::router::{Router, Volatility, classify};
     let catalog = |name: &str| match name {
@@ -158,6 +159,16 @@ fn routing(c: &mut Criterion) {
         router.classify(sql);
         g.bench_function(name, |b| b.iter(|| router.classify(black_box(sql))));
     }
+    // Texts that differ from a cached one only in a literal: found by their
+    // shape (pgbench -S through the simple protocol).
+    let texts: Vec<String> = (0..1024)
+        .map(|aid| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"))
+        .collect();
+    router.classify(&texts[0]);
+    let mut next = texts.iter().cycle();
+    g.bench_function("pgbench_select_other_literal", |b| {
+        b.iter(|| router.classify(black_box(next.next().map_or("", String::as_str))))
+    });
     g.finish();
     // The session-effects pre-check every simple query pays in transaction mode.
     let mut g = c.benchmark_group("session_effects");

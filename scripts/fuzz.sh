@@ -5,6 +5,7 @@
 # RUSTC_BOOTSTRAP=1, since cargo-fuzz needs nightly flags (-Zsanitizer=address).
 # A crash leaves its input in fuzz/artifacts/<target>/ and exits non-zero; the
 # corpus grows in fuzz/corpus/<target>/ across runs (neither is committed).
+# fuzz/dicts/<target>.dict, where there is one, gives libFuzzer words to try.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
@@ -27,8 +28,12 @@ cargo fuzz build
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
     log=$(mktemp)
+    dict=()
+    if [[ -f fuzz/dicts/$t.dict ]]; then
+        dict=("-dict=fuzz/dicts/$t.dict")
+    fi
     if ! cargo fuzz run "$t" -- -max_total_time="$seconds" -rss_limit_mb=1024 -max_len=4096 \
-        -print_final_stats=1 >"$log" 2>&1; then
+        -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "fuzz target $t FAILED; the input is in fuzz/artifacts/$t/" >&2
         rm -f "$log"

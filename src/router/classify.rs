@@ -4,7 +4,9 @@
 //! a replica only when it is provably a plain read; anything else, including
 //! anything not understood, goes to the primary.
 
-use crate::sql::lexer::{Kind, Token, tokenize};
+use std::ops::ControlFlow;
+
+use crate::sql::lexer::{Kind, Token, for_each_token, tokenize};
 
 /// Above this size a statement is not worth analysing: primary.
 const MAX_CLASSIFIED_LEN: usize = 64 * 1024;
@@ -163,6 +165,39 @@ pub fn may_change_result_types(sql: &str) -> bool {
         let word = |i: usize, kw: &str| stmt.get(i).is_some_and(|t| t.is_word(sql, kw));
         word(0, "alter") || word(0, "drop") || (word(0, "create") && word(1, "or") && word(2, "replace"))
     })
+}
+
+/// Writes the shape of `sql` to `out`, for the classification cache: the
+/// text with each string and number literal replaced by one byte that no
+/// UTF-8 text holds, so `... WHERE aid = 1` and `... WHERE aid = 2` have one
+/// shape. Texts of one shape are the same tokens but for the literals'
+/// contents (the lexer put literals at the same places of the same text
+/// around them), and [`classify`] reads no literal's contents but in `SET`
+/// and `RESET` statements (`'serializable'`): so texts of one shape have one
+/// class. A text with either word, or without literals, has no shape
+/// (`false`; the latter is its own).
+pub fn shape(sql: &str, out: &mut Vec<u8>) -> bool {
+    let text = sql.as_bytes();
+    let mut copied = 0;
+    let mut sets = false;
+    for_each_token(sql, |token| {
+        let marker = match token.kind {
+            Kind::Str => 0xf8,
+            Kind::Number => 0xf9,
+            Kind::Word if token.is_word(sql, "set") || token.is_word(sql, "reset") => {
+                sets = true;
+                return ControlFlow::Break(());
+            }
+            _ => return ControlFlow::Continue(()),
+        };
+        out.extend_from_slice(&text[copied..token.start]);
+        out.push(marker);
+        copied = token.end;
+        ControlFlow::Continue(())
+    });
+    out.extend_from_slice(&text[copied..]);
+    // (A literal ends after the text's first byte.)
+    copied > 0 && !sets
 }
 
 /// Functions `pg_proc` calls stable that still cannot run on a standby.

@@ -89,9 +89,15 @@ const CACHE_PER_SHARD: usize = 256;
 /// Statements longer than this are classified every time, not cached.
 const CACHE_MAX_LEN: usize = 4096;
 
-/// One shard of the classification cache: by the hash of a statement's text
-/// (computed once per lookup), that text and its class.
-type CacheShard = HashMap<u64, (Box<str>, Class), std::hash::BuildHasherDefault<HashIsKey>>;
+/// One shard of the classification cache: by the hash of a statement's text,
+/// or of its shape (see [`classify::shape`]; computed once per lookup), that
+/// text or shape and its class.
+type CacheShard = HashMap<u64, (Box<[u8]>, Class), std::hash::BuildHasherDefault<HashIsKey>>;
+
+thread_local! {
+    /// The shape of the text being classified (a buffer kept per thread).
+    static SHAPE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Hashes a `u64` key that already is a hash to itself.
 #[derive(Default)]
@@ -155,32 +161,63 @@ impl Router {
     }
 
     /// Classifies `sql` with what is known of function volatility, from a
-    /// bounded cache keyed by the full text when it was seen before.
+    /// bounded cache: by its text when that was seen before, else by its
+    /// shape (the same statement with other literals).
     pub fn classify(&self, sql: &str) -> Class {
         use std::hash::BuildHasher;
         if sql.len() > CACHE_MAX_LEN {
             return self.classify_uncached(sql);
         }
-        // One hash of the text picks the shard (from bits the shard's own
-        // table does not index by) and is the key within it.
-        let hash = self.hasher.hash_one(sql);
-        let shard = &self.cache[(hash >> 32) as usize % CACHE_SHARDS];
-        if let Some((text, class)) = shard.lock().unwrap_or_else(|e| e.into_inner()).get(&hash)
-            && **text == *sql
-        {
-            return *class;
+        let text = sql.as_bytes();
+        let hash = self.hasher.hash_one(text);
+        if let Some(class) = self.cached(hash, text) {
+            return class;
         }
-        // Hold the catalog while caching, so set_functions cannot clear the
-        // cache between computing a class and storing it.
-        let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
-        let class = classify(sql, &|name| functions.get(name).copied());
-        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        SHAPE.with_borrow_mut(|shape| {
+            shape.clear();
+            let shaped = classify::shape(sql, shape).then(|| self.hasher.hash_one(&shape[..]));
+            if let Some(shape_hash) = shaped
+                && let Some(class) = self.cached(shape_hash, shape)
+            {
+                return class;
+            }
+            // Hold the catalog while caching, so set_functions cannot clear
+            // the cache between computing a class and storing it.
+            let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
+            let class = classify(sql, &|name| functions.get(name).copied());
+            // The text too: it is found without lexing when it comes again.
+            self.cache_store(hash, text, class);
+            if let Some(shape_hash) = shaped {
+                self.cache_store(shape_hash, shape, class);
+            }
+            class
+        })
+    }
+
+    /// One hash picks the shard (from bits the shard's own table does not
+    /// index by) and is the key within it; the key's bytes are compared, so
+    /// another key under the same hash is a miss.
+    fn cache_shard(&self, hash: u64) -> std::sync::MutexGuard<'_, CacheShard> {
+        self.cache[(hash >> 32) as usize % CACHE_SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached(&self, hash: u64, key: &[u8]) -> Option<Class> {
+        match self.cache_shard(hash).get(&hash) {
+            Some((held, class)) if **held == *key => Some(*class),
+            _ => None,
+        }
+    }
+
+    /// (Call with the catalog held: see [`Self::classify`].)
+    fn cache_store(&self, hash: u64, key: &[u8], class: Class) {
+        let mut shard = self.cache_shard(hash);
         if shard.len() >= CACHE_PER_SHARD {
             shard.clear();
         }
-        // (Another text with the same hash gives its place.)
-        shard.insert(hash, (sql.into(), class));
-        class
+        // (Another key with the same hash gives its place.)
+        shard.insert(hash, (key.into(), class));
     }
 
     fn classify_uncached(&self, sql: &str) -> Class {
@@ -318,15 +355,57 @@ mod tests {
         assert_eq!(r.classify("SELECT 1"), Class::Read);
         assert_eq!(r.classify("SELECT 1"), Class::Read, "from the cache");
         // Another text under the same hash (a collision) is not its answer.
-        let hash = r.hasher.hash_one("DELETE FROM t");
-        let shard = &r.cache[(hash >> 32) as usize % CACHE_SHARDS];
-        shard.lock().unwrap().insert(hash, ("SELECT 2".into(), Class::Read));
+        let hash = r.hasher.hash_one(b"DELETE FROM t".as_slice());
+        r.cache_shard(hash)
+            .insert(hash, (b"SELECT 2".as_slice().into(), Class::Read));
         assert!(matches!(r.classify("DELETE FROM t"), Class::Primary(_)));
         assert!(matches!(r.classify("DELETE FROM t"), Class::Primary(_)), "now cached");
         assert_eq!(
-            shard.lock().unwrap().get(&hash).map(|(t, _)| &**t),
-            Some("DELETE FROM t")
+            r.cache_shard(hash).get(&hash).map(|(t, _)| &**t),
+            Some(b"DELETE FROM t".as_slice())
         );
+    }
+
+    #[test]
+    fn texts_of_one_shape_share_a_class_unless_they_set() {
+        let r = Router::new(0);
+        let cached = |sql: &str| {
+            let mut shape = Vec::new();
+            classify::shape(sql, &mut shape);
+            r.cache
+                .iter()
+                .any(|s| s.lock().unwrap().values().any(|(k, _)| **k == *shape))
+        };
+        assert_eq!(r.classify("SELECT a FROM t WHERE id = 1 AND b = 'x'"), Class::Read);
+        assert!(cached("SELECT a FROM t WHERE id = 2 AND b = E'y'"));
+        assert!(cached("SELECT a FROM t WHERE id = 3.5e2 AND b = $$z $$"));
+        assert!(!cached("SELECT a FROM t WHERE id = $1 AND b = 'x'"));
+        assert!(!cached("SELECT a FROM t WHERE id = 1 AND b = 'x' -- c"));
+        assert!(!cached("SELECT a FROM \"t\" WHERE id = 1 AND b = 'x'"));
+        assert_eq!(r.classify("SELECT a FROM t WHERE id = 2 AND b = 'y'"), Class::Read);
+        // No shape: a literal may decide (`'serializable'`).
+        assert_eq!(r.classify("SET x = 'read committed'"), Class::Neutral);
+        assert!(!cached("SET x = 'serializable'"));
+        assert_eq!(
+            r.classify("SET x = 'serializable'"),
+            Class::Primary(WriteReason::Transaction)
+        );
+        assert_eq!(
+            r.classify("SELECT 1; set x TO 'serializable'"),
+            Class::Primary(WriteReason::Transaction)
+        );
+        assert_eq!(r.classify("SELECT 2; set x TO 'read committed'"), Class::Read);
+        // Words are kept whole: functions differ.
+        assert_eq!(
+            r.classify("SELECT f1(1)"),
+            Class::Primary(WriteReason::VolatileFunction)
+        );
+        r.set_functions([("f2".to_owned(), Volatility::Stable)].into());
+        assert_eq!(
+            r.classify("SELECT f1(1)"),
+            Class::Primary(WriteReason::VolatileFunction)
+        );
+        assert_eq!(r.classify("SELECT f2(2)"), Class::Read);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! A small SQL lexer: enough to find keywords, identifiers, literals and
 //! statement boundaries correctly (never inside strings or comments).
 
+use std::ops::ControlFlow;
+
 /// What a token is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -54,10 +56,23 @@ fn ident_cont(b: u8) -> bool {
 /// Splits `sql` into tokens. Unterminated strings or comments run to the
 /// end; the lexer never fails and never panics.
 pub fn tokenize(sql: &str) -> Vec<Token> {
-    let b = sql.as_bytes();
     // About one token per four bytes (a word and its space), so a usual
     // statement needs no regrowth: three of them cost more than the lexing.
-    let mut out = Vec::with_capacity((b.len() / 4 + 4).min(4096));
+    let mut out = Vec::with_capacity((sql.len() / 4 + 4).min(4096));
+    for_each_token(sql, |token| {
+        out.push(token);
+        ControlFlow::Continue(())
+    });
+    out
+}
+
+/// Gives each token of `sql` to `f`, in order, until `f` breaks (what
+/// [`tokenize`] collects). A loop of its own, inlined into each caller: an
+/// iterator's `next`, or a call, made `tokenize` 8-20 % slower (criterion,
+/// `classify_uncached`).
+#[inline(always)]
+pub fn for_each_token(sql: &str, mut f: impl FnMut(Token) -> ControlFlow<()>) {
+    let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -152,9 +167,10 @@ pub fn tokenize(sql: &str) -> Vec<Token> {
                 Kind::Punct
             }
         };
-        out.push(Token { kind, start, end: i });
+        if f(Token { kind, start, end: i }).is_break() {
+            return;
+        }
     }
-    out
 }
 
 /// End of a quoted run starting at `i` (just after the opening quote).
