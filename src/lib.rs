@@ -33,6 +33,7 @@
 //!   (`session/local.rs`), resending a batch after a stale plan
 //!   (`session/retry.rs`), the queue of answers owed by the server
 //!   (`session/expect.rs`), confirming setting changes (`session/settings.rs`),
+//!   telling a client its own values again after a RESET (`session/restate.rs`),
 //!   cancel keys (`session/cancel.rs`), plain or TLS client stream
 //!   (`session/stream.rs`).
 //! - [`sql`]: a lexer that understands comments, quoting and dollar quoting

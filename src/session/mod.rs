@@ -12,6 +12,7 @@ mod greeting;
 mod local;
 mod release;
 mod requests;
+mod restate;
 mod retry;
 mod settings;
 mod startup;

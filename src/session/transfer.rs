@@ -25,6 +25,7 @@ use super::buffers::{IDLE_READ_RESERVE, READ_RESERVE, recycle, spare_buffer};
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::greeting::{server_params, startup_settings};
+use super::restate::Restate;
 use super::retry::Retry;
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
@@ -162,6 +163,8 @@ pub(super) struct Conn<'a> {
     pub(super) default_backslash_trail: bool,
     /// Its settings from the startup packet (what RESET returns to).
     pub(super) startup: Settings,
+    /// Its own values, told again after a RESET.
+    pub(super) restate: Restate,
     pub(super) tracker: Tracker,
     /// Session-only features that tie the client to its server connection.
     pub(super) pins: Pins,
@@ -276,6 +279,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         default_backslash_trail,
         settings: startup.clone(),
         startup,
+        restate: Restate::new(&params),
         tracker: Tracker::default(),
         pins: Pins::default(),
         split,
@@ -682,6 +686,16 @@ impl Conn<'_> {
                             a.conn.conn.state.settings.apply_for_server(change);
                         }
                         a.conn.conn.state.dirty |= settled.uncertain;
+                        if status == TransactionStatus::Idle {
+                            // Written before this ReadyForQuery.
+                            let mut told = BytesMut::new();
+                            let restate = self.mode == PoolMode::Transaction && self.pins.is_empty();
+                            if self.restate.ready(&settled.confirmed, restate, &mut told) {
+                                self.to_client.extend_from_slice(&self.sbuf[start..pos]);
+                                self.to_client.extend_from_slice(&told);
+                                start = pos;
+                            }
+                        }
                         if status == TransactionStatus::Idle && self.expect.is_empty() {
                             // Any change of client_encoding is now in `settings`, or gone.
                             self.encoding_unsettled = false;
@@ -695,6 +709,7 @@ impl Conn<'_> {
                     }
                     (b'E', _) => self.tracker.error(),
                     (b'C', _) if self.tracker.waiting() => self.tracker.command_complete(body),
+                    (b'S', _) => self.restate.reported(body),
                     _ => {}
                 },
                 Verdict::Swallow | Verdict::Demote => {

@@ -167,6 +167,39 @@ def test_reset_tells_a_pinned_client_its_own_startup_values(tx_proxy):
         assert conn.info.parameter_status("application_name") == "resetter"
 
 
+def test_reset_tells_a_client_its_own_startup_values(tx_proxy):
+    """Not pinned: a RESET runs on a server connection whose own defaults are the server's, and
+    the server reports those (application_name dbproxy's login name). The client's startup
+    values apply again from its next request, and it is told them with the answer that
+    confirms the RESET (after the server's), or the value it set last in the same string."""
+    with connect(tx_proxy, autocommit=True, application_name="resetter2") as conn:
+        for sql in ["RESET application_name", "SET application_name TO DEFAULT", "RESET ALL"]:
+            conn.execute("SET application_name = 'other'")
+            assert conn.info.parameter_status("application_name") == "other"
+            conn.execute(sql)
+            assert conn.info.parameter_status("application_name") == "resetter2", sql
+            assert conn.execute("SHOW application_name").fetchone() == ("resetter2",)
+        conn.execute("SET application_name = 'other'")
+        conn.execute("RESET ALL; SET application_name = 'last'", prepare=False)
+        assert conn.info.parameter_status("application_name") == "last"
+    # In a transaction block: the server's default until it commits.
+    with connect(tx_proxy, application_name="resetter3") as conn:
+        conn.execute("SET application_name = 'other'")
+        conn.commit()
+        conn.execute("RESET application_name")
+        conn.commit()
+        assert conn.info.parameter_status("application_name") == "resetter3"
+        conn.execute("RESET application_name")
+        conn.rollback()
+        assert conn.info.parameter_status("application_name") == "resetter3"
+    # No application_name of its own: the empty one it was shown at login.
+    with connect(tx_proxy, autocommit=True) as conn:
+        assert conn.info.parameter_status("application_name") == ""
+        conn.execute("SET application_name = 'other'")
+        conn.execute("RESET application_name")
+        assert conn.info.parameter_status("application_name") == ""
+
+
 def test_unnamed_statement_kept_across_transactions(tx_proxy):
     """libpq's PQprepare of the unnamed statement (Parse, Sync) and a later PQexecPrepared of it
     (Bind, Describe, Execute, Sync), as pgx's describe-exec mode and sqlx's non-persistent

@@ -1,0 +1,123 @@
+//! ParameterStatus after a RESET, for a client that is not pinned. The RESET
+//! runs on a server connection whose own defaults are the server's, and the
+//! server reports those (`application_name` is dbproxy's login name); but the
+//! client's startup values apply again from its next request (carried to the
+//! server connection it gets), as RESET gives them on a direct connection.
+//! So the ReadyForQuery that confirms the RESET is preceded by the client's
+//! own values of the parameters the server reported since its transaction
+//! began: its driver keeps them, not the server's.
+
+use bytes::BytesMut;
+
+use crate::protocol::backend::parameter_status;
+use crate::sql::SettingChange;
+
+/// What the client was shown at login for the parameters it sent itself
+/// (not items of `options`), and an empty `application_name` if it sent
+/// none: what a RESET of them returns to.
+#[derive(Debug, Default)]
+pub(super) struct Restate {
+    own: Box<[(Box<str>, Box<str>)]>,
+    /// Parameters the server reported to the client since its last
+    /// ReadyForQuery outside a transaction block.
+    reported: Vec<Box<str>>,
+}
+
+impl Restate {
+    /// From the startup packet's parameters.
+    pub(super) fn new(params: &[(String, String)]) -> Restate {
+        let mut own: Vec<(Box<str>, Box<str>)> = params
+            .iter()
+            .filter(|(name, _)| !matches!(name.as_str(), "user" | "database" | "replication" | "options"))
+            .map(|(name, value)| (name.as_str().into(), value.as_str().into()))
+            .collect();
+        if !own
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("application_name"))
+        {
+            own.push(("application_name".into(), "".into()));
+        }
+        Restate {
+            own: own.into(),
+            reported: Vec::new(),
+        }
+    }
+
+    /// A ParameterStatus (its body) went to the client.
+    pub(super) fn reported(&mut self, body: &[u8]) {
+        let name = body.split(|&b| b == 0).next().unwrap_or_default();
+        if let Ok(name) = std::str::from_utf8(name)
+            && !self.reported.iter().any(|n| **n == *name)
+        {
+            self.reported.push(name.into());
+        }
+    }
+
+    /// A ReadyForQuery outside a transaction block, which `confirmed` the
+    /// client's setting changes. For each parameter the server reported
+    /// whose last change among them was a RESET, and which the client has a
+    /// value of its own for, writes that value in a ParameterStatus to
+    /// `out` (where the ReadyForQuery goes next), when `restate` (the
+    /// client is not pinned, in transaction mode). Returns whether it wrote.
+    pub(super) fn ready(&mut self, confirmed: &[SettingChange], restate: bool, out: &mut BytesMut) -> bool {
+        if self.reported.is_empty() {
+            return false;
+        }
+        let mut wrote = false;
+        for name in std::mem::take(&mut self.reported) {
+            let last = confirmed.iter().rev().find(|change| match change {
+                SettingChange::Set { name: n, .. } | SettingChange::Reset(n) => n.eq_ignore_ascii_case(&name),
+                SettingChange::ResetAll => true,
+            });
+            if !restate || matches!(last, None | Some(SettingChange::Set { .. })) {
+                continue;
+            }
+            if let Some((_, value)) = self.own.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+                parameter_status(out, &name, value);
+                wrote = true;
+            }
+        }
+        wrote
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, value: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        parameter_status(&mut out, name, value);
+        out.to_vec()
+    }
+
+    #[test]
+    fn a_reset_parameter_the_server_reported_is_restated_unless_set_after() {
+        let params = [("user", "u"), ("TimeZone", "UTC"), ("options", "-c x=y")];
+        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut r = Restate::new(&params);
+        let body = |name: &str| format!("{name}\0server-value\0").into_bytes();
+        let mut out = BytesMut::new();
+        r.reported(&body("TimeZone"));
+        r.reported(&body("application_name"));
+        r.reported(&body("DateStyle"));
+        assert!(r.ready(&[SettingChange::ResetAll], true, &mut out));
+        let want = [status("TimeZone", "UTC"), status("application_name", "")].concat();
+        assert_eq!(&out[..], &want[..], "DateStyle: not the client's own");
+        assert!(!r.ready(&[SettingChange::ResetAll], true, &mut out), "told once");
+
+        let set = SettingChange::Set {
+            name: "timezone".into(),
+            sql: String::new(),
+        };
+        r.reported(&body("TimeZone"));
+        assert!(!r.ready(&[SettingChange::Reset("timezone".into()), set.clone()], true, &mut out));
+        r.reported(&body("TimeZone"));
+        assert!(
+            !r.ready(&[SettingChange::Reset("timezone".into())], false, &mut out),
+            "pinned"
+        );
+        r.reported(&body("TimeZone"));
+        assert!(r.ready(&[set, SettingChange::Reset("timezone".into())], true, &mut out));
+    }
+}
