@@ -256,6 +256,11 @@ impl Settings {
         self.backslash_trail
     }
 
+    /// Whether `name` (lower case) has the same value in both (or in neither).
+    pub fn same_value(&self, other: &Settings, name: &str) -> bool {
+        self.values.get(name) == other.values.get(name)
+    }
+
     /// Whether both hold the same values.
     pub fn same_as(&self, other: &Settings) -> bool {
         Arc::ptr_eq(&self.values, &other.values)

@@ -151,6 +151,7 @@ impl Conn<'_> {
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
                 self.me.set_pins(self.pins);
+                self.restate.discarded();
                 a.conn.conn.state.prepared = Default::default();
                 a.conn.conn.state.client_named.clear();
                 a.conn.conn.state.dirty = true;
@@ -211,12 +212,17 @@ impl Conn<'_> {
             LocalCommand::DiscardAll => {
                 self.statements.clear();
                 *self.unnamed.effects_mut() = Effects::default();
-                self.settings = self.startup.clone();
                 self.pins = Default::default();
                 self.me.set_pins(self.pins);
             }
         }
         command_complete(&mut self.to_client, cmd.tag());
+        if cmd == LocalCommand::DiscardAll {
+            // After CommandComplete, where a server reports what changed.
+            self.restate
+                .discard_locally(&self.settings, &self.startup, &mut self.to_client);
+            self.settings = self.startup.clone();
+        }
         ready_for_query(&mut self.to_client, TransactionStatus::Idle);
     }
 }

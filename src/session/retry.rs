@@ -198,3 +198,13 @@ impl Conn<'_> {
         Ok(())
     }
 }
+
+/// Whether an ErrorResponse body is "cached plan must not change result type".
+pub(super) fn is_stale_plan(body: &[u8]) -> bool {
+    let field = |t: u8| {
+        body.split(|&b| b == 0)
+            .find_map(|f| f.split_first().filter(|(k, _)| **k == t).map(|(_, v)| v))
+    };
+    field(b'C') == Some(b"0A000")
+        && field(b'M').is_some_and(|m| m.starts_with(b"cached plan must not change result type"))
+}

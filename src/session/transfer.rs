@@ -26,7 +26,7 @@ use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
 use super::greeting::{server_params, startup_settings};
 use super::restate::Restate;
-use super::retry::Retry;
+use super::retry::{Retry, is_stale_plan};
 use super::settings::Tracker;
 use super::startup::{Opened, Target};
 use super::statements::{Statements, Unnamed, forget_unparsed};
@@ -228,7 +228,8 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     // asked for its own value (applied on every server it uses).
     let candidates: Vec<&Arc<Pool>> = std::iter::once(&pool).chain(replica_pools.iter()).collect();
     let mut default_backslash_trail = false;
-    for (name, value) in Box::pin(server_params(shared, &candidates)).await.iter() {
+    let shown = Box::pin(server_params(shared, &candidates)).await;
+    for (name, value) in shown.iter() {
         if name == "client_encoding" {
             // The role's or database's, where the client sets none.
             default_backslash_trail = crate::sql::encoding::backslash_trail(value);
@@ -279,7 +280,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         default_backslash_trail,
         settings: startup.clone(),
         startup,
-        restate: Restate::new(&params),
+        restate: Restate::new(&params, shown),
         tracker: Tracker::default(),
         pins: Pins::default(),
         split,
@@ -316,16 +317,6 @@ fn fatal_message(body: &[u8]) -> Option<String> {
         }
     }
     fatal.then(|| message.unwrap_or_else(|| "server reported a fatal error".to_owned()))
-}
-
-/// Whether an ErrorResponse body is "cached plan must not change result type".
-fn is_stale_plan(body: &[u8]) -> bool {
-    let field = |t: u8| {
-        body.split(|&b| b == 0)
-            .find_map(|f| f.split_first().filter(|(k, _)| **k == t).map(|(_, v)| v))
-    };
-    field(b'C') == Some(b"0A000")
-        && field(b'M').is_some_and(|m| m.starts_with(b"cached plan must not change result type"))
 }
 
 async fn read_server(half: Option<ServerRead<'_>>, buf: &mut BytesMut) -> io::Result<usize> {
@@ -686,15 +677,16 @@ impl Conn<'_> {
                             a.conn.conn.state.settings.apply_for_server(change);
                         }
                         a.conn.conn.state.dirty |= settled.uncertain;
-                        if status == TransactionStatus::Idle {
-                            // Written before this ReadyForQuery.
-                            let mut told = BytesMut::new();
-                            let restate = self.mode == PoolMode::Transaction && self.pins.is_empty();
-                            if self.restate.ready(&settled.confirmed, restate, &mut told) {
-                                self.to_client.extend_from_slice(&self.sbuf[start..pos]);
-                                self.to_client.extend_from_slice(&told);
-                                start = pos;
-                            }
+                        let restate = self.mode == PoolMode::Transaction && self.pins.is_empty();
+                        if status == TransactionStatus::Idle
+                            && self.restate.before_ready(
+                                &settled.confirmed,
+                                restate,
+                                &self.sbuf[start..pos],
+                                &mut self.to_client,
+                            )
+                        {
+                            start = pos;
                         }
                         if status == TransactionStatus::Idle && self.expect.is_empty() {
                             // Any change of client_encoding is now in `settings`, or gone.

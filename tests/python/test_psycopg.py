@@ -182,6 +182,15 @@ def test_reset_tells_a_client_its_own_startup_values(tx_proxy):
         conn.execute("SET application_name = 'other'")
         conn.execute("RESET ALL; SET application_name = 'last'", prepare=False)
         assert conn.info.parameter_status("application_name") == "last"
+        # DISCARD ALL alone is answered by dbproxy; through the extended protocol (a pipeline)
+        # it runs on a server connection.
+        conn.execute("DISCARD ALL", prepare=False)
+        assert conn.info.parameter_status("application_name") == "resetter2"
+        conn.execute("SET application_name = 'other'")
+        with conn.pipeline():
+            conn.execute("DISCARD ALL", prepare=False)
+        assert conn.info.parameter_status("application_name") == "resetter2"
+        assert conn.execute("SHOW application_name").fetchone() == ("resetter2",)
     # In a transaction block: the server's default until it commits.
     with connect(tx_proxy, application_name="resetter3") as conn:
         conn.execute("SET application_name = 'other'")
