@@ -12,6 +12,12 @@ use crate::server_state::Settings;
 /// The settings a client's startup packet asks for: every parameter except
 /// the ones that name the connection, plus `-c name=value` items of `options`.
 pub(super) fn startup_settings(params: &[(String, String)]) -> Settings {
+    let pairs = startup_values(params);
+    Settings::from_values(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+/// The `(name, value)` pairs of [`startup_settings`], as plain values.
+pub(super) fn startup_values(params: &[(String, String)]) -> Vec<(String, String)> {
     // Servers log in without one; a client that sent none sees an empty one, as on a direct connection.
     let mut pairs: Vec<(String, String)> = vec![("application_name".to_owned(), String::new())];
     for (name, value) in params {
@@ -24,7 +30,7 @@ pub(super) fn startup_settings(params: &[(String, String)]) -> Settings {
             }
         }
     }
-    Settings::from_values(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    pairs
 }
 
 /// `-c name=value` and `--name=value` items of the `options` startup

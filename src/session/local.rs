@@ -151,7 +151,11 @@ impl Conn<'_> {
                 self.settings = self.startup.clone();
                 self.pins = Default::default();
                 self.me.set_pins(self.pins);
-                self.restate.discarded();
+                // Confirmed with its request, to tell the client its own values.
+                self.tracker.record(&Effects {
+                    changes: vec![crate::sql::SettingChange::ResetAll],
+                    ..Effects::default()
+                });
                 a.conn.conn.state.prepared = Default::default();
                 a.conn.conn.state.client_named.clear();
                 a.conn.conn.state.dirty = true;

@@ -3,11 +3,12 @@
 //! server reports those (`application_name` is dbproxy's login name); but the
 //! client's startup values apply again from its next request (carried to the
 //! server connection it gets), as RESET gives them on a direct connection.
-//! So the ReadyForQuery that confirms the RESET is preceded by the client's
-//! own values of the parameters the server reported since its transaction
-//! began: its driver keeps them, not the server's. The same after a `DISCARD
-//! ALL` that went to a server; one that dbproxy answers itself tells the
-//! client what it was shown at login for every parameter it had changed.
+//! So the ReadyForQuery that confirms a RESET (`RESET name`, `RESET ALL`,
+//! `SET name TO DEFAULT`, or a `DISCARD ALL` sent to a server) is preceded by
+//! the client's own startup values of the parameters it resets that servers
+//! report: its driver keeps them, not the server's. A `DISCARD ALL` that
+//! dbproxy answers itself tells the client the values it returns to of
+//! every such parameter it changes.
 
 use bytes::BytesMut;
 
@@ -16,75 +17,32 @@ use crate::server_conn::ServerParams;
 use crate::server_state::Settings;
 use crate::sql::SettingChange;
 
-/// What the client was shown at login for the parameters it sent itself
-/// (not items of `options`), and an empty `application_name` if it sent
-/// none: what a RESET of them returns to.
 #[derive(Debug, Default)]
 pub(super) struct Restate {
+    /// The client's startup values (its parameters, `options` items, an
+    /// empty `application_name` if neither names one) of the parameters
+    /// servers report, under the servers' spelling.
     own: Box<[(Box<str>, Box<str>)]>,
     /// What the servers reported at login (shared by the pool's clients).
     server: ServerParams,
-    /// Parameters the server reported to the client since its last
-    /// ReadyForQuery outside a transaction block.
-    reported: Vec<Box<str>>,
-    /// A `DISCARD ALL` went to the server since then.
-    discarded: bool,
 }
 
 impl Restate {
-    /// From the startup packet's parameters and the servers' (shown at login).
-    pub(super) fn new(params: &[(String, String)], server: ServerParams) -> Restate {
-        let mut own: Vec<(Box<str>, Box<str>)> = params
-            .iter()
-            .filter(|(name, _)| !matches!(name.as_str(), "user" | "database" | "replication" | "options"))
-            .map(|(name, value)| (name.as_str().into(), value.as_str().into()))
-            .collect();
-        if !own
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("application_name"))
-        {
-            own.push(("application_name".into(), "".into()));
+    /// From the client's startup values (`greeting::startup_values`) and
+    /// what the servers reported at login.
+    pub(super) fn new(startup: &[(String, String)], server: ServerParams) -> Restate {
+        let mut own: Vec<(Box<str>, Box<str>)> = Vec::new();
+        for (name, value) in startup {
+            let Some((reported, _)) = server.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) else {
+                continue;
+            };
+            // (A later value of the same name replaces an earlier one.)
+            own.retain(|(n, _)| **n != **reported);
+            own.push((reported.as_str().into(), value.as_str().into()));
         }
         Restate {
             own: own.into(),
             server,
-            reported: Vec::new(),
-            discarded: false,
-        }
-    }
-
-    /// A `DISCARD ALL` was sent to the server connection.
-    pub(super) fn discarded(&mut self) {
-        self.discarded = true;
-    }
-
-    /// A `DISCARD ALL` answered by dbproxy takes the client from `before`
-    /// to `startup`: tells it what it was shown at login for each reported
-    /// parameter whose value changes.
-    pub(super) fn discard_locally(&self, before: &Settings, startup: &Settings, out: &mut BytesMut) {
-        for (name, server_value) in self.server.iter() {
-            if before.same_value(startup, &name.to_ascii_lowercase()) {
-                continue;
-            }
-            let value = self.own_value(name).unwrap_or(server_value);
-            parameter_status(out, name, value);
-        }
-    }
-
-    fn own_value(&self, name: &str) -> Option<&str> {
-        self.own
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| &**v)
-    }
-
-    /// A ParameterStatus (its body) went to the client.
-    pub(super) fn reported(&mut self, body: &[u8]) {
-        let name = body.split(|&b| b == 0).next().unwrap_or_default();
-        if let Ok(name) = std::str::from_utf8(name)
-            && !self.reported.iter().any(|n| **n == *name)
-        {
-            self.reported.push(name.into());
         }
     }
 
@@ -92,7 +50,7 @@ impl Restate {
     /// `before` (the messages ahead of it not yet forwarded): whatever is
     /// told goes to `to_client` after `before`. Returns whether `before` went.
     pub(super) fn before_ready(
-        &mut self,
+        &self,
         confirmed: &[SettingChange],
         restate: bool,
         before: &[u8],
@@ -108,38 +66,43 @@ impl Restate {
     }
 
     /// A ReadyForQuery outside a transaction block, which `confirmed` the
-    /// client's setting changes. For each parameter the server reported
-    /// whose last change among them was a RESET, and which the client has a
-    /// value of its own for, writes that value in a ParameterStatus to
-    /// `out` (where the ReadyForQuery goes next), when `restate` (the
-    /// client is not pinned, in transaction mode). Returns whether it wrote.
-    pub(super) fn ready(&mut self, confirmed: &[SettingChange], restate: bool, out: &mut BytesMut) -> bool {
-        if self.reported.is_empty() {
-            self.discarded = false;
+    /// client's setting changes: for each parameter with a startup value
+    /// whose last change among them was a RESET, writes that value in a
+    /// ParameterStatus to `out`, when `restate` (the client is not pinned,
+    /// in transaction mode). Returns whether it wrote.
+    pub(super) fn ready(&self, confirmed: &[SettingChange], restate: bool, out: &mut BytesMut) -> bool {
+        if !restate || confirmed.is_empty() {
             return false;
         }
-        let discarded = std::mem::take(&mut self.discarded);
         let mut wrote = false;
-        for name in std::mem::take(&mut self.reported) {
+        for (name, value) in self.own.iter() {
             let last = confirmed.iter().rev().find(|change| match change {
-                SettingChange::Set { name: n, .. } | SettingChange::Reset(n) => n.eq_ignore_ascii_case(&name),
+                SettingChange::Set { name: n, .. } | SettingChange::Reset(n) => n.eq_ignore_ascii_case(name),
                 SettingChange::ResetAll => true,
             });
-            let reset = match last {
-                Some(SettingChange::Set { .. }) => false,
-                Some(_) => true,
-                // (A DISCARD ALL is not among the changes; one after it would be.)
-                None => discarded,
-            };
-            if !restate || !reset {
-                continue;
-            }
-            if let Some(value) = self.own_value(&name) {
-                parameter_status(out, &name, value);
+            if matches!(last, Some(SettingChange::Reset(_) | SettingChange::ResetAll)) {
+                parameter_status(out, name, value);
                 wrote = true;
             }
         }
         wrote
+    }
+
+    /// A `DISCARD ALL` answered by dbproxy takes the client from `before`
+    /// to `startup`: tells it the value it now has of each reported
+    /// parameter whose value changes.
+    pub(super) fn discard_locally(&self, before: &Settings, startup: &Settings, out: &mut BytesMut) {
+        for (name, server_value) in self.server.iter() {
+            if before.same_value(startup, &name.to_ascii_lowercase()) {
+                continue;
+            }
+            // Its startup value, else the server's default.
+            parameter_status(out, name, self.own_value(name).unwrap_or(server_value));
+        }
+    }
+
+    fn own_value(&self, name: &str) -> Option<&str> {
+        self.own.iter().find(|(n, _)| **n == *name).map(|(_, v)| &**v)
     }
 }
 
@@ -153,60 +116,52 @@ mod tests {
         out.to_vec()
     }
 
-    #[test]
-    fn a_reset_parameter_the_server_reported_is_restated_unless_set_after() {
-        let params = [("user", "u"), ("TimeZone", "UTC"), ("options", "-c x=y")];
-        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut r = Restate::new(&params, Default::default());
-        let body = |name: &str| format!("{name}\0server-value\0").into_bytes();
-        let mut out = BytesMut::new();
-        r.reported(&body("TimeZone"));
-        r.reported(&body("application_name"));
-        r.reported(&body("DateStyle"));
-        assert!(r.ready(&[SettingChange::ResetAll], true, &mut out));
-        let want = [status("TimeZone", "UTC"), status("application_name", "")].concat();
-        assert_eq!(&out[..], &want[..], "DateStyle: not the client's own");
-        assert!(!r.ready(&[SettingChange::ResetAll], true, &mut out), "told once");
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
 
+    fn server() -> ServerParams {
+        let list = [
+            ("TimeZone", "Europe/Berlin"),
+            ("DateStyle", "ISO, MDY"),
+            ("application_name", "dbproxy"),
+        ];
+        std::sync::Arc::new(pairs(&list))
+    }
+
+    #[test]
+    fn a_reset_parameter_is_restated_unless_set_after() {
+        let startup = [("application_name", ""), ("timezone", "UTC"), ("work_mem", "8MB")];
+        let r = Restate::new(&pairs(&startup), server());
+        let reset = |name: &str| SettingChange::Reset(name.into());
         let set = SettingChange::Set {
             name: "timezone".into(),
             sql: String::new(),
         };
-        r.reported(&body("TimeZone"));
-        assert!(!r.ready(&[SettingChange::Reset("timezone".into()), set.clone()], true, &mut out));
-        r.reported(&body("TimeZone"));
-        assert!(
-            !r.ready(&[SettingChange::Reset("timezone".into())], false, &mut out),
-            "pinned"
+        let mut out = BytesMut::new();
+        assert!(r.ready(&[SettingChange::ResetAll], true, &mut out));
+        let want = [status("application_name", ""), status("TimeZone", "UTC")].concat();
+        assert_eq!(
+            &out[..],
+            &want[..],
+            "DateStyle and work_mem: no value of its own, not reported"
         );
-        r.reported(&body("TimeZone"));
-        assert!(r.ready(&[set.clone(), SettingChange::Reset("timezone".into())], true, &mut out));
-
-        // DISCARD ALL sent to the server, then maybe a SET.
-        r.discarded();
-        r.reported(&body("TimeZone"));
-        assert!(r.ready(&[], true, &mut out));
-        r.discarded();
-        r.reported(&body("TimeZone"));
-        assert!(!r.ready(&[set], true, &mut out));
+        out.clear();
+        assert!(!r.ready(&[reset("timezone"), set.clone()], true, &mut out));
+        assert!(!r.ready(&[reset("timezone")], false, &mut out), "pinned");
+        assert!(!r.ready(&[reset("datestyle")], true, &mut out));
+        assert!(r.ready(&[set, reset("TimeZone")], true, &mut out));
+        assert_eq!(&out[..], &status("TimeZone", "UTC")[..]);
     }
 
     #[test]
     fn a_local_discard_all_tells_what_login_showed_for_what_changed() {
-        let params = vec![("application_name".to_owned(), "app".to_owned())];
-        let server: Vec<(String, String)> = [
-            ("TimeZone", "Europe/Berlin"),
-            ("DateStyle", "ISO, MDY"),
-            ("application_name", "dbproxy"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let r = Restate::new(&params, std::sync::Arc::new(server));
-        let startup = crate::server_state::Settings::from_values([("application_name", "app")]);
-        let before = crate::server_state::Settings::from_values([("application_name", "x"), ("timezone", "UTC")]);
+        let startup = pairs(&[("application_name", ""), ("application_name", "app")]);
+        let r = Restate::new(&startup, server());
+        let settings = |list: &[(&str, &str)]| Settings::from_values(list.iter().copied());
+        let before = settings(&[("application_name", "x"), ("timezone", "UTC")]);
         let mut out = BytesMut::new();
-        r.discard_locally(&before, &startup, &mut out);
+        r.discard_locally(&before, &settings(&[("application_name", "app")]), &mut out);
         let want = [status("TimeZone", "Europe/Berlin"), status("application_name", "app")].concat();
         assert_eq!(&out[..], &want[..]);
     }

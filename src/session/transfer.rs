@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::buffers::{IDLE_READ_RESERVE, READ_RESERVE, recycle, spare_buffer};
 use super::cancel::{CancelSlot, Registration};
 use super::expect::{Expectations, Synthetic, Verdict};
-use super::greeting::{server_params, startup_settings};
+use super::greeting::{server_params, startup_settings, startup_values};
 use super::restate::Restate;
 use super::retry::{Retry, is_stale_plan};
 use super::settings::Tracker;
@@ -280,7 +280,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         default_backslash_trail,
         settings: startup.clone(),
         startup,
-        restate: Restate::new(&params, shown),
+        restate: Restate::new(&startup_values(&params), shown),
         tracker: Tracker::default(),
         pins: Pins::default(),
         split,
@@ -701,7 +701,6 @@ impl Conn<'_> {
                     }
                     (b'E', _) => self.tracker.error(),
                     (b'C', _) if self.tracker.waiting() => self.tracker.command_complete(body),
-                    (b'S', _) => self.restate.reported(body),
                     _ => {}
                 },
                 Verdict::Swallow | Verdict::Demote => {

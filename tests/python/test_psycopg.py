@@ -186,11 +186,26 @@ def test_reset_tells_a_client_its_own_startup_values(tx_proxy):
         # it runs on a server connection.
         conn.execute("DISCARD ALL", prepare=False)
         assert conn.info.parameter_status("application_name") == "resetter2"
-        conn.execute("SET application_name = 'other'")
-        with conn.pipeline():
-            conn.execute("DISCARD ALL", prepare=False)
-        assert conn.info.parameter_status("application_name") == "resetter2"
-        assert conn.execute("SHOW application_name").fetchone() == ("resetter2",)
+        for first in [None, "SELECT 1", "SET application_name = 'mid'"]:
+            conn.execute("SET application_name = 'other'")
+            with conn.pipeline() as pipeline:
+                if first:
+                    conn.execute(first, prepare=False)
+                    pipeline.sync()
+                conn.execute("DISCARD ALL", prepare=False)
+            assert conn.info.parameter_status("application_name") == "resetter2", first
+            assert conn.execute("SHOW application_name").fetchone() == ("resetter2",), first
+    # A RESET that changes nothing on the server connection (the client had SET the server's
+    # own default), so the server reports nothing; an `options` item is a startup value too.
+    with connect(tx_proxy, autocommit=True, options="-c TimeZone=Asia/Tokyo") as conn:
+        sql = "SELECT reset_val FROM pg_settings WHERE name = 'TimeZone'"
+        server_default = conn.execute(sql).fetchone()[0]
+        assert server_default != "Asia/Tokyo"
+        conn.execute(f"SET TimeZone = '{server_default}'")
+        assert conn.info.parameter_status("TimeZone") == server_default
+        conn.execute("RESET TimeZone")
+        assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
     # In a transaction block: the server's default until it commits.
     with connect(tx_proxy, application_name="resetter3") as conn:
         conn.execute("SET application_name = 'other'")
