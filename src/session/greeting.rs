@@ -9,14 +9,14 @@ use crate::proxy::Shared;
 use crate::server_conn::ServerParams;
 use crate::server_state::Settings;
 
-/// The settings a client's startup packet asks for: every parameter except
-/// the ones that name the connection, plus `-c name=value` items of `options`.
-pub(super) fn startup_settings(params: &[(String, String)]) -> Settings {
-    let pairs = startup_values(params);
-    Settings::from_values(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+/// The settings of [`startup_values`].
+pub(super) fn startup_settings(values: &[(String, String)]) -> Settings {
+    Settings::from_values(values.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }
 
-/// The `(name, value)` pairs of [`startup_settings`], as plain values.
+/// The settings a client's startup packet asks for, as plain values: every
+/// parameter except the ones that name the connection, plus `-c name=value`
+/// items of `options` (a later value of a name replaces an earlier one).
 pub(super) fn startup_values(params: &[(String, String)]) -> Vec<(String, String)> {
     // Servers log in without one; a client that sent none sees an empty one, as on a direct connection.
     let mut pairs: Vec<(String, String)> = vec![("application_name".to_owned(), String::new())];

@@ -46,9 +46,13 @@ impl Restate {
         }
     }
 
-    /// [`Self::ready`] for a ReadyForQuery about to be forwarded after
-    /// `before` (the messages ahead of it not yet forwarded): whatever is
-    /// told goes to `to_client` after `before`. Returns whether `before` went.
+    /// A ReadyForQuery outside a transaction block, which `confirmed` the
+    /// client's setting changes, is about to be forwarded after `before`
+    /// (the messages ahead of it not yet forwarded). When `restate` (the
+    /// client is not pinned, in transaction mode), each parameter with a
+    /// startup value whose last change among them was a RESET is told that
+    /// value: `before`, then those ParameterStatus messages, go to
+    /// `to_client`. Returns whether anything went.
     pub(super) fn before_ready(
         &self,
         confirmed: &[SettingChange],
@@ -56,36 +60,25 @@ impl Restate {
         before: &[u8],
         to_client: &mut BytesMut,
     ) -> bool {
-        let mut told = BytesMut::new();
-        if !self.ready(confirmed, restate, &mut told) {
-            return false;
-        }
-        to_client.extend_from_slice(before);
-        to_client.extend_from_slice(&told);
-        true
-    }
-
-    /// A ReadyForQuery outside a transaction block, which `confirmed` the
-    /// client's setting changes: for each parameter with a startup value
-    /// whose last change among them was a RESET, writes that value in a
-    /// ParameterStatus to `out`, when `restate` (the client is not pinned,
-    /// in transaction mode). Returns whether it wrote.
-    pub(super) fn ready(&self, confirmed: &[SettingChange], restate: bool, out: &mut BytesMut) -> bool {
         if !restate || confirmed.is_empty() {
             return false;
         }
-        let mut wrote = false;
-        for (name, value) in self.own.iter() {
+        let mut told = self.own.iter().filter(|(name, _)| {
             let last = confirmed.iter().rev().find(|change| match change {
                 SettingChange::Set { name: n, .. } | SettingChange::Reset(n) => n.eq_ignore_ascii_case(name),
                 SettingChange::ResetAll => true,
             });
-            if matches!(last, Some(SettingChange::Reset(_) | SettingChange::ResetAll)) {
-                parameter_status(out, name, value);
-                wrote = true;
-            }
+            matches!(last, Some(SettingChange::Reset(_) | SettingChange::ResetAll))
+        });
+        let Some((name, value)) = told.next() else {
+            return false;
+        };
+        to_client.extend_from_slice(before);
+        parameter_status(to_client, name, value);
+        for (name, value) in told {
+            parameter_status(to_client, name, value);
         }
-        wrote
+        true
     }
 
     /// A `DISCARD ALL` answered by dbproxy takes the client from `before`
@@ -139,7 +132,7 @@ mod tests {
             sql: String::new(),
         };
         let mut out = BytesMut::new();
-        assert!(r.ready(&[SettingChange::ResetAll], true, &mut out));
+        assert!(r.before_ready(&[SettingChange::ResetAll], true, &[], &mut out));
         let want = [status("application_name", ""), status("TimeZone", "UTC")].concat();
         assert_eq!(
             &out[..],
@@ -147,10 +140,10 @@ mod tests {
             "DateStyle and work_mem: no value of its own, not reported"
         );
         out.clear();
-        assert!(!r.ready(&[reset("timezone"), set.clone()], true, &mut out));
-        assert!(!r.ready(&[reset("timezone")], false, &mut out), "pinned");
-        assert!(!r.ready(&[reset("datestyle")], true, &mut out));
-        assert!(r.ready(&[set, reset("TimeZone")], true, &mut out));
+        assert!(!r.before_ready(&[reset("timezone"), set.clone()], true, &[], &mut out));
+        assert!(!r.before_ready(&[reset("timezone")], false, &[], &mut out), "pinned");
+        assert!(!r.before_ready(&[reset("datestyle")], true, &[], &mut out));
+        assert!(r.before_ready(&[set, reset("TimeZone")], true, &[], &mut out));
         assert_eq!(&out[..], &status("TimeZone", "UTC")[..]);
     }
 

@@ -201,7 +201,8 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
     let Target::Database(db) = target else {
         return;
     };
-    let startup = startup_settings(&params);
+    let startup_values = startup_values(&params);
+    let startup = startup_settings(&startup_values);
     let pool = shared.pool(&db, &user, Role::Primary, &db.primary);
     let replica_pools: Vec<Arc<Pool>> = db
         .replicas
@@ -280,7 +281,7 @@ pub(super) async fn run(shared: &Arc<Shared>, opened: Opened, registration: &Reg
         default_backslash_trail,
         settings: startup.clone(),
         startup,
-        restate: Restate::new(&startup_values(&params), shown),
+        restate: Restate::new(&startup_values, shown),
         tracker: Tracker::default(),
         pins: Pins::default(),
         split,
